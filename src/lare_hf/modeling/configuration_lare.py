@@ -1,0 +1,242 @@
+"""LaRe model configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+LARE_SPECIAL_TOKENS = {
+    "image_token": "<|image|>",
+    "latent_start_token": "<|latent_start|>",
+    "latent_token": "<|latent|>",
+    "latent_end_token": "<|latent_end|>",
+}
+
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# Paper, Appendix B / Table 7: the denoising U-Net of the image reconstructor.
+TABLE7_UNET_CONFIG: dict[str, Any] = {
+    "layers_per_block": 3,
+    "block_out_channels": [96, 192, 384, 512],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 768,
+    "attention_head_dim": 64,
+    "norm_num_groups": 32,
+}
+
+# KL-16 image tokenizer (Rombach et al., 2022): a continuous KL-VAE with 16 latent channels at 1/16 resolution,
+# i.e. five resolution levels (four 2x downsamplings).
+KL16_IMAGE_TOKENIZER_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "down_block_types": ["DownEncoderBlock2D"] * 5,
+    "up_block_types": ["UpDecoderBlock2D"] * 5,
+    "block_out_channels": [128, 128, 256, 256, 512],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+
+
+class LaReConfig(PreTrainedConfig):
+    r"""
+    Configuration of a LaRe model (LLaVA-shaped VLM + latent refocusing, Sec. 3.1, Appendix B).
+
+    Args:
+        vision_config: config of the vision tower (CLIP-ViT-L/14 at 224 px by default: a 16x16 grid).
+        text_config: config of the decoder language model (Qwen2 by default).
+        image_token_id / latent_start_token_id / latent_token_id / latent_end_token_id: ids of the special tokens
+            `<|image|>`, `<|latent_start|>`, `<|latent|>` and `<|latent_end|>` in the tokenizer.
+        image_seq_length: number of `<|image|>` placeholders per image (= number of patches).
+        num_latent_steps: K, the default number of refocusing iterations (Eq. 1-2).
+        max_latent_steps: the largest K the model accepts.
+        latent_tokens_per_step: m, latent tokens the Extractor writes per iteration.
+        extractor_num_layers / extractor_num_heads: N and heads of the Extractor (Appendix B: 2 / 12).
+        extractor_hidden_size: width of the Extractor (None = the LM hidden size, 1536 for Qwen2.5-1.5B).
+        extractor_intermediate_size: FFN width of the Extractor (None = 4 x hidden).
+        window_size / window_stride: sliding window over the patch grid for the saliency sum-pooling (Sec. 3.1).
+        saliency_layers: LM layers whose attention (last position -> image tokens) is averaged into the
+            saliency map (None = all layers).
+        use_extractor: ablation switch (Table 3 "w/o Extractor"): when False, each step's latent tokens are the
+            window features average-pooled into `m` tokens, with no learned module.
+        use_sliding_window: ablation switch (Table 3 "w/o Sliding Windows"): when False, V_s is the whole grid.
+        sym_loss_weight / image_loss_weight / text_loss_weight: lambda_sym, lambda_img, lambda_text (Eq. 10).
+        alignment_temperature / learnable_temperature: tau of Eq. 6, fixed or learned.
+        text_prefix_length: rationale tokens the latents must reconstruct (Eq. 8).
+        use_reconstructor: build the U-Net image reconstructor and the image tokenizer (Eq. 7). Inference-only
+            checkpoints can leave them out.
+        reconstructor_config: kwargs of `diffusers.UNet2DConditionModel` (Table 7 by default).
+        image_tokenizer_config: kwargs of `diffusers.AutoencoderKL` (KL-16 by default).
+        reconstruction_image_size: side of the window crop fed to the image tokenizer.
+        image_mean / image_std: the processor's pixel normalisation, used to turn `pixel_values` back into
+            [-1, 1] images for the image tokenizer.
+        num_diffusion_steps / diffusion_beta_start / diffusion_beta_end: linear DDPM schedule (Appendix B).
+    """
+
+    model_type = "lare"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: dict | PreTrainedConfig | None = None,
+        text_config: dict | PreTrainedConfig | None = None,
+        image_token_id: int = 151665,
+        latent_start_token_id: int = 151666,
+        latent_token_id: int = 151667,
+        latent_end_token_id: int = 151668,
+        image_seq_length: int = 256,
+        projector_hidden_act: str = "gelu",
+        vision_feature_layer: int = -2,
+        vision_feature_select_strategy: str = "default",
+        multimodal_projector_bias: bool = True,
+        num_latent_steps: int = 4,
+        max_latent_steps: int = 16,
+        latent_tokens_per_step: int = 4,
+        extractor_num_layers: int = 2,
+        extractor_num_heads: int = 12,
+        extractor_hidden_size: int | None = None,
+        extractor_intermediate_size: int | None = None,
+        window_size: int = 8,
+        window_stride: int = 4,
+        saliency_layers: list[int] | None = None,
+        use_extractor: bool = True,
+        use_sliding_window: bool = True,
+        sym_loss_weight: float = 1.0,
+        image_loss_weight: float = 0.9,
+        text_loss_weight: float = 0.9,
+        alignment_temperature: float = 0.07,
+        learnable_temperature: bool = False,
+        text_prefix_length: int = 32,
+        use_reconstructor: bool = True,
+        reconstructor_config: dict | None = None,
+        image_tokenizer_config: dict | None = None,
+        reconstruction_image_size: int = 256,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        num_diffusion_steps: int = 1000,
+        diffusion_beta_start: float = 1e-4,
+        diffusion_beta_end: float = 0.02,
+        tie_word_embeddings: bool | None = None,
+        **kwargs,
+    ):
+        if isinstance(vision_config, dict):
+            vision_config = dict(vision_config)
+            vision_config.setdefault("model_type", "clip_vision_model")
+            vision_config = AutoConfig.for_model(**vision_config)
+        elif vision_config is None:
+            vision_config = AutoConfig.for_model(
+                "clip_vision_model",
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                patch_size=14,
+                image_size=224,
+                projection_dim=768,
+            )
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            text_config.setdefault("model_type", "qwen2")
+            text_config = AutoConfig.for_model(**text_config)
+        elif text_config is None:
+            # Qwen2.5-1.5B-Instruct, the paper's main backbone.
+            text_config = AutoConfig.for_model(
+                "qwen2",
+                vocab_size=151936,
+                hidden_size=1536,
+                intermediate_size=8960,
+                num_hidden_layers=28,
+                num_attention_heads=12,
+                num_key_value_heads=2,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-6,
+                rope_theta=1000000.0,
+                tie_word_embeddings=True,
+            )
+
+        self.vision_config = vision_config
+        self.text_config = text_config
+        self.image_token_id = image_token_id
+        self.latent_start_token_id = latent_start_token_id
+        self.latent_token_id = latent_token_id
+        self.latent_end_token_id = latent_end_token_id
+        self.image_seq_length = image_seq_length
+        self.projector_hidden_act = projector_hidden_act
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.multimodal_projector_bias = multimodal_projector_bias
+        self.num_latent_steps = num_latent_steps
+        self.max_latent_steps = max_latent_steps
+        self.latent_tokens_per_step = latent_tokens_per_step
+        self.extractor_num_layers = extractor_num_layers
+        self.extractor_num_heads = extractor_num_heads
+        self.extractor_hidden_size = extractor_hidden_size
+        self.extractor_intermediate_size = extractor_intermediate_size
+        self.window_size = window_size
+        self.window_stride = window_stride
+        self.saliency_layers = list(saliency_layers) if saliency_layers is not None else None
+        self.use_extractor = use_extractor
+        self.use_sliding_window = use_sliding_window
+        self.sym_loss_weight = sym_loss_weight
+        self.image_loss_weight = image_loss_weight
+        self.text_loss_weight = text_loss_weight
+        self.alignment_temperature = alignment_temperature
+        self.learnable_temperature = learnable_temperature
+        self.text_prefix_length = text_prefix_length
+        self.use_reconstructor = use_reconstructor
+        self.reconstructor_config = dict(reconstructor_config or TABLE7_UNET_CONFIG)
+        self.image_tokenizer_config = dict(image_tokenizer_config or KL16_IMAGE_TOKENIZER_CONFIG)
+        self.reconstruction_image_size = reconstruction_image_size
+        self.image_mean = list(image_mean or CLIP_IMAGE_MEAN)
+        self.image_std = list(image_std or CLIP_IMAGE_STD)
+        self.num_diffusion_steps = num_diffusion_steps
+        self.diffusion_beta_start = diffusion_beta_start
+        self.diffusion_beta_end = diffusion_beta_end
+        if tie_word_embeddings is None:
+            tie_word_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate_lare()
+
+    @property
+    def patch_grid_size(self) -> int:
+        """Side of the square patch grid of the vision tower (16 for CLIP-ViT-L/14 at 224 px)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    def validate_lare(self) -> None:
+        """Check that the LaRe hyperparameters fit together; raises ValueError naming the field to fix."""
+        grid = self.patch_grid_size
+        expected_tokens = grid * grid
+        if self.vision_feature_select_strategy == "full":
+            expected_tokens += 1
+        if self.image_seq_length != expected_tokens:
+            raise ValueError(
+                f"image_seq_length={self.image_seq_length} does not match the vision tower's "
+                f"{grid}x{grid} patch grid ({expected_tokens} tokens with strategy "
+                f"'{self.vision_feature_select_strategy}'); set image_seq_length={expected_tokens}."
+            )
+        if not 1 <= self.window_size <= grid:
+            raise ValueError(f"window_size={self.window_size} must be between 1 and the patch grid side {grid}.")
+        if self.window_stride < 1:
+            raise ValueError(f"window_stride must be >= 1, got {self.window_stride}.")
+        if self.latent_tokens_per_step < 1:
+            raise ValueError(f"latent_tokens_per_step must be >= 1, got {self.latent_tokens_per_step}.")
+        if not 0 <= self.num_latent_steps <= self.max_latent_steps:
+            raise ValueError(
+                f"num_latent_steps={self.num_latent_steps} must be between 0 and max_latent_steps="
+                f"{self.max_latent_steps}."
+            )
+        hidden = self.extractor_hidden_size or self.text_config.hidden_size
+        if hidden % self.extractor_num_heads != 0:
+            raise ValueError(
+                f"The Extractor width {hidden} is not divisible by extractor_num_heads={self.extractor_num_heads}."
+            )
+        num_layers = self.text_config.num_hidden_layers
+        for layer in self.saliency_layers or []:
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(f"saliency_layers entry {layer} is out of range for a {num_layers}-layer LM.")
+
+
+__all__ = ["LaReConfig", "LARE_SPECIAL_TOKENS", "TABLE7_UNET_CONFIG", "KL16_IMAGE_TOKENIZER_CONFIG"]

@@ -1,0 +1,643 @@
+"""PyTorch LaRe model: a LLaVA-shaped VLM that reasons through latent refocusing (Sec. 3.1, Appendix B)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils import logging
+
+from .configuration_lare import LaReConfig
+from .extractor import LaReExtractor
+from .refocus import LARE_ATTENTION, SaliencyRecorder, select_windows
+
+logger = logging.get_logger(__name__)
+
+# Decoding modes whose draft tokens would be verified against a cache that holds latent embeddings the draft
+# model never saw: they cannot give the right text, so generate() refuses them.
+UNSUPPORTED_GENERATION_KWARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+@dataclass
+class LaReModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.Tensor` of shape `(batch_size, num_image_tokens, hidden_size)`):
+        The projected visual tokens V_T.
+    latent_embeds (`torch.Tensor` of shape `(batch_size, K, m, hidden_size)`):
+        The latent tokens Z^(1..K) written into the `<|latent|>` slots (Eq. 2-5).
+    saliency_maps (`torch.Tensor` of shape `(batch_size, K, grid, grid)`):
+        Attention of the last fed position to the image tokens that chose step k's window (Sec. 3.1).
+    window_positions (`torch.LongTensor` of shape `(batch_size, K, 2)`):
+        (row, column) in the patch grid of the top-left corner of each step's window.
+    window_features (`torch.Tensor` of shape `(batch_size, K, window_tokens, hidden_size)`):
+        V_s, the visual tokens under each step's window.
+    extractor_attentions (`torch.Tensor` of shape `(batch_size, K, m, window_tokens)`, *optional*):
+        The Extractor's last cross-attention over V_s (only with `return_extractor_attention=True`).
+    """
+
+    image_hidden_states: torch.Tensor | None = None
+    latent_embeds: torch.Tensor | None = None
+    saliency_maps: torch.Tensor | None = None
+    window_positions: torch.LongTensor | None = None
+    window_features: torch.Tensor | None = None
+    extractor_attentions: torch.Tensor | None = None
+
+
+@dataclass
+class LaReCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss: the weighted training objective (Eq. 10); `lm_loss` alone when no latent loss is computed.
+    lm_loss: next-token prediction on the answer tokens (L_ntp).
+    Other fields: see `LaReModelOutputWithPast`.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    latent_embeds: torch.Tensor | None = None
+    saliency_maps: torch.Tensor | None = None
+    window_positions: torch.LongTensor | None = None
+    window_features: torch.Tensor | None = None
+    extractor_attentions: torch.Tensor | None = None
+
+
+@dataclass
+class LatentLayout:
+    """Where the latent region sits in a batch: `<|latent_start|>` column and number of steps K."""
+
+    start: int | None
+    num_steps: int
+
+    @property
+    def has_region(self) -> bool:
+        return self.start is not None
+
+
+class LaReMultiModalProjector(nn.Module):
+    """2-layer MLP mapping vision features to the LM hidden size: V_T (Sec. 3.1)."""
+
+    def __init__(self, config: LaReConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(
+            config.vision_config.hidden_size, config.text_config.hidden_size, bias=config.multimodal_projector_bias
+        )
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(
+            config.text_config.hidden_size, config.text_config.hidden_size, bias=config.multimodal_projector_bias
+        )
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class LaRePreTrainedModel(PreTrainedModel):
+    config: LaReConfig
+    config_class = LaReConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual; when the custom code is exported, map every LaRe Auto class to it."""
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update(
+                {
+                    "AutoConfig": "configuration_lare.LaReConfig",
+                    "AutoModel": "modeling_lare.LaReModel",
+                    "AutoModelForImageTextToText": "modeling_lare.LaReForConditionalGeneration",
+                }
+            )
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LaReExtractor):
+            std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+            nn.init.normal_(module.slot_embeddings, std=std)
+
+
+class LaReModel(LaRePreTrainedModel):
+    """Vision tower + projector + language model + Extractor, and the latent refocusing loop (Eq. 1-5)."""
+
+    def __init__(self, config: LaReConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LaReMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.extractor = LaReExtractor(config) if config.use_extractor else None
+        self.post_init()
+        self.use_lare_attention()
+
+    def use_lare_attention(self) -> None:
+        """Route the language model's attention through the saliency-capturing sdpa function (refocus.py)."""
+        self.language_model.config._attn_implementation = LARE_ATTENTION
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower features of `vision_feature_layer` (CLS dropped), projected: V_T `[images, tokens, D]`."""
+        image_size = self.config.vision_config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
+            raise ValueError(
+                f"pixel_values must have shape [num_images, 3, {image_size}, {image_size}] for this model, got "
+                f"{tuple(pixel_values.shape)}. Preprocess images with the model's LaReProcessor."
+            )
+        vision_dtype = self.vision_tower.dtype
+        outputs = self.vision_tower(pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True)
+        features = outputs.hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return self.multi_modal_projector(features)
+
+    def latent_layout(self, input_ids: torch.LongTensor) -> LatentLayout:
+        """Find the latent region `<|latent_start|> K*m x <|latent|> <|latent_end|>` and check it is aligned."""
+        config = self.config
+        starts = input_ids == config.latent_start_token_id
+        ends = input_ids == config.latent_end_token_id
+        slots = input_ids == config.latent_token_id
+        rows_with_region = starts.any(dim=1)
+        if not rows_with_region.any():
+            if ends.any() or slots.any():
+                raise ValueError(
+                    "The input has <|latent|> or <|latent_end|> tokens but no <|latent_start|>. Build prompts with "
+                    "LaReProcessor so the latent region is `<|latent_start|> <|latent|>... <|latent_end|>`."
+                )
+            return LatentLayout(start=None, num_steps=0)
+        if not rows_with_region.all():
+            missing = (~rows_with_region).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Rows {missing} of the batch have no latent region while others do; every sequence in a batch "
+                "must be built with the same number of latent steps."
+            )
+        if (starts.sum(dim=1) != 1).any() or (ends.sum(dim=1) != 1).any():
+            raise ValueError("Each sequence must contain exactly one <|latent_start|> and one <|latent_end|>.")
+        start_cols = starts.int().argmax(dim=1)
+        end_cols = ends.int().argmax(dim=1)
+        if (start_cols != start_cols[0]).any() or (end_cols != end_cols[0]).any():
+            raise ValueError(
+                f"The latent regions are not aligned across the batch (<|latent_start|> at columns "
+                f"{start_cols.tolist()}, <|latent_end|> at {end_cols.tolist()}). Left-pad the prompts "
+                "(tokenizer.padding_side='left', as LaReProcessor does) so the latent slots share columns."
+            )
+        start, end = int(start_cols[0]), int(end_cols[0])
+        num_slots = end - start - 1
+        m = config.latent_tokens_per_step
+        if num_slots <= 0 or num_slots % m != 0 or not slots[:, start + 1 : end].all():
+            raise ValueError(
+                f"The latent region must hold K x {m} <|latent|> slots (m = latent_tokens_per_step) between "
+                f"<|latent_start|> and <|latent_end|>; found {num_slots} positions."
+            )
+        if int(slots.sum()) != num_slots * input_ids.shape[0]:
+            raise ValueError("<|latent|> tokens appear outside the latent region.")
+        num_steps = num_slots // m
+        if num_steps > config.max_latent_steps:
+            raise ValueError(
+                f"The prompt asks for K={num_steps} latent steps but this model allows at most "
+                f"max_latent_steps={config.max_latent_steps}."
+            )
+        return LatentLayout(start=start, num_steps=num_steps)
+
+    def embed_multimodal(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
+        """Token embeddings with the visual tokens scattered into the `<|image|>` positions.
+
+        Returns the embeddings, V_T per sample `[batch, tokens, D]` (when every sample has exactly one image) and
+        the columns of the image tokens `[batch, tokens]`.
+        """
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        num_placeholders = int(image_mask.sum())
+        if pixel_values is None:
+            if num_placeholders:
+                raise ValueError(f"The input has {num_placeholders} <|image|> tokens but no pixel_values were given.")
+            return inputs_embeds, None, None
+        seq_len = self.config.image_seq_length
+        num_images = pixel_values.shape[0]
+        if num_placeholders != num_images * seq_len:
+            raise ValueError(
+                f"Got {num_images} image(s) but {num_placeholders} <|image|> tokens; each image needs exactly "
+                f"{seq_len} tokens (image_seq_length). Put one <|image|> per image in the text and let "
+                "LaReProcessor expand it."
+            )
+        image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(
+            image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1])
+        )
+        per_row = image_mask.sum(dim=1)
+        if (per_row == seq_len).all():
+            batch = input_ids.shape[0]
+            image_positions = image_mask.nonzero()[:, 1].view(batch, seq_len)
+            return inputs_embeds, image_features.view(batch, seq_len, -1), image_positions
+        return inputs_embeds, None, None
+
+    def _language_model_step(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.LongTensor,
+        start: int,
+        end: int,
+        cache: Cache,
+        recorder: SaliencyRecorder | None,
+    ) -> torch.Tensor:
+        """Feed positions [start, end) on top of the cache; returns their last hidden states."""
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask[:, :end],
+            position_ids=position_ids[:, start:end],
+            past_key_values=cache,
+            use_cache=True,
+            saliency_recorder=recorder,
+        )
+        return outputs.last_hidden_state
+
+    def _window_features(
+        self, saliency: torch.Tensor, image_features: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Sliding-window selection of V_s from V_T (Sec. 3.1); the whole grid when the window is ablated."""
+        batch = image_features.shape[0]
+        grid = self.config.patch_grid_size
+        if not self.config.use_sliding_window:
+            return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
+        positions, token_indices = select_windows(saliency, grid, self.config.window_size, self.config.window_stride)
+        index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
+        return positions, image_features.gather(1, index)
+
+    def _latents_for_step(
+        self,
+        last_hidden: torch.Tensor,
+        window_features: torch.Tensor,
+        history: torch.Tensor | None,
+        embedding_scale: torch.Tensor,
+        return_attention: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Z^(k) from the Extractor (Eq. 3-5), or the pooled window when the Extractor is ablated."""
+        if self.extractor is not None:
+            return self.extractor(last_hidden, window_features, history, embedding_scale, return_attention)
+        m = self.config.latent_tokens_per_step
+        pooled = F.adaptive_avg_pool1d(window_features.transpose(1, 2), m).transpose(1, 2)
+        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6) * embedding_scale
+        return pooled, None
+
+    def latent_refocus(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layout: LatentLayout,
+        image_features: torch.Tensor | None,
+        image_positions: torch.LongTensor | None,
+        encode_tail: bool,
+        return_extractor_attention: bool = False,
+    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, LaReModelOutputWithPast]:
+        """The latent refocusing loop (Eq. 1-2), shared by `forward()` and `generate()`.
+
+        1. Encode the prompt through `<|latent_start|>` once, with a KV cache, recording saliency.
+        2. For k = 1..K: pick each sample's best window from the saliency, let the Extractor turn (H^(k), earlier
+           latents, V_s) into Z^(k), write Z^(k) into its slots and (for k < K) feed only those m positions.
+        3. With `encode_tail`, feed the rest (Z^(K), `<|latent_end|>`, teacher-forced answer) in one pass;
+           otherwise leave it for `GenerationMixin.generate` to continue from the cache.
+
+        Returns the embeddings with the latents written in, the cache, the hidden states of every encoded position
+        and the per-step records.
+        """
+        batch, length, _ = inputs_embeds.shape
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config.text_config)
+        num_steps = layout.num_steps
+        m = self.config.latent_tokens_per_step
+        if num_steps == 0:
+            prefix_end = length if encode_tail else length - 1
+            hidden = self._language_model_step(
+                inputs_embeds[:, :prefix_end], attention_mask, position_ids, 0, prefix_end, cache, None
+            )
+            return inputs_embeds, cache, hidden, LaReModelOutputWithPast(image_hidden_states=image_features)
+        if image_features is None:
+            raise ValueError(
+                "Latent refocusing needs exactly one image per sequence (its <|image|> tokens and pixel_values); "
+                "use num_latent_steps=0 for text-only or multi-image prompts."
+            )
+
+        slots_start = layout.start + 1
+        num_layers = self.config.text_config.num_hidden_layers
+        recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
+        hidden_chunks = [
+            self._language_model_step(
+                inputs_embeds[:, :slots_start], attention_mask, position_ids, 0, slots_start, cache, recorder
+            )
+        ]
+        embedding_scale = self.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()
+        embedding_scale = embedding_scale.to(inputs_embeds.dtype)
+        latents, saliencies, windows, window_feats, attentions = [], [], [], [], []
+        for step in range(num_steps):
+            saliency = recorder.saliency()
+            positions, features = self._window_features(saliency, image_features)
+            history = torch.cat(latents, dim=1) if latents else None
+            step_latents, attention = self._latents_for_step(
+                hidden_chunks[-1][:, -1], features, history, embedding_scale, return_extractor_attention
+            )
+            latents.append(step_latents.to(inputs_embeds.dtype))
+            saliencies.append(saliency)
+            windows.append(positions)
+            window_feats.append(features)
+            attentions.append(attention)
+            if step < num_steps - 1:
+                start = slots_start + step * m
+                recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
+                hidden_chunks.append(
+                    self._language_model_step(
+                        latents[-1], attention_mask, position_ids, start, start + m, cache, recorder
+                    )
+                )
+
+        slots_end = slots_start + num_steps * m
+        inputs_embeds = torch.cat([inputs_embeds[:, :slots_start], *latents, inputs_embeds[:, slots_end:]], dim=1)
+        if encode_tail:
+            tail_start = slots_end - m
+            hidden_chunks.append(
+                self._language_model_step(
+                    inputs_embeds[:, tail_start:], attention_mask, position_ids, tail_start, length, cache, None
+                )
+            )
+        grid = self.config.patch_grid_size
+        record = LaReModelOutputWithPast(
+            image_hidden_states=image_features,
+            latent_embeds=torch.stack(latents, dim=1),
+            saliency_maps=torch.stack(saliencies, dim=1).view(batch, num_steps, grid, grid),
+            window_positions=torch.stack(windows, dim=1),
+            window_features=torch.stack(window_feats, dim=1),
+            extractor_attentions=torch.stack(attentions, dim=1) if return_extractor_attention else None,
+        )
+        return inputs_embeds, cache, torch.cat(hidden_chunks, dim=1), record
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        return_extractor_attention: bool = False,
+        **kwargs,
+    ) -> LaReModelOutputWithPast:
+        """Run the whole sequence: refocusing loop + teacher-forced tail for a fresh `input_ids` sequence, a plain
+        language-model step when continuing from a cache (decoding) or when given `inputs_embeds`."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if inputs_embeds is not None or continuing:
+            if pixel_values is not None:
+                raise ValueError("pixel_values can only be given with the full input_ids of a fresh sequence.")
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            return LaReModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state, past_key_values=outputs.past_key_values
+            )
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        layout = self.latent_layout(input_ids)
+        inputs_embeds, image_features, image_positions = self.embed_multimodal(input_ids, pixel_values)
+        _, cache, hidden_states, record = self.latent_refocus(
+            inputs_embeds,
+            attention_mask,
+            layout,
+            image_features,
+            image_positions,
+            encode_tail=True,
+            return_extractor_attention=return_extractor_attention,
+        )
+        record.last_hidden_state = hidden_states
+        record.past_key_values = cache if use_cache else None
+        return record
+
+
+class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
+    """LaRe with a language-modeling head; `generate()` runs the latent loop, then decodes with GenerationMixin."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Trainer must scale the (multi-term) loss for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: LaReConfig):
+        super().__init__(config)
+        self.model = LaReModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        if self.generation_config is not None and not self.generation_config.suppress_tokens:
+            # Image and latent tokens are written by the processor and the latent loop, never decoded.
+            self.generation_config.suppress_tokens = [
+                config.image_token_id,
+                config.latent_start_token_id,
+                config.latent_token_id,
+                config.latent_end_token_id,
+            ]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def set_attn_implementation(self, attn_implementation) -> None:
+        super().set_attn_implementation(attn_implementation)
+        self.model.use_lare_attention()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_extractor_attention: bool = False,
+        **kwargs,
+    ) -> LaReCausalLMOutputWithPast:
+        r"""
+        Teacher-forced forward over `prompt <|latent_start|> [K*m slots] <|latent_end|> answer`: the latent loop
+        fills the slots (Eq. 1-5), then the answer is scored with next-token prediction on `labels` (-100 on the
+        prompt and the latent region).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_extractor_attention=return_extractor_attention,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        lm_loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
+                )
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return LaReCausalLMOutputWithPast(
+            loss=lm_loss,
+            lm_loss=lm_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            image_hidden_states=outputs.image_hidden_states,
+            latent_embeds=outputs.latent_embeds,
+            saliency_maps=outputs.saliency_maps,
+            window_positions=outputs.window_positions,
+            window_features=outputs.window_features,
+            extractor_attentions=outputs.extractor_attentions,
+        )
+
+    def set_latent_steps(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Rewrite the latent region of (aligned) prompts to `num_latent_steps` x m slots; K=0 removes it."""
+        if num_latent_steps < 0 or num_latent_steps > self.config.max_latent_steps:
+            raise ValueError(
+                f"num_latent_steps must be between 0 and max_latent_steps={self.config.max_latent_steps}, "
+                f"got {num_latent_steps}."
+            )
+        layout = self.model.latent_layout(input_ids)
+        if not layout.has_region:
+            if num_latent_steps == 0:
+                return input_ids, attention_mask
+            raise ValueError(
+                f"num_latent_steps={num_latent_steps} was asked for but the prompt has no latent markers. Build it "
+                "with LaReProcessor / apply_chat_template(add_generation_prompt=True), which ends the prompt with "
+                "`<|latent_start|><|latent|>...<|latent_end|>`."
+            )
+        if num_latent_steps == layout.num_steps:
+            return input_ids, attention_mask
+        start = layout.start
+        end = start + 1 + layout.num_steps * self.config.latent_tokens_per_step
+        batch = input_ids.shape[0]
+        if num_latent_steps == 0:
+            keep_ids, keep_mask = (
+                [input_ids[:, :start], input_ids[:, end + 1 :]],
+                [
+                    attention_mask[:, :start],
+                    attention_mask[:, end + 1 :],
+                ],
+            )
+        else:
+            num_slots = num_latent_steps * self.config.latent_tokens_per_step
+            slots = input_ids.new_full((batch, num_slots), self.config.latent_token_id)
+            keep_ids = [input_ids[:, : start + 1], slots, input_ids[:, end:]]
+            keep_mask = [
+                attention_mask[:, : start + 1],
+                attention_mask.new_ones((batch, num_slots)),
+                attention_mask[:, end:],
+            ]
+        return torch.cat(keep_ids, dim=1), torch.cat(keep_mask, dim=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        num_latent_steps: int | None = None,
+        **kwargs,
+    ):
+        """Run the latent loop on the prompt, then decode with `GenerationMixin.generate` from the filled cache.
+
+        Returns `prompt + new tokens` as GenerationMixin does (the prompt part shows the latent slots used).
+        `num_latent_steps` rewrites the prompt's latent region to K x m slots first (0 = plain LLaVA baseline).
+        Every other keyword goes to `GenerationMixin.generate`.
+        """
+        for name in UNSUPPORTED_GENERATION_KWARGS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"`{name}` (assisted / prompt-lookup decoding) is not supported by LaRe: the draft tokens would "
+                    "be checked against a cache holding latent embeddings, which gives wrong text."
+                )
+        generation_config = kwargs.get("generation_config")
+        if generation_config is not None and getattr(generation_config, "prompt_lookup_num_tokens", None):
+            raise ValueError("Prompt-lookup decoding is not supported by LaRe (latent-filled cache).")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("LaRe builds its own cache from the prompt; do not pass past_key_values to generate().")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("LaRe generation continues from the cache the latent loop fills; use_cache must be True.")
+        if input_ids is None:
+            raise ValueError("LaRe generate() needs input_ids: the image and latent slots are located in them.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if num_latent_steps is not None:
+            input_ids, attention_mask = self.set_latent_steps(input_ids, attention_mask, num_latent_steps)
+
+        layout = self.model.latent_layout(input_ids)
+        inputs_embeds, image_features, image_positions = self.model.embed_multimodal(input_ids, pixel_values)
+        inputs_embeds, cache, _, _ = self.model.latent_refocus(
+            inputs_embeds, attention_mask, layout, image_features, image_positions, encode_tail=False
+        )
+        return super().generate(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            **kwargs,
+        )
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
+    ):
+        """Also repeat the latent-filled cache for beam search / several return sequences."""
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        cache = model_kwargs.get("past_key_values")
+        if expand_size > 1 and isinstance(cache, Cache):
+            cache.batch_repeat_interleave(expand_size)
+        return input_ids, model_kwargs
+
+
+__all__ = ["LaRePreTrainedModel", "LaReModel", "LaReForConditionalGeneration"]

@@ -1,0 +1,122 @@
+"""Saliency from the language model's own attention and the sliding window (Sec. 3.1, Eq. 1-2).
+
+The saliency of step k is the attention of the last fed position (`<|latent_start|>` for k=1, the last latent slot
+of step k-1 after that) to the image-token keys, averaged over heads and over `saliency_layers`. It is computed
+inside the attention call by a function registered with transformers' `AttentionInterface`, so the language model
+keeps running its fast sdpa kernel and no `output_attentions=True` / eager attention is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+LARE_ATTENTION = "lare_sdpa"
+
+
+class SaliencyRecorder:
+    """Collects, for one LM call, the attention of the last query position to the image-token keys.
+
+    Args:
+        image_positions: `[batch, num_image_tokens]` column of every image token in the full sequence.
+        layers: indices of the LM layers to average over (all layers when None).
+        num_layers: number of LM layers (to resolve negative indices).
+    """
+
+    def __init__(self, image_positions: torch.LongTensor, layers: list[int] | None, num_layers: int):
+        self.image_positions = image_positions
+        self.layers = None if layers is None else {layer % num_layers for layer in layers}
+        self.num_layers = num_layers
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def wants(self, layer_idx: int) -> bool:
+        return self.layers is None or layer_idx in self.layers
+
+    @torch.no_grad()
+    def record(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> None:
+        """Softmax row of the last query over all keys (padding masked), heads averaged, image columns kept."""
+        last_query = query[:, :, -1:, :].float()  # [b, heads, 1, d]
+        keys = key.float()
+        num_heads, num_kv_heads = last_query.shape[1], keys.shape[1]
+        if num_heads != num_kv_heads:  # grouped-query attention: share each kv head across its query group
+            keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scale = scaling if scaling is not None else last_query.shape[-1] ** -0.5
+        scores = torch.matmul(last_query, keys.transpose(-1, -2)).squeeze(2) * scale  # [b, heads, kv_len]
+        if attention_mask is not None:
+            row = attention_mask[:, :, -1, : keys.shape[2]]  # [b, 1 or heads, kv_len]
+            if row.dtype == torch.bool:
+                scores = scores.masked_fill(~row, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + row.float()
+        probs = scores.softmax(dim=-1).mean(dim=1)  # [b, kv_len]
+        image_probs = probs.gather(1, self.image_positions)
+        self._sum = image_probs if self._sum is None else self._sum + image_probs
+        self._count += 1
+
+    def saliency(self) -> torch.Tensor:
+        """`[batch, num_image_tokens]` attention mass averaged over the recorded layers."""
+        if self._sum is None:
+            raise RuntimeError(
+                "No saliency was recorded: the language model did not run the LaRe attention function. "
+                f"Its attention implementation must be '{LARE_ATTENTION}'."
+            )
+        return self._sum / self._count
+
+
+def lare_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    saliency_recorder: SaliencyRecorder | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """sdpa attention that also hands the last position's attention row to an active `SaliencyRecorder`."""
+    if saliency_recorder is not None and saliency_recorder.wants(module.layer_idx):
+        saliency_recorder.record(query, key, attention_mask, scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(LARE_ATTENTION, lare_sdpa_attention_forward)
+AttentionMaskInterface.register(LARE_ATTENTION, sdpa_mask)
+
+
+def select_windows(
+    saliency: torch.Tensor, grid_size: int, window_size: int, window_stride: int
+) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Sum-pool the saliency map with a sliding window and pick each sample's best window (Sec. 3.1).
+
+    Args:
+        saliency: `[batch, grid_size * grid_size]` attention mass per image token (row-major grid).
+
+    Returns:
+        `window_positions` `[batch, 2]` (row, column) of each best window's top-left patch, and
+        `token_indices` `[batch, window_size**2]` the indices of the image tokens inside it (row-major).
+    """
+    batch = saliency.shape[0]
+    grid = saliency.view(batch, 1, grid_size, grid_size)
+    pooled = F.avg_pool2d(grid, kernel_size=window_size, stride=window_stride) * (window_size * window_size)
+    num_cols = pooled.shape[-1]
+    best = pooled.flatten(1).argmax(dim=-1)
+    rows = (best // num_cols) * window_stride
+    cols = (best % num_cols) * window_stride
+    offsets = torch.arange(window_size, device=saliency.device)
+    token_rows = rows[:, None, None] + offsets[None, :, None]
+    token_cols = cols[:, None, None] + offsets[None, None, :]
+    token_indices = (token_rows * grid_size + token_cols).flatten(1)
+    return torch.stack([rows, cols], dim=-1), token_indices
+
+
+__all__ = ["LARE_ATTENTION", "SaliencyRecorder", "lare_sdpa_attention_forward", "select_windows"]
