@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
@@ -15,6 +15,8 @@ from transformers.utils import logging
 
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
+from .losses import LaReAlignmentHead, text_prefix_loss
+from .reconstruction import LaReImageReconstructor
 from .refocus import LARE_ATTENTION, SaliencyRecorder, select_windows
 
 logger = logging.get_logger(__name__)
@@ -52,13 +54,22 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
 @dataclass
 class LaReCausalLMOutputWithPast(ModelOutput):
     r"""
-    loss: the weighted training objective (Eq. 10); `lm_loss` alone when no latent loss is computed.
+    loss: the weighted training objective L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text (Eq. 9-10).
     lm_loss: next-token prediction on the answer tokens (L_ntp).
+    alignment_loss: symmetric alignment L_sym = L_Z<->T + L_Z<->V (Eq. 6), with its two parts
+        `alignment_text_loss` and `alignment_visual_loss`.
+    image_reconstruction_loss: denoising score matching of the window crops conditioned on Z^(k) (Eq. 7).
+    text_reconstruction_loss: cross-entropy of the rationale prefix predicted from the latents alone (Eq. 8).
     Other fields: see `LaReModelOutputWithPast`.
     """
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
+    alignment_loss: torch.Tensor | None = None
+    alignment_text_loss: torch.Tensor | None = None
+    alignment_visual_loss: torch.Tensor | None = None
+    image_reconstruction_loss: torch.Tensor | None = None
+    text_reconstruction_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor] | None = None
@@ -454,6 +465,13 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = LaReModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Semantic augmentation (Sec. 3.2): training-only heads; inference-only checkpoints may drop the U-Net.
+        self.alignment_head = LaReAlignmentHead(config)
+        self.reconstructor = (
+            LaReImageReconstructor(config, condition_dim=config.text_config.hidden_size)
+            if config.use_reconstructor
+            else None
+        )
         self.post_init()
         if self.generation_config is not None and not self.generation_config.suppress_tokens:
             # Image and latent tokens are written by the processor and the latent loop, never decoded.
@@ -463,6 +481,59 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                 config.latent_token_id,
                 config.latent_end_token_id,
             ]
+
+    @classmethod
+    def from_components(
+        cls,
+        vision: str | PreTrainedModel,
+        text: str | PreTrainedModel,
+        special_token_ids: dict[str, int],
+        vocab_size: int | None = None,
+        **config_kwargs,
+    ) -> LaReForConditionalGeneration:
+        """Assemble a LaRe model from a pretrained vision encoder and a pretrained causal LM (Sec. 4.2 setup).
+
+        Args:
+            vision: a vision model or its path / Hub id (a full CLIP/SigLIP checkpoint gives its vision tower).
+            text: a causal LM or its path / Hub id (e.g. Qwen2.5-1.5B-Instruct).
+            special_token_ids: `image_token_id`, `latent_start_token_id`, `latent_token_id`, `latent_end_token_id`
+                in the tokenizer the model will be used with (see `lare_hf.processing.add_lare_special_tokens`).
+            vocab_size: the tokenizer's length; the LM's embeddings are resized when they are smaller.
+            config_kwargs: any other `LaReConfig` field (num_latent_steps, window_size, ...).
+
+        The projector, Extractor and reconstructor start from random initialisation (stage I/II train them).
+        """
+        if not isinstance(vision, PreTrainedModel):
+            loaded_config = AutoConfig.from_pretrained(vision)
+            vision_config = getattr(loaded_config, "vision_config", loaded_config)
+            vision_class = type(AutoModel.from_config(vision_config))
+            vision = vision_class.from_pretrained(vision, config=vision_config)
+        if not isinstance(text, PreTrainedModel):
+            text = AutoModelForCausalLM.from_pretrained(text)
+        if vocab_size is not None and vocab_size > text.get_input_embeddings().weight.shape[0]:
+            text.resize_token_embeddings(vocab_size)
+        missing = {"image_token_id", "latent_start_token_id", "latent_token_id", "latent_end_token_id"} - set(
+            special_token_ids
+        )
+        if missing:
+            raise ValueError(f"special_token_ids is missing {sorted(missing)}.")
+        vision_config = vision.config
+        grid = vision_config.image_size // vision_config.patch_size
+        config_kwargs.setdefault("image_seq_length", grid * grid)
+        config = LaReConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text.config.to_dict(),
+            **special_token_ids,
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.model.vision_tower.load_state_dict(vision.state_dict())
+        decoder = text.get_decoder()
+        model.model.language_model.load_state_dict(decoder.state_dict())
+        model.lm_head.load_state_dict(text.get_output_embeddings().state_dict())
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        return model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -489,6 +560,9 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        rationale_input_ids: torch.LongTensor | None = None,
+        rationale_attention_mask: torch.Tensor | None = None,
+        compute_latent_losses: bool | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_extractor_attention: bool = False,
@@ -497,7 +571,12 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         r"""
         Teacher-forced forward over `prompt <|latent_start|> [K*m slots] <|latent_end|> answer`: the latent loop
         fills the slots (Eq. 1-5), then the answer is scored with next-token prediction on `labels` (-100 on the
-        prompt and the latent region).
+        prompt and the latent region), plus the semantic-augmentation losses (Eq. 6-10).
+
+        rationale_input_ids / rationale_attention_mask: the tokenized explicit rationale (right-padded), needed by
+            L_Z<->T (Eq. 6) and L_text (Eq. 8).
+        compute_latent_losses: True (a training stage) computes every latent loss with a non-zero weight and raises
+            if its inputs are missing; False computes none; None computes them when a rationale is given.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -524,9 +603,14 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                     f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
                 )
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        latent_losses = self.semantic_augmentation_losses(
+            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute_latent_losses
+        )
+        loss = self.weighted_loss(lm_loss, latent_losses)
         return LaReCausalLMOutputWithPast(
-            loss=lm_loss,
+            loss=loss,
             lm_loss=lm_loss,
+            **latent_losses,
             logits=logits,
             past_key_values=outputs.past_key_values,
             image_hidden_states=outputs.image_hidden_states,
@@ -536,6 +620,99 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             window_features=outputs.window_features,
             extractor_attentions=outputs.extractor_attentions,
         )
+
+    def semantic_augmentation_losses(
+        self,
+        outputs: LaReModelOutputWithPast,
+        pixel_values: torch.Tensor | None,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+        compute: bool | None,
+    ) -> dict[str, torch.Tensor]:
+        """L_sym (Eq. 6), L_img (Eq. 7) and L_text (Eq. 8) for the latents of this forward; a term whose weight is
+        0 is not computed."""
+        config = self.config
+        if compute is False or (compute is None and rationale_input_ids is None):
+            return {}
+        if outputs.latent_embeds is None:
+            if compute:
+                raise ValueError(
+                    "Latent losses were asked for but the batch has no latent steps; build it with num_latent_steps "
+                    "> 0 (stage I trains without latent losses)."
+                )
+            return {}
+        needs_rationale = config.sym_loss_weight > 0 or config.text_loss_weight > 0
+        if needs_rationale and rationale_input_ids is None:
+            raise ValueError(
+                "The symmetric alignment (Eq. 6) and text reconstruction (Eq. 8) losses need the explicit rationale: "
+                "pass rationale_input_ids / rationale_attention_mask (LaReDataCollator with with_rationale=True), "
+                "or set sym_loss_weight and text_loss_weight to 0."
+            )
+        if rationale_input_ids is not None and rationale_attention_mask is None:
+            rationale_attention_mask = torch.ones_like(rationale_input_ids)
+        batch, num_steps, m, hidden = outputs.latent_embeds.shape
+        latents = outputs.latent_embeds.reshape(batch, num_steps * m, hidden)
+        losses: dict[str, torch.Tensor] = {}
+        if config.sym_loss_weight > 0:
+            rationale_hidden = self.model.language_model(
+                input_ids=rationale_input_ids, attention_mask=rationale_attention_mask, use_cache=False
+            ).last_hidden_state
+            visual = outputs.window_features.reshape(batch, -1, hidden)
+            total, text_part, visual_part = self.alignment_head(
+                latents, None, rationale_hidden, rationale_attention_mask, visual, None
+            )
+            losses.update(alignment_loss=total, alignment_text_loss=text_part, alignment_visual_loss=visual_part)
+        if config.text_loss_weight > 0:
+            losses["text_reconstruction_loss"] = self.text_prefix_reconstruction_loss(
+                latents, rationale_input_ids, rationale_attention_mask
+            )
+        if config.image_loss_weight > 0:
+            if self.reconstructor is None:
+                if compute:
+                    raise ValueError(
+                        "image_loss_weight > 0 but this checkpoint has no reconstructor (use_reconstructor=False); "
+                        "set image_loss_weight=0 or build the model with use_reconstructor=True."
+                    )
+            else:
+                window_size = config.window_size if config.use_sliding_window else config.patch_grid_size
+                positions = outputs.window_positions.reshape(batch * num_steps, 2)
+                crops = self.reconstructor.crop_windows(
+                    pixel_values.repeat_interleave(num_steps, dim=0), positions, window_size
+                )
+                losses["image_reconstruction_loss"] = self.reconstructor(
+                    outputs.latent_embeds.reshape(batch * num_steps, m, hidden), crops
+                )
+        return losses
+
+    def text_prefix_reconstruction_loss(
+        self, latents: torch.Tensor, rationale_input_ids: torch.LongTensor, rationale_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 8: from the latent tokens alone (no image, no prompt) the LM predicts the first
+        `text_prefix_length` rationale tokens (teacher forcing), cross-entropy with padding ignored."""
+        prefix_length = min(self.config.text_prefix_length, rationale_input_ids.shape[1])
+        target_ids = rationale_input_ids[:, :prefix_length]
+        target_mask = rationale_attention_mask[:, :prefix_length]
+        num_latents = latents.shape[1]
+        inputs_embeds = torch.cat([latents, self.get_input_embeddings()(target_ids[:, :-1])], dim=1)
+        attention_mask = torch.cat([target_mask.new_ones(latents.shape[:2]), target_mask[:, :-1]], dim=1)
+        hidden = self.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        logits = self.lm_head(hidden[:, num_latents - 1 :])
+        return text_prefix_loss(logits, target_ids, target_mask)
+
+    def weighted_loss(
+        self, lm_loss: torch.Tensor | None, latent_losses: dict[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Eq. 10: L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text over the terms that were computed."""
+        weights = {
+            "alignment_loss": self.config.sym_loss_weight,
+            "image_reconstruction_loss": self.config.image_loss_weight,
+            "text_reconstruction_loss": self.config.text_loss_weight,
+        }
+        terms = [] if lm_loss is None else [lm_loss]
+        terms += [weights[name] * value for name, value in latent_losses.items() if name in weights]
+        return torch.stack(terms).sum() if terms else None
 
     def set_latent_steps(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int

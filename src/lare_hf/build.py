@@ -1,0 +1,144 @@
+"""Build LaRe checkpoints: from a preset in `configs/`, or from pretrained parts (`lare build`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import AutoTokenizer, CLIPImageProcessorPil, set_seed
+
+from .modeling.configuration_lare import LaReConfig
+from .modeling.modeling_lare import LaReForConditionalGeneration
+from .processing.processing_lare import LaReProcessor, build_processor
+from .processing.tokenization import add_lare_special_tokens, build_tiny_tokenizer
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def available_presets() -> list[str]:
+    """Names of the model presets shipped in `configs/` (`lare-*.yaml`)."""
+    return sorted(path.stem for path in CONFIGS_DIR.glob("lare-*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """Read a model preset by name (`lare-tiny`, `tiny`, `lare-1.5b`, ...) or from a YAML file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        name = name_or_path if name_or_path.startswith("lare-") else f"lare-{name_or_path}"
+        path = CONFIGS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"Unknown preset {name_or_path!r}. Available presets: {', '.join(available_presets())}; "
+            "or pass the path of a preset YAML file."
+        )
+    with open(path) as handle:
+        preset = yaml.safe_load(handle)
+    if not isinstance(preset, dict) or "model" not in preset:
+        raise ValueError(f"Preset file {path} must be a mapping with a `model:` section of LaReConfig fields.")
+    return preset
+
+
+def build_tiny(
+    overrides: dict[str, Any] | None = None, seed: int | None = None
+) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
+    """The `lare-tiny` preset: random-init model and offline processor, deterministic for a seed."""
+    preset = load_preset("lare-tiny")
+    tokenizer = build_tiny_tokenizer()
+    special_ids = add_lare_special_tokens(tokenizer)
+    model_kwargs = dict(preset["model"])
+    model_kwargs.update(overrides or {})
+    model_kwargs["text_config"] = dict(model_kwargs["text_config"], vocab_size=len(tokenizer))
+    model_kwargs["text_config"].setdefault("pad_token_id", tokenizer.pad_token_id)
+    model_kwargs["text_config"].setdefault("eos_token_id", tokenizer.eos_token_id)
+    config = LaReConfig(**special_ids, **model_kwargs)
+    set_seed(preset.get("seed", 0) if seed is None else seed)
+    model = LaReForConditionalGeneration(config)
+    _set_generation_defaults(model, tokenizer)
+    processor = build_processor(
+        tokenizer,
+        image_size=config.vision_config.image_size,
+        image_seq_length=config.image_seq_length,
+        num_latent_steps=config.num_latent_steps,
+        latent_tokens_per_step=config.latent_tokens_per_step,
+        image_mean=config.image_mean,
+        image_std=config.image_std,
+    )
+    return model, processor
+
+
+def build_from_components(
+    vision: str,
+    text: str,
+    image_tokenizer: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
+    """Assemble a checkpoint from pretrained parts: adds the LaRe tokens to the LM's tokenizer, resizes the
+    embeddings when needed, and builds the processor from the vision encoder's image preprocessing."""
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    tokenizer.padding_side = "left"
+    special_ids = add_lare_special_tokens(tokenizer)
+    overrides = dict(overrides or {})
+    if image_tokenizer is not None:
+        overrides["image_tokenizer"] = image_tokenizer
+    model = LaReForConditionalGeneration.from_components(
+        vision, text, special_token_ids=special_ids, vocab_size=len(tokenizer), **overrides
+    )
+    _set_generation_defaults(model, tokenizer)
+    image_processor = CLIPImageProcessorPil.from_pretrained(vision)
+    config = model.config
+    processor = build_processor(
+        tokenizer,
+        image_size=config.vision_config.image_size,
+        image_seq_length=config.image_seq_length,
+        num_latent_steps=config.num_latent_steps,
+        latent_tokens_per_step=config.latent_tokens_per_step,
+        image_mean=list(image_processor.image_mean),
+        image_std=list(image_processor.image_std),
+    )
+    return model, processor
+
+
+def build_preset(name_or_path: str, **component_overrides: str | None):
+    """Build any preset: `lare-tiny` offline, the others from their named pretrained components."""
+    preset = load_preset(name_or_path)
+    if preset.get("tokenizer") == "tiny":
+        return build_tiny()
+    components = dict(preset.get("components") or {})
+    components.update({key: value for key, value in component_overrides.items() if value})
+    if not components.get("vision") or not components.get("text"):
+        raise ValueError(f"Preset {name_or_path!r} needs `components: {{vision: ..., text: ...}}`.")
+    return build_from_components(
+        components["vision"],
+        components["text"],
+        image_tokenizer=components.get("image_tokenizer"),
+        overrides=dict(preset["model"]),
+    )
+
+
+def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcessor, output_dir: str) -> Path:
+    """Write model (safetensors + custom code) and processor into one folder."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    return output
+
+
+def _set_generation_defaults(model: LaReForConditionalGeneration, tokenizer) -> None:
+    generation_config = model.generation_config
+    generation_config.eos_token_id = tokenizer.eos_token_id
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.do_sample = False
+    generation_config.max_new_tokens = 64
+
+
+__all__ = [
+    "available_presets",
+    "build_from_components",
+    "build_preset",
+    "build_tiny",
+    "load_preset",
+    "save_checkpoint",
+]

@@ -1,0 +1,216 @@
+"""The `lare` command: build, generate, demo (and the training / evaluation / data commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def _parse_override(items: list[str] | None) -> dict:
+    """`key=value` pairs (values parsed as JSON when possible) for LaReConfig fields."""
+    overrides = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
+
+    overrides = _parse_override(args.set)
+    if args.vision or args.text:
+        if not (args.vision and args.text):
+            raise SystemExit("lare build: --vision and --text go together (or use --preset).")
+        base = load_preset(args.preset)["model"] if args.preset else {}
+        base = {key: value for key, value in base.items() if key not in ("vision_config", "text_config")}
+        base.update(overrides)
+        model, processor = build_from_components(
+            args.vision, args.text, image_tokenizer=args.image_tokenizer, overrides=base
+        )
+    elif args.preset in ("tiny", "lare-tiny"):
+        model, processor = build_tiny(overrides=overrides, seed=args.seed)
+    else:
+        if overrides:
+            raise SystemExit("lare build: --set is supported with --preset tiny or with --vision/--text.")
+        model, processor = build_preset(args.preset, image_tokenizer=args.image_tokenizer)
+    output = save_checkpoint(model, processor, args.output)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"Wrote {model.config.model_type} checkpoint ({num_params / 1e6:.2f}M parameters) to {output}")
+    return 0
+
+
+def generate_answer(
+    model_dir: str,
+    image: Image.Image,
+    prompt: str,
+    num_latent_steps: int | None = None,
+    max_new_tokens: int = 32,
+) -> str:
+    """Load a checkpoint with the Auto classes, chat once, return the decoded answer."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    if num_latent_steps is not None:
+        # The model rewrites the latent region the same way inside generate(); the answer starts after it.
+        input_ids, attention_mask = model.set_latent_steps(input_ids, attention_mask, num_latent_steps)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=inputs["pixel_values"],
+            max_new_tokens=max_new_tokens,
+        )
+    return processor.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)[0].strip()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    path = Path(args.image)
+    if not path.is_file():
+        raise SystemExit(f"lare generate: image {path} does not exist.")
+    image = Image.open(path).convert("RGB")
+    answer = generate_answer(args.model, image, args.prompt, args.num_latent_steps, args.max_new_tokens)
+    print(answer)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, quick=args.quick)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .training.arguments import parse_train_arguments
+    from .training.run import run_all, run_stage
+
+    if args.all:
+        recipe_dir = Path(args.recipes)
+        files = [str(recipe_dir / f"stage{stage}.yaml") for stage in (1, 2, 3, 4)]
+        missing = [file for file in files if not Path(file).is_file()]
+        if missing:
+            raise ValueError(f"lare train --all needs stage1.yaml ... stage4.yaml in {recipe_dir}; missing {missing}.")
+        for record in run_all(files, model_name_or_path=args.model, overrides=overrides):
+            print(json.dumps(record))
+        return 0
+    if args.config is None and not overrides:
+        raise ValueError("lare train needs --config FILE (a stage recipe) and/or --key value arguments.")
+    extra = list(overrides)
+    if args.stage is not None:
+        extra += ["--stage", str(args.stage)]
+    if args.model is not None:
+        extra += ["--model_name_or_path", args.model]
+    model_args, data_args, training_args = parse_train_arguments(args.config, extra)
+    print(json.dumps(run_stage(model_args, data_args, training_args)))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .training.run import merge_lora
+
+    print(f"Merged LoRA adapters into {merge_lora(args.adapter, args.output)}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import files_to_upload, push_to_hub, write_model_card
+
+    if args.dry_run:
+        card = write_model_card(args.folder, args.repo_id)
+        print(f"Wrote {card}; a push would upload:")
+        for name in files_to_upload(args.folder):
+            print(f"  {name}")
+        return 0
+    print(push_to_hub(args.folder, args.repo_id, private=args.private))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="write a LaRe checkpoint from a preset or from pretrained parts")
+    build.add_argument("--preset", default=None, help="lare-tiny, lare-0.5b, lare-1.5b, lare-7b or a YAML path")
+    build.add_argument("--vision", default=None, help="vision encoder folder or Hub id (CLIP/SigLIP)")
+    build.add_argument("--text", default=None, help="causal LM folder or Hub id (with its tokenizer)")
+    build.add_argument("--image-tokenizer", default=None, help="KL-16 AutoencoderKL folder or Hub id")
+    build.add_argument("--output", required=True, help="folder to write")
+    build.add_argument("--seed", type=int, default=None, help="init seed (tiny preset)")
+    build.add_argument("--set", nargs="*", help="LaReConfig overrides, key=value (JSON values)")
+    build.set_defaults(func=cmd_build)
+
+    generate = sub.add_parser("generate", help="answer a question about an image")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--image", required=True)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--num-latent-steps", type=int, default=None)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser(
+        "train",
+        help="run a training stage (recipe YAML + --key value overrides of the HfArgumentParser arguments)",
+    )
+    train.add_argument("--stage", type=int, choices=(1, 2, 3, 4), default=None)
+    train.add_argument("--config", default=None, help="stage recipe YAML, e.g. configs/stage2.yaml")
+    train.add_argument("--all", action="store_true", help="chain stages 1-4 (recipes from --recipes)")
+    train.add_argument("--recipes", default="configs", help="folder with stage1.yaml ... stage4.yaml")
+    train.add_argument("--model", default=None, help="start checkpoint (overrides the recipe)")
+    train.set_defaults(func=cmd_train, takes_overrides=True)
+
+    merge = sub.add_parser("merge", help="merge LoRA adapters into a full checkpoint")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.set_defaults(func=cmd_merge)
+
+    push = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hub")
+    push.add_argument("folder")
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
+    push.set_defaults(func=cmd_push)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
+    demo.add_argument("--output", default="lare-demo")
+    demo.add_argument("--quick", action="store_true", help="fewer training steps (used by the tests)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "build" and not (args.preset or args.vision):
+        parser.error("lare build needs --preset or --vision/--text")
+    try:
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, unknown)
+        return args.func(args)
+    except ValueError as error:
+        print(f"lare {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""Training data formats: LLaVA-style conversations and reasoning records, loaded through `datasets`.
+
+Two record formats are read:
+
+* **conversation** (LLaVA-style)::
+
+    {"id": "000001", "image": "coco/train2017/000001.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+  Roles "human"/"user" and "gpt"/"assistant" ("role"/"content" keys are accepted as well as "from"/"value").
+  Multi-turn is allowed; the LAST gpt turn is the training target, earlier turns are the prompt. Records without
+  an image are text-only (the prompt then has no image part).
+
+* **reasoning** (Vision-R1-cold-like; the synthetic RefocusShapes benchmark writes this format)::
+
+    {"id": ..., "image": ..., "question": ..., "rationale": ..., "answer": ..., "choices": [...]}
+
+  "image", "question" and "answer" are required; "id", "rationale" and "choices" are optional. A missing rationale
+  is allowed at load time (`LaReRecords.without_rationale` lists such records and `require_rationales()` checks
+  them up front); `LaReDataCollator(with_rationale=True)` refuses batches without one.
+
+Files: JSON (a list of records), JSONL, parquet, or a folder written by `Dataset.save_to_disk` /
+`DatasetDict.save_to_disk`, told apart by the extension (or by being a folder). Images may be paths relative to
+`image_folder` (default: the folder that holds the data file or the save_to_disk folder), absolute paths, embedded
+`{"bytes": ..., "path": ...}` dicts (as datasets / parquet store images), or a `datasets.Image()` column.
+
+Every record is normalised to one example structure::
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]},
+                  {"role": "assistant", "content": "earlier answer"}, ...],
+     "answer": str, "rationale": str | None, "image": PIL.Image.Image (RGB) | None, "id": str}
+
+Records are validated when they are loaded -- fields, types, and every image is opened and verified -- so bad data
+shows up before training starts, never in the middle of it. Images are then decoded lazily, in `__getitem__`
+(so a large dataset does not sit in memory as decoded pixels); each call returns a fresh RGB `PIL.Image`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+from PIL import Image
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+CONVERSATION_COLUMNS = ("id", "image", "conversations", "rationale")
+REASONING_COLUMNS = ("id", "image", "question", "rationale", "answer", "choices")
+JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz", ".zst", ".zstd")
+_VERIFY_WORKERS = 8
+_MAX_REASONS_LOGGED = 5
+
+Kind = Literal["auto", "conversation", "reasoning"]
+OnError = Literal["raise", "skip"]
+
+
+class MalformedRecordError(ValueError):
+    """A record that cannot be used for training: names the source, the record index, the field and the fix."""
+
+    def __init__(self, source: str, index: int, field: str, reason: str, fix: str):
+        self.source, self.index, self.field, self.reason, self.fix = source, index, field, reason, fix
+        super().__init__(
+            f"{source}: record {index}: field {field!r}: {reason}. To fix: {fix}; or pass on_error='skip' to drop "
+            "malformed records (they are counted and logged)."
+        )
+
+
+class _Problem(Exception):
+    """Internal: what is wrong with one record (turned into MalformedRecordError or a skip reason)."""
+
+    def __init__(self, field: str, reason: str, fix: str):
+        super().__init__(f"field {field!r}: {reason}")
+        self.field, self.reason, self.fix = field, reason, fix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images
+
+
+def _resolve_image(value: Any, root: Path | None) -> tuple[str, Any] | None:
+    """Image reference -> ("path", Path) | ("bytes", bytes) | ("pil", Image) | None (no image)."""
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return ("pil", value)
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if not text.strip():
+            return None
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = (root if root is not None else Path.cwd()) / path
+        return ("path", path)
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            if not isinstance(value["bytes"], (bytes, bytearray)):
+                raise _Problem(
+                    "image", f"'bytes' is a {type(value['bytes']).__name__}", "store the encoded file bytes"
+                )
+            return ("bytes", bytes(value["bytes"]))
+        return _resolve_image(value.get("path"), root)
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return _resolve_image(value[0], root)
+        if len(value) == 0:
+            return None
+        raise _Problem("image", f"has {len(value)} images", "give one image per record (multi-image is not supported)")
+    raise _Problem(
+        "image",
+        f"has type {type(value).__name__}",
+        "use a path string, a {'bytes': ..., 'path': ...} dict or a datasets Image() column",
+    )
+
+
+def _describe(ref: tuple[str, Any]) -> str:
+    kind, value = ref
+    return f"image file {value}" if kind == "path" else "embedded image bytes" if kind == "bytes" else "PIL image"
+
+
+def _verify_image(ref: tuple[str, Any]) -> str | None:
+    """Open and verify an image; returns the reason it is unusable, or None when it is fine."""
+    kind, value = ref
+    if kind == "pil":
+        return None
+    if kind == "path" and not value.is_file():
+        return f"image file {value} does not exist"
+    try:
+        with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
+            image.verify()
+    except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
+        return f"cannot read {_describe(ref)}: {type(error).__name__}: {error}"
+    return None
+
+
+def _load_image(ref: tuple[str, Any]) -> Image.Image:
+    kind, value = ref
+    if kind == "pil":
+        return value.convert("RGB")
+    with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
+        return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# normalisation of one record
+
+
+def _text_field(row: dict, name: str, required: bool, allow_numbers: bool = False) -> str | None:
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise _Problem(name, "is missing", f"add a non-empty string {name!r} to the record")
+        return None
+    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise _Problem(name, f"has type {type(value).__name__}, expected a string", f"store {name!r} as a string")
+    if not value.strip():
+        if required:
+            raise _Problem(name, "is empty", f"give {name!r} a non-empty string")
+        return None
+    return value
+
+
+def _user_content(text: str, image_here: bool, turn: int) -> list[dict]:
+    """Content parts of a user turn; `<image>` decides where the image part goes (default: before the text)."""
+    count = text.count(IMAGE_TOKEN)
+    if count > 1:
+        raise _Problem(
+            f"conversations[{turn}].value",
+            f"has {count} {IMAGE_TOKEN} tokens",
+            "keep one <image> token (multi-image records are not supported)",
+        )
+    if count == 0:
+        parts = [{"type": "image"}] if image_here else []
+        return parts + [{"type": "text", "text": text}]
+    before, after = text.split(IMAGE_TOKEN)
+    before, after = before.rstrip(), after.lstrip()
+    parts = [{"type": "text", "text": before}] if before else []
+    parts.append({"type": "image"})
+    if after:
+        parts.append({"type": "text", "text": after})
+    return parts
+
+
+def _turns(value: Any) -> list[dict]:
+    if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+        # datasets' `Sequence(dict)` feature gives a dict of lists
+        keys = list(value)
+        value = [dict(zip(keys, items)) for items in zip(*value.values())] if keys else []
+    if not isinstance(value, list):
+        raise _Problem("conversations", f"has type {type(value).__name__}, expected a list of turns", "store a list")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise _Problem(f"conversations[{i}]", f"is a {type(turn).__name__}", 'use {"from": ..., "value": ...}')
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if role not in USER_ROLES + ASSISTANT_ROLES:
+            raise _Problem(
+                f"conversations[{i}].from",
+                f"has role {role!r}",
+                "use 'human'/'user' or 'gpt'/'assistant'",
+            )
+        if not isinstance(text, str):
+            raise _Problem(
+                f"conversations[{i}].value",
+                "is missing" if text is None else f"has type {type(text).__name__}, expected a string",
+                "give every turn a string 'value'",
+            )
+        turns.append({"role": "user" if role in USER_ROLES else "assistant", "text": text})
+    return turns
+
+
+def _normalise_conversation(row: dict, has_image: bool) -> dict:
+    if row.get("conversations") is None:
+        raise _Problem("conversations", "is missing", "add a list of human/gpt turns ending with a gpt turn")
+    turns = _turns(row["conversations"])
+    if not turns:
+        raise _Problem("conversations", "is empty", "add human/gpt turns ending with a gpt turn")
+    if not any(t["role"] == "user" for t in turns):
+        raise _Problem("conversations", "has no human turn", "add a human turn before the gpt answer")
+    if turns[0]["role"] != "user":
+        raise _Problem("conversations[0].from", "is not a human turn", "start the conversation with a human turn")
+    if turns[-1]["role"] != "assistant":
+        raise _Problem(
+            f"conversations[{len(turns) - 1}].from",
+            "the conversation does not end with a gpt turn",
+            "end it with the gpt answer to train on (drop trailing human turns)",
+        )
+    if not turns[-1]["text"].strip():
+        raise _Problem(f"conversations[{len(turns) - 1}].value", "the final gpt answer is empty", "give an answer")
+    marked = [i for i, t in enumerate(turns) if IMAGE_TOKEN in t["text"]]
+    for i in marked:
+        if turns[i]["role"] != "user":
+            raise _Problem(f"conversations[{i}].value", f"a gpt turn has {IMAGE_TOKEN}", "put <image> in a human turn")
+    if len(marked) > 1:
+        raise _Problem(
+            f"conversations[{marked[1]}].value",
+            f"{IMAGE_TOKEN} appears in several turns",
+            "keep one <image> token (multi-image records are not supported)",
+        )
+    if marked and not has_image:
+        raise _Problem(
+            "image",
+            f"is missing but conversations[{marked[0]}] has {IMAGE_TOKEN}",
+            "add the record's image, or remove the <image> token for a text-only record",
+        )
+    image_turn = (marked[0] if marked else 0) if has_image else None
+    messages = []
+    for i, turn in enumerate(turns[:-1]):
+        if turn["role"] == "user":
+            messages.append({"role": "user", "content": _user_content(turn["text"], i == image_turn, i)})
+        else:
+            messages.append({"role": "assistant", "content": turn["text"]})
+    return {
+        "messages": messages,
+        "answer": turns[-1]["text"],
+        "rationale": _text_field(row, "rationale", required=False),
+    }
+
+
+def _choice_items(choices: Any) -> list[tuple[str, str]]:
+    """(letter, text) pairs of a list (lettered A, B, ...) or a {letter: text} dict of options."""
+    if isinstance(choices, dict):
+        items = [(str(key), value) for key, value in choices.items() if value is not None]
+    elif isinstance(choices, (list, tuple)):
+        items = [(chr(ord("A") + i), value) for i, value in enumerate(choices)]
+    else:
+        raise _Problem("choices", f"has type {type(choices).__name__}", "store a list of option strings")
+    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for _, v in items):
+        raise _Problem("choices", "holds non-string options", "store a list of option strings")
+    return [(letter, str(value)) for letter, value in items]
+
+
+def format_choices(choices: Any) -> str:
+    """Multiple-choice options as appended to a reasoning question: "Options:\nA. ...\nB. ..."."""
+    try:
+        items = _choice_items(choices)
+    except _Problem as problem:
+        raise TypeError(f"choices {problem.reason}") from None
+    return "Options:\n" + "\n".join(f"{letter}. {text}" for letter, text in items)
+
+
+def _question_lists_choices(question: str, items: list[tuple[str, str]]) -> bool:
+    """Whether the question already spells out every option with its letter ("A. red", "(A) red", "A) red", ...)."""
+    return all(
+        re.search(rf"(?<![A-Za-z0-9])\(?{re.escape(letter)}[.):]\s*{re.escape(text)}", question)
+        for letter, text in items
+    )
+
+
+def _normalise_reasoning(row: dict, has_image: bool) -> dict:
+    question = _text_field(row, "question", required=True)
+    answer = _text_field(row, "answer", required=True, allow_numbers=True)
+    rationale = _text_field(row, "rationale", required=False)
+    if not has_image:
+        raise _Problem("image", "is missing", "add the record's image (reasoning records need one)")
+    choices = row.get("choices")
+    if choices is not None:
+        items = _choice_items(choices)
+        # Questions that already spell their options out (as Vision-R1's do) are left as they are.
+        if items and not _question_lists_choices(question, items):
+            question = f"{question.rstrip()}\n{format_choices(choices)}"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return {"messages": messages, "answer": answer, "rationale": rationale}
+
+
+def _normalise(row: dict, kind: str, root: Path | None) -> tuple[dict, tuple[str, Any] | None]:
+    """One raw record -> (example without the decoded image, image reference); raises _Problem."""
+    ref = _resolve_image(row.get("image"), root)
+    if kind == "conversation":
+        example = _normalise_conversation(row, ref is not None)
+    else:
+        example = _normalise_reasoning(row, ref is not None)
+    return example, ref
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the dataset
+
+
+class LaReRecords(Dataset):
+    """Validated training examples over a `datasets.Dataset` (only the valid rows are kept).
+
+    `records[i]` is the normalised example (see the module docstring) with its image decoded lazily as RGB.
+    Attributes: `dataset` (the underlying `datasets.Dataset` of valid raw rows), `kind` ("conversation" or
+    "reasoning"), `source` (file name for messages), `source_indices` (row index in the source of each example),
+    `skipped` (list of (source index, reason)), `num_skipped`, `without_rationale` (positions of examples that have
+    no rationale).
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        kind: str,
+        image_root: Path | None,
+        source: str,
+        source_indices: list[int],
+        skipped: list[tuple[int, str]],
+        without_rationale: list[int],
+    ):
+        self.dataset = dataset
+        self.kind = kind
+        self.image_root = image_root
+        self.source = source
+        self.source_indices = source_indices
+        self.skipped = skipped
+        self.without_rationale = without_rationale
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not isinstance(index, int):
+            raise TypeError(f"LaReRecords indices are ints, got {type(index).__name__}.")
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} is out of range for {len(self)} examples")
+        row = self.dataset[index]
+        source_index = self.source_indices[index]
+        try:
+            example, ref = _normalise(row, self.kind, self.image_root)
+            image = _load_image(ref) if ref is not None else None
+        except _Problem as problem:
+            raise MalformedRecordError(self.source, source_index, problem.field, problem.reason, problem.fix) from None
+        except Exception as error:  # noqa: BLE001  (an image that verified but does not decode, e.g. truncated)
+            raise MalformedRecordError(
+                self.source, source_index, "image", f"cannot decode {_describe(ref)}: {error}", "replace the image"
+            ) from error
+        example["image"] = image
+        example["id"] = _record_id(row, self.source, source_index)
+        return example
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def require_rationales(self) -> None:
+        """Raise (before training) when any example lacks the rationale that latent-loss stages need."""
+        if self.without_rationale:
+            first = [
+                _record_id(self.dataset[i], self.source, self.source_indices[i]) for i in self.without_rationale[:5]
+            ]
+            raise ValueError(
+                f"{self.source}: {len(self.without_rationale)} of {len(self)} records have no rationale "
+                f"(first ids: {first}); this stage's latent losses need one. Fix the data, or train a stage "
+                "that does not use rationales (with_rationale=False)."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"LaReRecords(source={self.source!r}, kind={self.kind!r}, num_examples={len(self)}, "
+            f"num_skipped={self.num_skipped})"
+        )
+
+
+def _record_id(row: dict, source: str, source_index: int) -> str:
+    value = row.get("id")
+    if value is None or (isinstance(value, str) and not value):
+        return f"{Path(source).name}:{source_index}"
+    return str(value)
+
+
+def detect_kind(column_names: list[str]) -> str:
+    """'conversation' when there is a "conversations" column, 'reasoning' when there is a "question" column."""
+    columns = set(column_names)
+    conversation, reasoning = "conversations" in columns, "question" in columns
+    if conversation and not reasoning:
+        return "conversation"
+    if reasoning and not conversation:
+        return "reasoning"
+    what = "both 'conversations' and 'question'" if conversation else "neither 'conversations' nor 'question'"
+    raise ValueError(
+        f"Cannot detect the record format: the columns {sorted(columns)} have {what}. Conversation records have a "
+        "'conversations' list; reasoning records have 'image', 'question', 'rationale', 'answer'. Pass "
+        "kind='conversation' or kind='reasoning'."
+    )
+
+
+def _prepare_dataset(ds: datasets.Dataset) -> datasets.Dataset:
+    feature = ds.features.get("image")
+    if isinstance(feature, datasets.Image) and feature.decode:
+        # raw {"bytes", "path"} rows: cheap to validate, decoded by us (as RGB) when an example is read
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    return ds
+
+
+def _iter_batches(ds: datasets.Dataset, columns: tuple[str, ...], batch_size: int) -> Iterator[list[dict]]:
+    present = [c for c in columns if c in ds.column_names]
+    view = ds.select_columns(present)
+    for batch in view.iter(batch_size=batch_size):
+        keys = list(batch)
+        yield [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
+
+
+def _image_fix(ref: tuple[str, Any], image_root: Path | None) -> str:
+    if ref[0] != "path":
+        return "replace the embedded image"
+    root = image_root if image_root is not None else Path.cwd()
+    return (
+        f"fix the image path (relative paths are resolved against image_folder={str(root)!r}; pass "
+        "image_folder=... if the images live elsewhere)"
+    )
+
+
+def _build_records(
+    ds: datasets.Dataset,
+    kind: Kind,
+    image_root: Path | None,
+    on_error: OnError,
+    source: str,
+    batch_size: int = 512,
+) -> LaReRecords:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    if kind not in ("auto", "conversation", "reasoning"):
+        raise ValueError(f"kind must be 'auto', 'conversation' or 'reasoning', got {kind!r}.")
+    if len(ds) == 0:
+        raise ValueError(f"{source} has no records.")
+    ds = _prepare_dataset(ds)
+    kind = detect_kind(ds.column_names) if kind == "auto" else kind
+    columns = CONVERSATION_COLUMNS if kind == "conversation" else REASONING_COLUMNS
+
+    skipped: list[tuple[int, str]] = []
+    valid: list[int] = []
+    rationale_missing: list[int] = []
+    path_verdicts: dict[Path, str | None] = {}  # each image file is verified once, however many records use it
+    start = 0
+    with ThreadPoolExecutor(max_workers=_VERIFY_WORKERS) as pool:  # image checks are mostly file I/O
+        for rows in _iter_batches(ds, columns, batch_size):
+            problems: list[tuple[int, _Problem]] = []
+            candidates: list[tuple[int, dict, tuple[str, Any] | None]] = []
+            for offset, row in enumerate(rows):
+                try:
+                    example, ref = _normalise(row, kind, image_root)
+                except _Problem as problem:
+                    problems.append((start + offset, problem))
+                    continue
+                candidates.append((start + offset, example, ref))
+            new_paths = list({ref[1] for _, _, ref in candidates if ref is not None and ref[0] == "path"})
+            new_paths = [path for path in new_paths if path not in path_verdicts]
+            path_verdicts.update(zip(new_paths, pool.map(_verify_image, [("path", p) for p in new_paths])))
+            embedded = [(index, ref) for index, _, ref in candidates if ref is not None and ref[0] == "bytes"]
+            embedded_verdicts = dict(zip((i for i, _ in embedded), pool.map(_verify_image, (r for _, r in embedded))))
+            for index, example, ref in candidates:
+                reason = None
+                if ref is not None and ref[0] == "path":
+                    reason = path_verdicts[ref[1]]
+                elif ref is not None and ref[0] == "bytes":
+                    reason = embedded_verdicts[index]
+                if reason is not None:
+                    problems.append((index, _Problem("image", reason, _image_fix(ref, image_root))))
+                    continue
+                valid.append(index)
+                if example["rationale"] is None:
+                    rationale_missing.append(index)
+            if problems:
+                problems.sort(key=lambda item: item[0])
+                if on_error == "raise":
+                    index, problem = problems[0]
+                    raise MalformedRecordError(source, index, problem.field, problem.reason, problem.fix)
+                skipped.extend((index, str(problem)) for index, problem in problems)
+            start += len(rows)
+    valid.sort()
+
+    if skipped:
+        shown = "; ".join(f"record {i}: {reason}" for i, reason in skipped[:_MAX_REASONS_LOGGED])
+        more = f" (and {len(skipped) - _MAX_REASONS_LOGGED} more)" if len(skipped) > _MAX_REASONS_LOGGED else ""
+        logger.warning(
+            f"{source}: skipped {len(skipped)} malformed record(s) of {len(ds)} (on_error='skip'): {shown}{more}"
+        )
+    if not valid:
+        raise ValueError(
+            f"{source}: all {len(ds)} records are malformed (see the warning above); nothing to train on."
+        )
+    kept = ds if len(valid) == len(ds) else ds.select(valid)
+    position = {index: pos for pos, index in enumerate(valid)}
+    return LaReRecords(
+        dataset=kept,
+        kind=kind,
+        image_root=image_root,
+        source=source,
+        source_indices=valid,
+        skipped=skipped,
+        without_rationale=sorted(position[i] for i in rationale_missing),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public loaders
+
+
+def _select_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | None, source: str) -> datasets.Dataset:
+    if isinstance(obj, datasets.DatasetDict):
+        names = list(obj)
+        if split is None:
+            if "train" in obj:
+                split = "train"
+            elif len(names) == 1:
+                split = names[0]
+            else:
+                raise ValueError(f"{source} has splits {names}; pass split=... to choose one.")
+        if split not in obj:
+            raise ValueError(f"{source} has no split {split!r}; it has {names}.")
+        return obj[split]
+    if not isinstance(obj, datasets.Dataset):
+        raise TypeError(f"Expected a datasets.Dataset or DatasetDict, got {type(obj).__name__}.")
+    return obj
+
+
+def _file_builder(path: Path) -> str | None:
+    name = path.name.lower()
+    for compression in COMPRESSION_SUFFIXES:
+        if any(name.endswith(suffix + compression) for suffix in JSON_SUFFIXES):
+            return "json"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
+    return None
+
+
+def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
+    """The raw `datasets.Dataset` of a JSON / JSONL / parquet file or a save_to_disk folder (no validation)."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        if not any((file / marker).is_file() for marker in ("dataset_dict.json", "state.json", "dataset_info.json")):
+            raise ValueError(
+                f"{path} is a folder but not one written by save_to_disk (no state.json / dataset_dict.json). "
+                "Pass a JSON, JSONL or parquet file, or a save_to_disk folder."
+            )
+        obj = datasets.load_from_disk(str(file))
+        if isinstance(obj, datasets.Dataset) and split is not None:
+            raise ValueError(f"{path} holds a single Dataset, not a DatasetDict; drop split={split!r}.")
+        return _select_split(obj, split, path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Training data {path} does not exist.")
+    builder = _file_builder(file)
+    if builder is None:
+        raise ValueError(
+            f"Cannot tell the format of {path} from its extension: use .json (a list of records), .jsonl, "
+            ".parquet, or a save_to_disk folder."
+        )
+    try:
+        if builder == "arrow":
+            return datasets.Dataset.from_file(str(file))
+        return datasets.load_dataset(builder, data_files=str(file), split=split or "train")
+    except Exception as error:
+        raise ValueError(f"Could not read {path} as {builder}: {type(error).__name__}: {error}") from error
+
+
+def load_records(
+    path: str,
+    kind: Kind = "auto",
+    image_folder: str | None = None,
+    on_error: OnError = "raise",
+    split: str | None = None,
+) -> LaReRecords:
+    """Load, validate and normalise conversation or reasoning records from a file or save_to_disk folder.
+
+    Args:
+        path: a .json (list of records), .jsonl, .parquet file (optionally compressed JSON), or a save_to_disk
+            folder of a Dataset / DatasetDict.
+        kind: "conversation", "reasoning", or "auto" (detected from the columns: "conversations" -> conversation,
+            "question" -> reasoning).
+        image_folder: root of relative image paths; default: the folder holding `path` (for a save_to_disk folder,
+            the folder that contains it).
+        on_error: "raise" -> the first malformed record raises `MalformedRecordError`; "skip" -> malformed records
+            are dropped, listed in `.skipped`, counted in `.num_skipped`, and a warning is logged.
+        split: for a DatasetDict folder, the split (default "train", or the only one); for files, a datasets split
+            expression such as "train[:1000]" (default "train").
+    """
+    file = Path(path).expanduser()
+    ds = read_dataset(path, split=split)
+    root = Path(image_folder).expanduser().resolve() if image_folder is not None else file.resolve().parent
+    return _build_records(ds, kind, root, on_error, source=str(path))
+
+
+def records_from_dataset(
+    ds: datasets.Dataset | datasets.DatasetDict,
+    kind: Kind = "auto",
+    image_folder: str | None = None,
+    on_error: OnError = "raise",
+    split: str | None = None,
+) -> LaReRecords:
+    """`load_records` for an in-memory `datasets.Dataset` (a DatasetDict needs `split`, default "train").
+
+    Relative image paths are resolved against `image_folder`, or the current directory when it is None.
+    """
+    ds = _select_split(ds, split, "dataset")
+    # resolved now: a later change of the working directory does not move the images
+    root = Path(image_folder).expanduser().resolve() if image_folder is not None else Path.cwd()
+    name = ds.info.dataset_name if ds.info is not None and ds.info.dataset_name else "dataset"
+    return _build_records(ds, kind, root, on_error, source=name)
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "LaReRecords",
+    "MalformedRecordError",
+    "detect_kind",
+    "format_choices",
+    "load_records",
+    "read_dataset",
+    "records_from_dataset",
+]

@@ -1,0 +1,106 @@
+"""Arguments of `lare train`: parsed with `HfArgumentParser` from a YAML recipe plus command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class LaReModelArguments:
+    model_name_or_path: str = field(metadata={"help": "checkpoint to start from (the previous stage's output)"})
+    stage: int = field(default=1, metadata={"help": "training stage 1-4 (Appendix A)"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters on the language model (PEFT)"})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_dropout: float = field(default=0.05)
+    lora_target_modules: str = field(
+        default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        metadata={"help": "regex of the language-model linear layers that get adapters"},
+    )
+    model_overrides: str | None = field(
+        default=None, metadata={"help": "JSON dict of LaReConfig fields to change (e.g. loss weights, ablations)"}
+    )
+
+
+@dataclass
+class LaReDataArguments:
+    train_file: str = field(metadata={"help": "JSON / JSONL / parquet file or save_to_disk folder"})
+    image_folder: str | None = field(default=None, metadata={"help": "root of relative image paths"})
+    data_kind: str = field(default="auto", metadata={"help": "auto, conversation or reasoning"})
+    on_error: str = field(default="raise", metadata={"help": "malformed records: raise or skip (counted)"})
+    num_latent_steps: int | None = field(default=None, metadata={"help": "K for the latent slots (stage I: 0)"})
+    max_answer_length: int | None = field(default=None)
+    max_rationale_length: int | None = field(default=64)
+    max_train_samples: int | None = field(default=None)
+    rationale_in_answer: bool = field(
+        default=False, metadata={"help": "explicit chain-of-thought baseline: train on 'rationale + answer'"}
+    )
+
+
+@dataclass
+class LaReTrainingArguments(TrainingArguments):
+    projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
+    latent_lr: float | None = field(default=None, metadata={"help": "learning rate of Extractor, U-Net and heads"})
+    language_model_lr: float | None = field(default=None, metadata={"help": "learning rate of the LLM"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+
+    def module_learning_rates(self) -> dict[str, float]:
+        rates = {"projector": self.projector_lr, "latent": self.latent_lr, "language_model": self.language_model_lr}
+        return {group: rate for group, rate in rates.items() if rate is not None}
+
+
+ARGUMENT_CLASSES = (LaReModelArguments, LaReDataArguments, LaReTrainingArguments)
+
+
+def yaml_to_argv(recipe: dict[str, Any]) -> list[str]:
+    """Turn a recipe mapping into `--key value` arguments (lists become repeated values)."""
+    argv: list[str] = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            import json
+
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_train_arguments(
+    config_file: str | None, overrides: list[str] | None = None
+) -> tuple[LaReModelArguments, LaReDataArguments, LaReTrainingArguments]:
+    """Recipe YAML first, command-line `--key value` overrides after it (later wins)."""
+    recipe: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"Recipe {config_file} does not exist.")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(recipe, dict):
+            raise ValueError(f"Recipe {config_file} must be a mapping of argument names to values.")
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise ValueError(f"Recipe {config_file} has unknown keys {unknown}.")
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=yaml_to_argv(recipe) + list(overrides or [])
+    )
+    return model_args, data_args, training_args
+
+
+__all__ = [
+    "LaReDataArguments",
+    "LaReModelArguments",
+    "LaReTrainingArguments",
+    "parse_train_arguments",
+    "yaml_to_argv",
+]

@@ -1,0 +1,193 @@
+"""Run one training stage (`lare train --stage N`) or chain all four (`lare train --all`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.collator import LaReDataCollator
+from ..data.formats import load_records
+from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
+from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
+
+HISTORY_FILE = "lare_training_history.json"
+
+# LaReConfig fields a recipe may change on an existing checkpoint (they do not change the architecture).
+RUNTIME_CONFIG_FIELDS = {
+    "sym_loss_weight",
+    "image_loss_weight",
+    "text_loss_weight",
+    "alignment_temperature",
+    "text_prefix_length",
+    "num_latent_steps",
+}
+
+# Modules LoRA training keeps fully trainable (and saves next to the adapters).
+LORA_FULLY_TRAINED = ["multi_modal_projector", "extractor", "reconstructor", "alignment_head"]
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    file = Path(path) / HISTORY_FILE
+    return json.loads(file.read_text()) if file.is_file() else []
+
+
+def _apply_overrides(model, overrides: str | None) -> None:
+    if not overrides:
+        return
+    values = json.loads(overrides)
+    bad = sorted(set(values) - RUNTIME_CONFIG_FIELDS)
+    if bad:
+        raise ValueError(
+            f"model_overrides {bad} cannot change on a built checkpoint; allowed: {sorted(RUNTIME_CONFIG_FIELDS)}. "
+            "Architecture changes (ablations) are made with `lare build --set`."
+        )
+    for key, value in values.items():
+        setattr(model.config, key, value)
+
+
+def _check_output_dir(training_args: LaReTrainingArguments) -> str | None:
+    """Never overwrite checkpoints already written: resuming is explicit."""
+    output = Path(training_args.output_dir)
+    last = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if last is not None and not training_args.resume:
+        raise ValueError(
+            f"{output} already holds checkpoint {Path(last).name}. Pass --resume True to continue that run, or "
+            "choose another output_dir; existing checkpoints are never overwritten."
+        )
+    return last if training_args.resume else None
+
+
+def _wrap_lora(model, model_args: LaReModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    present = [name for name in LORA_FULLY_TRAINED if any(n.split(".")[-1] == name for n, _ in model.named_modules())]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        modules_to_save=present,
+    )
+    return get_peft_model(model, config)
+
+
+def run_stage(
+    model_args: LaReModelArguments, data_args: LaReDataArguments, training_args: LaReTrainingArguments
+) -> dict[str, Any]:
+    """Train one stage; the final model (or LoRA adapters), processor and stage history go to output_dir."""
+    if model_args.stage not in STAGE_TRAINERS:
+        raise ValueError(f"stage must be 1, 2, 3 or 4, got {model_args.stage}.")
+    trainer_cls = STAGE_TRAINERS[model_args.stage]
+    resume_from = _check_output_dir(training_args)
+    set_seed(training_args.seed)
+
+    model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+    _apply_overrides(model, model_args.model_overrides)
+    num_latent_steps = 0 if model_args.stage == 1 else data_args.num_latent_steps
+    if trainer_cls.latent_losses and num_latent_steps == 0:
+        raise ValueError(f"Stage {model_args.stage} trains the latent modules; it needs num_latent_steps > 0.")
+    counts = trainer_cls.configure_model(model)
+    if model_args.lora:
+        model = _wrap_lora(model, model_args)
+        trainer_cls.configure_model(model)
+
+    records = load_records(
+        data_args.train_file,
+        kind=data_args.data_kind,
+        image_folder=data_args.image_folder,
+        on_error=data_args.on_error,
+    )
+    train_dataset = records
+    if data_args.max_train_samples is not None:
+        from torch.utils.data import Subset
+
+        train_dataset = Subset(records, range(min(data_args.max_train_samples, len(records))))
+    collator = LaReDataCollator(
+        processor=processor,
+        num_latent_steps=num_latent_steps,
+        with_rationale=trainer_cls.latent_losses and not data_args.rationale_in_answer,
+        max_answer_length=data_args.max_answer_length,
+        max_rationale_length=data_args.max_rationale_length,
+        rationale_in_answer=data_args.rationale_in_answer,
+    )
+    training_args.remove_unused_columns = False
+    # Pushing is done once at the end with the generated model card (lare_hf.hub), not by Trainer mid-run.
+    push_repo = training_args.hub_model_id if training_args.push_to_hub else None
+    if training_args.push_to_hub and not push_repo:
+        raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME.")
+    training_args.push_to_hub = False
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        module_learning_rates=training_args.module_learning_rates(),
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(training_args.output_dir)
+    processor.save_pretrained(training_args.output_dir)
+
+    final_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    record = {
+        "stage": model_args.stage,
+        "trainer": trainer_cls.__name__,
+        "started_from": model_args.model_name_or_path,
+        "train_file": data_args.train_file,
+        "num_examples": len(train_dataset),
+        "skipped_records": records.num_skipped,
+        "num_latent_steps": num_latent_steps,
+        "lora": model_args.lora,
+        "trainable_parameters": counts,
+        "global_steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "last_logged_losses": {
+            k: final_logs[-1][k] for k in ("loss", *LOSS_COMPONENTS) if final_logs and k in final_logs[-1]
+        },
+    }
+    history = read_history(model_args.model_name_or_path) + [record]
+    Path(training_args.output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    if push_repo:
+        from ..hub import push_to_hub
+
+        record["pushed"] = push_to_hub(training_args.output_dir, push_repo, token=training_args.hub_token)
+    return record
+
+
+def merge_lora(adapter_dir: str, output_dir: str) -> Path:
+    """Merge LoRA adapters into their base checkpoint and write a full LaRe checkpoint with its processor."""
+    from peft import PeftConfig, PeftModel
+
+    peft_config = PeftConfig.from_pretrained(adapter_dir)
+    base = AutoModelForImageTextToText.from_pretrained(peft_config.base_model_name_or_path)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    output = Path(output_dir)
+    merged.save_pretrained(output)
+    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(output)
+    history = Path(adapter_dir) / HISTORY_FILE
+    if history.is_file():
+        shutil.copy(history, output / HISTORY_FILE)
+    return output
+
+
+def run_all(config_files: list[str], model_name_or_path: str | None = None, overrides: list[str] | None = None):
+    """Chain the four stages: each starts from the previous stage's output_dir."""
+    records = []
+    previous = model_name_or_path
+    for config_file in config_files:
+        extra = list(overrides or [])
+        if previous is not None:
+            extra += ["--model_name_or_path", previous]
+        model_args, data_args, training_args = parse_train_arguments(config_file, extra)
+        records.append(run_stage(model_args, data_args, training_args))
+        previous = training_args.output_dir
+    return records
+
+
+__all__ = ["HISTORY_FILE", "merge_lora", "read_history", "run_all", "run_stage"]

@@ -1,0 +1,170 @@
+"""Trainers for the four training stages (Appendix A-B; DESIGN.md stage table)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+# Loss components a LaRe forward returns; each is logged as the mean over the logging window.
+LOSS_COMPONENTS = (
+    "lm_loss",
+    "alignment_loss",
+    "alignment_text_loss",
+    "alignment_visual_loss",
+    "image_reconstruction_loss",
+    "text_reconstruction_loss",
+)
+
+# Parameter groups of a LaRe model, by module-name prefix (relative to LaReForConditionalGeneration).
+MODULE_GROUPS = {
+    "vision": ("model.vision_tower.",),
+    "projector": ("model.multi_modal_projector.",),
+    "latent": ("model.extractor.", "reconstructor.", "alignment_head."),
+    "language_model": ("model.language_model.", "lm_head."),
+}
+
+
+def module_group(name: str) -> str | None:
+    """The MODULE_GROUPS key a parameter name belongs to (PEFT prefixes and `modules_to_save` copies allowed)."""
+    for prefix in ("base_model.model.",):
+        name = name.removeprefix(prefix)
+    name = name.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    for group, prefixes in MODULE_GROUPS.items():
+        if name.startswith(prefixes):
+            return group
+    return None
+
+
+class LaReTrainer(Trainer):
+    """`Trainer` for LaRe: logs every loss component, per-module learning rates, stage-defined trainable modules.
+
+    Subclasses (one per stage) set:
+        stage: the stage number (1-4).
+        trainable_groups: MODULE_GROUPS keys whose parameters train; every other parameter is frozen.
+        latent_losses: whether the semantic-augmentation losses (Eq. 6-8) are on (the batch then needs rationales).
+    """
+
+    stage: int = 0
+    trainable_groups: tuple[str, ...] = ("projector", "latent", "language_model")
+    latent_losses: bool = True
+
+    def __init__(self, *args, module_learning_rates: dict[str, float] | None = None, **kwargs):
+        self.module_learning_rates = dict(module_learning_rates or {})
+        super().__init__(*args, **kwargs)
+        self._component_sums: dict[str, float] = defaultdict(float)
+        self._component_counts: dict[str, int] = defaultdict(int)
+
+    @classmethod
+    def configure_model(cls, model: nn.Module) -> dict[str, int]:
+        """Freeze everything but the stage's trainable groups (LoRA adapters train if present).
+
+        Returns the number of trainable parameters per group. The frozen image tokenizer stays frozen.
+        """
+        counts: dict[str, int] = defaultdict(int)
+        for name, param in model.named_parameters():
+            group = module_group(name)
+            trainable = group in cls.trainable_groups or "lora_" in name
+            if ".image_tokenizer." in name or name.startswith("reconstructor.image_tokenizer."):
+                trainable = False
+            param.requires_grad_(trainable)
+            if trainable:
+                counts[group or "adapter"] += param.numel()
+        if not counts:
+            raise ValueError(f"Stage {cls.stage} would train no parameter (groups {cls.trainable_groups}).")
+        return dict(counts)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        outputs = model(**inputs, compute_latent_losses=self.latent_losses)
+        loss = outputs.loss
+        if model.training:
+            for name in LOSS_COMPONENTS:
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    self._component_sums[name] += float(value.detach())
+                    self._component_counts[name] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_counts:
+            for name, total in self._component_sums.items():
+                logs[name] = round(total / self._component_counts[name], 6)
+            self._component_sums.clear()
+            self._component_counts.clear()
+        super().log(logs, start_time)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """AdamW with one learning rate per module group (projector / latent modules / language model)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = module_group(name) or "adapter"
+            lr = self.module_learning_rates.get(group, self.args.learning_rate)
+            weight_decay = self.args.weight_decay if name in decay else 0.0
+            groups[(lr, weight_decay)].append(param)
+        param_groups = [
+            {"params": params, "lr": lr, "weight_decay": weight_decay} for (lr, weight_decay), params in groups.items()
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+
+class StageIAlignmentTrainer(LaReTrainer):
+    """Stage I, vision-language alignment: the projector only, next-token loss, no latent steps."""
+
+    stage = 1
+    trainable_groups = ("projector",)
+    latent_losses = False
+
+
+class StageIILatentAlignmentTrainer(LaReTrainer):
+    """Stage II, latent alignment: Extractor + U-Net + heads, vision tower and LLM frozen, all losses."""
+
+    stage = 2
+    trainable_groups = ("latent",)
+    latent_losses = True
+
+
+class StageIIIInstructionTrainer(LaReTrainer):
+    """Stage III, instruction tuning: everything but the vision tower, all losses."""
+
+    stage = 3
+    trainable_groups = ("projector", "latent", "language_model")
+    latent_losses = True
+
+
+class StageIVReasoningTrainer(LaReTrainer):
+    """Stage IV, reasoning fine-tuning: everything but the vision tower, all losses, reasoning data."""
+
+    stage = 4
+    trainable_groups = ("projector", "latent", "language_model")
+    latent_losses = True
+
+
+STAGE_TRAINERS: dict[int, type[LaReTrainer]] = {
+    1: StageIAlignmentTrainer,
+    2: StageIILatentAlignmentTrainer,
+    3: StageIIIInstructionTrainer,
+    4: StageIVReasoningTrainer,
+}
+
+__all__ = [
+    "LOSS_COMPONENTS",
+    "MODULE_GROUPS",
+    "LaReTrainer",
+    "STAGE_TRAINERS",
+    "StageIAlignmentTrainer",
+    "StageIILatentAlignmentTrainer",
+    "StageIIIInstructionTrainer",
+    "StageIVReasoningTrainer",
+    "module_group",
+]
