@@ -115,6 +115,7 @@ def test_conversation_records_normalise(data_dir):
     # an image without an <image> token goes before the text (LLaVA's convention)
     assert data[4]["messages"][0]["content"][0] == {"type": "image"}
     assert data[-1]["id"] == "no-token"
+    assert data.without_image == [3]
 
 
 def test_image_folder_absolute_paths_and_default_ids(data_dir, tmp_path_factory):

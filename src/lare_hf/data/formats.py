@@ -340,7 +340,8 @@ class LaReRecords(Dataset):
     Attributes: `dataset` (the underlying `datasets.Dataset` of valid raw rows), `kind` ("conversation" or
     "reasoning"), `source` (file name for messages), `source_indices` (row index in the source of each example),
     `skipped` (list of (source index, reason)), `num_skipped`, `without_rationale` (positions of examples that have
-    no rationale).
+    no rationale), `without_image` (positions of text-only examples: a batch must not mix them with image examples,
+    see `LaReDataCollator`).
     """
 
     def __init__(
@@ -352,6 +353,7 @@ class LaReRecords(Dataset):
         source_indices: list[int],
         skipped: list[tuple[int, str]],
         without_rationale: list[int],
+        without_image: list[int] | None = None,
     ):
         self.dataset = dataset
         self.kind = kind
@@ -360,6 +362,7 @@ class LaReRecords(Dataset):
         self.source_indices = source_indices
         self.skipped = skipped
         self.without_rationale = without_rationale
+        self.without_image = without_image or []
 
     @property
     def num_skipped(self) -> int:
@@ -483,6 +486,7 @@ def _build_records(
     skipped: list[tuple[int, str]] = []
     valid: list[int] = []
     rationale_missing: list[int] = []
+    image_missing: list[int] = []
     path_verdicts: dict[Path, str | None] = {}  # each image file is verified once, however many records use it
     start = 0
     with ThreadPoolExecutor(max_workers=_VERIFY_WORKERS) as pool:  # image checks are mostly file I/O
@@ -513,6 +517,8 @@ def _build_records(
                 valid.append(index)
                 if example["rationale"] is None:
                     rationale_missing.append(index)
+                if ref is None:
+                    image_missing.append(index)
             if problems:
                 problems.sort(key=lambda item: item[0])
                 if on_error == "raise":
@@ -542,6 +548,7 @@ def _build_records(
         source_indices=valid,
         skipped=skipped,
         without_rationale=sorted(position[i] for i in rationale_missing),
+        without_image=sorted(position[i] for i in image_missing),
     )
 
 

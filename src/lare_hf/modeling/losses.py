@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.initialization import constant_
 
 # CLIP's clamp: the learned logit scale 1/tau never exceeds 100.
 MAX_LOGIT_SCALE = 100.0
@@ -100,8 +101,10 @@ class LaReAlignmentHead(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """log(1/tau) from the config. Uses transformers' `initialization.constant_`, which leaves a parameter that
+        `from_pretrained` already loaded (flagged `_is_hf_initialized`) untouched, so it is safe in `_init_weights`."""
         if self.logit_scale is not None:
-            self.logit_scale.fill_(math.log(1.0 / self.initial_temperature))
+            constant_(self.logit_scale, math.log(1.0 / self.initial_temperature))
 
     @property
     def temperature(self) -> torch.Tensor | float:

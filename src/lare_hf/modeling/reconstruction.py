@@ -111,8 +111,12 @@ class LaReImageReconstructor(nn.Module):
         self.image_std = [float(x) for x in config.image_std]
 
     def train(self, mode: bool = True) -> LaReImageReconstructor:
+        """Switch the U-Net and the projection to `mode`; the frozen image tokenizer stays in eval mode and is
+        re-frozen (transformers' `from_pretrained` recreates every loaded parameter with `requires_grad=True`, then
+        calls `.eval()`, which lands here)."""
         super().train(mode)
-        self.image_tokenizer.eval()  # frozen: never in training mode
+        self.image_tokenizer.eval()
+        self.image_tokenizer.requires_grad_(False)
         return self
 
     # ----------------------------------------------------------------------------------------------------------

@@ -92,10 +92,9 @@ def run_stage(
     num_latent_steps = 0 if model_args.stage == 1 else data_args.num_latent_steps
     if trainer_cls.latent_losses and num_latent_steps == 0:
         raise ValueError(f"Stage {model_args.stage} trains the latent modules; it needs num_latent_steps > 0.")
-    counts = trainer_cls.configure_model(model)
     if model_args.lora:
         model = _wrap_lora(model, model_args)
-        trainer_cls.configure_model(model)
+    counts = trainer_cls.configure_model(model, lora=model_args.lora)
 
     records = load_records(
         data_args.train_file,
@@ -103,6 +102,14 @@ def run_stage(
         image_folder=data_args.image_folder,
         on_error=data_args.on_error,
     )
+    with_rationale = trainer_cls.latent_losses or data_args.rationale_in_answer
+    if with_rationale:
+        records.require_rationales()  # fail before training, not at a random step
+    if 0 < len(records.without_image) < len(records) and training_args.per_device_train_batch_size > 1:
+        raise ValueError(
+            f"{data_args.train_file} mixes {len(records.without_image)} text-only records with image records; a "
+            "batch must be all-image or all-text. Use per_device_train_batch_size 1 or split the data by modality."
+        )
     train_dataset = records
     if data_args.max_train_samples is not None:
         from torch.utils.data import Subset

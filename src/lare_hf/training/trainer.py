@@ -58,20 +58,26 @@ class LaReTrainer(Trainer):
         self._component_counts: dict[str, int] = defaultdict(int)
 
     @classmethod
-    def configure_model(cls, model: nn.Module) -> dict[str, int]:
-        """Freeze everything but the stage's trainable groups (LoRA adapters train if present).
+    def configure_model(cls, model: nn.Module, lora: bool = False) -> dict[str, int]:
+        """Freeze everything but the stage's trainable groups; returns trainable parameter counts per group.
 
-        Returns the number of trainable parameters per group. The frozen image tokenizer stays frozen.
+        With `lora`, the language model itself stays frozen and only its LoRA adapters train (the other groups,
+        kept by PEFT as `modules_to_save` copies, train fully). The image tokenizer is always frozen.
         """
         counts: dict[str, int] = defaultdict(int)
         for name, param in model.named_parameters():
             group = module_group(name)
-            trainable = group in cls.trainable_groups or "lora_" in name
-            if ".image_tokenizer." in name or name.startswith("reconstructor.image_tokenizer."):
+            if "lora_" in name:
+                trainable, group = True, "lora_adapters"
+            elif ".original_module." in name or ".image_tokenizer." in name:
                 trainable = False
+            elif lora and group == "language_model":
+                trainable = False
+            else:
+                trainable = group in cls.trainable_groups
             param.requires_grad_(trainable)
             if trainable:
-                counts[group or "adapter"] += param.numel()
+                counts[group] += param.numel()
         if not counts:
             raise ValueError(f"Stage {cls.stage} would train no parameter (groups {cls.trainable_groups}).")
         return dict(counts)
