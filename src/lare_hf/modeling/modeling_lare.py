@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
@@ -141,7 +143,9 @@ class LaRePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, LaReExtractor):
             std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
-            nn.init.normal_(module.slot_embeddings, std=std)
+            init.normal_(module.slot_embeddings, std=std)  # leaves a loaded tensor untouched
+        elif isinstance(module, LaReAlignmentHead):
+            module.reset_parameters()  # learnable log(1/tau) starts at log(1/alignment_temperature)
 
 
 class LaReModel(LaRePreTrainedModel):
@@ -489,6 +493,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         text: str | PreTrainedModel,
         special_token_ids: dict[str, int],
         vocab_size: int | None = None,
+        image_tokenizer: str | nn.Module | None = None,
         **config_kwargs,
     ) -> LaReForConditionalGeneration:
         """Assemble a LaRe model from a pretrained vision encoder and a pretrained causal LM (Sec. 4.2 setup).
@@ -499,6 +504,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             special_token_ids: `image_token_id`, `latent_start_token_id`, `latent_token_id`, `latent_end_token_id`
                 in the tokenizer the model will be used with (see `lare_hf.processing.add_lare_special_tokens`).
             vocab_size: the tokenizer's length; the LM's embeddings are resized when they are smaller.
+            image_tokenizer: a pretrained KL-16 `AutoencoderKL` (or its folder / Hub id) for the reconstructor;
+                its config replaces `image_tokenizer_config` and its weights are copied (frozen).
             config_kwargs: any other `LaReConfig` field (num_latent_steps, window_size, ...).
 
         The projector, Extractor and reconstructor start from random initialisation (stage I/II train them).
@@ -517,6 +524,12 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         )
         if missing:
             raise ValueError(f"special_token_ids is missing {sorted(missing)}.")
+        if isinstance(image_tokenizer, str):
+            image_tokenizer = AutoencoderKL.from_pretrained(image_tokenizer)
+        if image_tokenizer is not None:
+            config_kwargs["image_tokenizer_config"] = {
+                key: value for key, value in image_tokenizer.config.items() if not key.startswith("_")
+            }
         vision_config = vision.config
         grid = vision_config.image_size // vision_config.patch_size
         config_kwargs.setdefault("image_seq_length", grid * grid)
@@ -531,6 +544,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         decoder = text.get_decoder()
         model.model.language_model.load_state_dict(decoder.state_dict())
         model.lm_head.load_state_dict(text.get_output_embeddings().state_dict())
+        if image_tokenizer is not None and model.reconstructor is not None:
+            model.reconstructor.image_tokenizer.load_state_dict(image_tokenizer.state_dict())
         if config.tie_word_embeddings:
             model.tie_weights()
         return model
@@ -700,6 +715,26 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         ).last_hidden_state
         logits = self.lm_head(hidden[:, num_latents - 1 :])
         return text_prefix_loss(logits, target_ids, target_mask)
+
+    @torch.no_grad()
+    def reconstruct_images(
+        self,
+        latent_embeds: torch.Tensor,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """From latent tokens to images (Figure 4): `latent_embeds` `[B, K, m, D]` (a forward's output) or
+        `[B, m, D]` -> reverse diffusion + image tokenizer decoder -> `[B, K, 3, S, S]` (or `[B, 3, S, S]`) in [0, 1].
+        """
+        if self.reconstructor is None:
+            raise ValueError("This checkpoint has no reconstructor (use_reconstructor=False).")
+        if latent_embeds.dim() == 3:
+            return self.reconstructor.sample(latent_embeds, num_inference_steps, generator)
+        batch, num_steps, m, hidden = latent_embeds.shape
+        images = self.reconstructor.sample(
+            latent_embeds.reshape(batch * num_steps, m, hidden), num_inference_steps, generator
+        )
+        return images.view(batch, num_steps, *images.shape[1:])
 
     def weighted_loss(
         self, lm_loss: torch.Tensor | None, latent_losses: dict[str, torch.Tensor]
