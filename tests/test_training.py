@@ -210,3 +210,35 @@ def test_two_process_ddp_run(start_checkpoint, reasoning_file, tmp_path):
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["global_steps"] == 2
     assert (tmp_path / "ddp" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_run(start_checkpoint, reasoning_file, tmp_path):
+    recipe = REPO / "configs" / "tiny" / "stage3.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml"), "-m", "lare_hf.cli", "train",
+               "--config", str(recipe), "--model_name_or_path", start_checkpoint, "--train_file", reasoning_file,
+               "--output_dir", str(tmp_path / "acc"), "--max_steps", "2", "--per_device_train_batch_size", "2"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["global_steps"] == 2 and record["stage"] == 3
+
+
+@pytest.mark.slow
+def test_all_four_stages_chain(start_checkpoint, reasoning_file, tmp_path):
+    from lare_hf.cli import main
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    for stage in (1, 2, 3, 4):
+        text = (REPO / "configs" / "tiny" / f"stage{stage}.yaml").read_text()
+        text = text.replace("outputs/tiny", str(tmp_path / "run")).replace("max_steps: 4", "max_steps: 2")
+        (recipes / f"stage{stage}.yaml").write_text(text)
+    code = main(["train", "--all", "--recipes", str(recipes), "--model", start_checkpoint,
+                 "--train_file", reasoning_file])  # fmt: skip
+    assert code == 0
+    history = json.loads((tmp_path / "run" / "stage4" / HISTORY_FILE).read_text())
+    assert [entry["stage"] for entry in history] == [1, 2, 3, 4]
+    assert history[1]["started_from"] == str(tmp_path / "run" / "stage1")
