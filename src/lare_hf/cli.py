@@ -92,6 +92,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.runner import evaluate
+
+    report = evaluate(
+        args.model,
+        args.benchmark,
+        args.data,
+        num_latent_steps=args.num_latent_steps,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        split=args.split,
+        image_folder=args.image_folder,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        device=args.device,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .data.refocus_shapes import write_refocus_shapes
+
+    paths = write_refocus_shapes(
+        args.output, args.num_train, args.num_test, seed=args.seed, image_size=args.image_size
+    )
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -188,6 +219,34 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
     push.set_defaults(func=cmd_push)
+
+    evaluation = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark file (JSON report + predictions)")
+    evaluation.add_argument("--model", required=True)
+    evaluation.add_argument(
+        "--benchmark", required=True, help="mmbench, mmstar, mmvp, scienceqa, pope or refocus_shapes"
+    )
+    evaluation.add_argument(
+        "--data", required=True, help="parquet / JSON / JSONL file, folder, or save_to_disk folder"
+    )
+    evaluation.add_argument("--num-latent-steps", type=int, default=None, help="K (default: the processor's)")
+    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--max-new-tokens", type=int, default=None)
+    evaluation.add_argument("--split", default=None)
+    evaluation.add_argument("--image-folder", default=None)
+    evaluation.add_argument("--limit", type=int, default=None)
+    evaluation.add_argument("--output-dir", default=None, help="where the report goes (default: the checkpoint)")
+    evaluation.add_argument("--device", default=None)
+    evaluation.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="generate the RefocusShapes benchmark (JSONL + PNG)")
+    synth.add_argument("--output", required=True)
+    synth.add_argument("--num-train", type=int, default=2000)
+    synth.add_argument("--num-test", type=int, default=500)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.set_defaults(func=cmd_data_synth)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
     demo.add_argument("--output", default="lare-demo")

@@ -115,9 +115,11 @@ def build_model_card(folder: str | Path, repo_id: str | None = None) -> ModelCar
     if evaluations:
         lines += ["| benchmark | K | accuracy | # tokens (correct) | samples |", "|---|---|---|---|---|"]
         for row in evaluations:
+            tokens = row.get("avg_tokens_correct")
+            tokens = "-" if tokens is None else f"{tokens:.1f}"
             lines.append(
-                f"| {row['benchmark']} | {row.get('num_latent_steps')} | {row['accuracy']:.2f} | "
-                f"{row.get('avg_tokens_correct', float('nan')):.1f} | {row.get('num_samples')} |"
+                f"| {row['benchmark']} | {row.get('num_latent_steps')} | {row['accuracy']:.2f} | {tokens} | "
+                f"{row.get('num_samples')} |"
             )
     else:
         lines.append("No evaluation report (`eval_*.json`) was found next to the checkpoint.")

@@ -3,8 +3,9 @@
 A scene is a canvas (``image_size`` x ``image_size`` px, default 64 -- the lare-tiny preset's resolution) with
 2-4 coloured containers (square / circle / triangle; red, green, blue, yellow, purple, orange) in distinct cells
 of a 3x3 grid. Each container holds one small REAL handwritten digit from scikit-learn's bundled digits data set
-(the 8x8 images of `sklearn.datasets.load_digits`, scaled up to ~60% of the container). The digits in one scene
-are distinct, and so are the colour-shape combinations.
+(the 8x8 images of `sklearn.datasets.load_digits`, scaled up to ~60% of the container side -- 12 px at 64 px --
+and ~50% in triangles). The digits in one scene are distinct, and so are the colour-shape combinations (a colour
+may repeat with another shape).
 
 Question types (the ``category`` field), roughly in rising difficulty:
 
@@ -12,6 +13,8 @@ Question types (the ``category`` field), roughly in rising difficulty:
 ``compare``          "Which digit is larger: the one in the red square or the one in the blue circle?" or
                      "What is the sum of the digits in the red square and the blue circle?"    -> "7" / "10"
 ``spatial``          "What digit is in the container to the left of the green circle?"          -> "5"
+                     (left / right compare grid columns, above / below grid rows; the container asked
+                     for is the only one on that side of the reference)
 ``exists``           "Is there a 7 in a blue container?"                                        -> "yes" / "no"
 ``multiple_choice``  "What digit is in the yellow triangle?\\nA. 3\\nB. 7\\nC. 1\\nD. 9"          -> "B"
 ``minimal_pair``     "Is the digit in the red square greater than 4?" asked of two scenes that differ only in
@@ -22,8 +25,8 @@ Held-out test split (see `verify_held_out`):
 * digit images: train uses sklearn digit samples ``0 .. DIGIT_SPLIT_INDEX-1`` (1437 images), test uses
   ``DIGIT_SPLIT_INDEX .. 1796`` (360 images) -- the same digit classes, other handwriting samples;
 * colour-shape combinations in `RESERVED_COMBOS` ("yellow square", "orange circle", "purple triangle") never
-  appear in train; every test scene contains at least one of them, and about half of the test questions are
-  about a reserved container. Every colour and every shape on its own is seen in training.
+  appear in train; every test scene contains at least one of them, and most test questions (about three in four)
+  involve a reserved container. Every colour and every shape on its own is seen in training.
 
 Records follow the reasoning format of `lare_hf.data.formats` (``image``, ``question``, ``rationale``,
 ``answer``, ``choices``) plus metadata: ``id``, ``category``, ``pair_id`` (-1 when not a minimal pair),

@@ -183,14 +183,21 @@ def merge_lora(adapter_dir: str, output_dir: str) -> Path:
     return output
 
 
-def run_all(config_files: list[str], model_name_or_path: str | None = None, overrides: list[str] | None = None):
-    """Chain the four stages: each starts from the previous stage's output_dir."""
+def run_all(
+    config_files: list[str],
+    model_name_or_path: str | None = None,
+    overrides: list[str] | None = None,
+    output_root: str | None = None,
+) -> list[dict[str, Any]]:
+    """Chain the four stages: each starts from the previous stage's output_dir (`output_root/stageN` if given)."""
     records = []
     previous = model_name_or_path
-    for config_file in config_files:
+    for stage_index, config_file in enumerate(config_files, start=1):
         extra = list(overrides or [])
         if previous is not None:
             extra += ["--model_name_or_path", previous]
+        if output_root is not None:
+            extra += ["--output_dir", str(Path(output_root) / f"stage{stage_index}")]
         model_args, data_args, training_args = parse_train_arguments(config_file, extra)
         records.append(run_stage(model_args, data_args, training_args))
         previous = training_args.output_dir

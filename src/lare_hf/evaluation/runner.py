@@ -1,0 +1,118 @@
+"""`lare eval`: batched generation on a benchmark, scoring, a JSON report and per-sample predictions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from .benchmarks import BenchmarkSample, get_benchmark
+
+
+def chat_messages(sample: BenchmarkSample) -> list[dict]:
+    """The sample as one user turn: its image, then its benchmark prompt."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
+
+
+def count_new_tokens(new_tokens: torch.Tensor, eos_token_ids: set[int], pad_token_id: int | None) -> list[int]:
+    """Generated tokens per row, up to and including the first end-of-sequence token (padding after it excluded)."""
+    counts = []
+    for row in new_tokens.tolist():
+        count = 0
+        for token in row:
+            if token == pad_token_id and token not in eos_token_ids:
+                break
+            count += 1
+            if token in eos_token_ids:
+                break
+        counts.append(count)
+    return counts
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    processor,
+    samples: list[BenchmarkSample],
+    num_latent_steps: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = True,
+) -> tuple[list[str], list[int], float]:
+    """Greedy answers for `samples` in batches; returns texts, generated-token counts and seconds spent."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    pad_id = model.generation_config.pad_token_id
+    texts, counts = [], []
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not progress):
+        batch = samples[start : start + batch_size]
+        prompts = [processor.apply_chat_template(chat_messages(s), add_generation_prompt=True) for s in batch]
+        inputs = processor(
+            text=prompts, images=[s.image for s in batch], num_latent_steps=num_latent_steps, return_tensors="pt"
+        ).to(model.device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts += processor.batch_decode(new_tokens, skip_special_tokens=True)
+        counts += count_new_tokens(new_tokens, eos_ids, pad_id)
+    return [text.strip() for text in texts], counts, time.perf_counter() - started
+
+
+def evaluate(
+    model_dir: str,
+    benchmark: str,
+    data: str,
+    num_latent_steps: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    split: str | None = None,
+    image_folder: str | None = None,
+    limit: int | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a benchmark file; writes `eval_<benchmark>.json` (the report) and
+    `predictions_<benchmark>.jsonl` into `output_dir` (default: the checkpoint folder) and returns the report."""
+    bench = get_benchmark(benchmark)
+    samples = bench.load(data, split=split, image_folder=image_folder, limit=limit)
+    if not samples:
+        raise ValueError(f"{data} holds no {bench.name} sample to evaluate.")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    if device is not None:
+        model = model.to(device)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    steps = processor.num_latent_steps if num_latent_steps is None else num_latent_steps
+    texts, counts, seconds = generate_answers(
+        model, processor, samples, steps, batch_size, max_new_tokens or bench.max_new_tokens, progress
+    )
+    rows = bench.judge(samples, texts)
+    report = bench.score(samples, texts)
+    correct_counts = [count for count, row in zip(counts, rows) if row["correct"]]
+    report.update(
+        {
+            "model": str(model_dir),
+            "data": str(data),
+            "num_latent_steps": steps,
+            "avg_tokens": sum(counts) / len(counts),
+            "avg_tokens_correct": sum(correct_counts) / len(correct_counts) if correct_counts else None,
+            "total_seconds": seconds,
+            "latency_s_per_sample": seconds / len(samples),
+            "batch_size": batch_size,
+        }
+    )
+    output = Path(output_dir or model_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"eval_{bench.name}.json").write_text(json.dumps(report, indent=2))
+    with open(output / f"predictions_{bench.name}.jsonl", "w") as handle:
+        for row, count, sample in zip(rows, counts, samples):
+            handle.write(json.dumps({**row, "num_tokens": count, "prompt": sample.prompt}) + "\n")
+    return report
+
+
+__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers"]

@@ -1,0 +1,45 @@
+"""`lare demo` end to end, and the small CLI commands around training (push dry run, merge errors)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lare_hf.cli import main
+
+
+@pytest.mark.slow
+def test_lare_demo_runs_the_whole_pipeline(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lare_hf.cli", "demo", "--output", str(tmp_path), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in (1, 2, 3, 4):
+        assert (tmp_path / f"stage{stage}" / "model.safetensors").is_file()
+    history = json.loads((tmp_path / "stage4" / "lare_training_history.json").read_text())
+    assert [entry["stage"] for entry in history] == [1, 2, 3, 4]
+    assert (tmp_path / "eval_k4" / "eval_refocus_shapes.json").is_file()
+    assert "windows (row, col) refocused on per latent step" in result.stdout
+
+
+def test_push_dry_run_writes_the_card_and_lists_files(tiny_checkpoint, capsys):
+    assert main(["push", tiny_checkpoint, "--repo-id", "org/lare-tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.safetensors" in out and "modeling_lare.py" in out and "README.md" in out
+    card = (__import__("pathlib").Path(tiny_checkpoint) / "README.md").read_text()
+    assert "# org/lare-tiny" in card and "built, not trained" in card
+
+
+def test_train_without_recipe_or_with_bad_recipe_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--stage", "2"]) == 2
+    assert "needs --config" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: 2\nnot_an_argument: 3\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown keys ['not_an_argument']" in capsys.readouterr().err
