@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from conftest import chat, make_image
-from lare_hf.build import build_tiny, save_checkpoint
 from lare_hf.hub import build_model_card, files_to_upload
 from lare_hf.training.arguments import parse_train_arguments
 from lare_hf.training.run import HISTORY_FILE, merge_lora, run_stage
@@ -44,11 +43,9 @@ def reasoning_file(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> str:
-    model, processor = build_tiny()
-    path = tmp_path_factory.mktemp("start")
-    save_checkpoint(model, processor, str(path))
-    return str(path)
+def start_checkpoint(tiny_checkpoint) -> str:
+    """Training reads it from disk and writes elsewhere, so the shared tiny checkpoint is the starting point."""
+    return tiny_checkpoint
 
 
 def stage_args(stage: int, model: str, data: str, output: Path, *extra: str):
@@ -242,3 +239,31 @@ def test_all_four_stages_chain(start_checkpoint, reasoning_file, tmp_path):
     history = json.loads((tmp_path / "run" / "stage4" / HISTORY_FILE).read_text())
     assert [entry["stage"] for entry in history] == [1, 2, 3, 4]
     assert history[1]["started_from"] == str(tmp_path / "run" / "stage1")
+
+
+def test_gradient_accumulation_scales_every_term_alike(start_checkpoint, reasoning_file, tmp_path):
+    """Trainer divides the whole Eq. 10 loss by the accumulation steps (the model takes no loss kwargs), so each
+    term's gradient is scaled by the same factor."""
+    from lare_hf.data.collator import LaReDataCollator
+    from lare_hf.data.formats import load_records
+    from lare_hf.training.trainer import StageIIIInstructionTrainer
+
+    _, _, args = stage_args(3, start_checkpoint, reasoning_file, tmp_path / "ga", "--gradient_accumulation_steps", "4")
+    model = AutoModelForImageTextToText.from_pretrained(start_checkpoint)
+    processor = AutoProcessor.from_pretrained(start_checkpoint)
+    StageIIIInstructionTrainer.configure_model(model)
+    collator = LaReDataCollator(processor=processor, num_latent_steps=4)
+    records = load_records(reasoning_file)
+    trainer = StageIIIInstructionTrainer(model=model, args=args, train_dataset=records, data_collator=collator)
+    assert trainer.model_accepts_loss_kwargs is False
+    batch = collator([records[0], records[1]])
+    trainer.current_gradient_accumulation_steps = 4  # what train() sets for a full accumulation window
+    model.train()
+    torch.manual_seed(0)
+    trainer.training_step(model, dict(batch))
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(0)
+    model(**batch, compute_latent_losses=True).loss.backward()
+    for name, grad in accumulated.items():
+        torch.testing.assert_close(grad * 4, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)

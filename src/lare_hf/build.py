@@ -55,16 +55,7 @@ def build_tiny(
     set_seed(preset.get("seed", 0) if seed is None else seed)
     model = LaReForConditionalGeneration(config)
     _set_generation_defaults(model, tokenizer)
-    processor = build_processor(
-        tokenizer,
-        image_size=config.vision_config.image_size,
-        image_seq_length=config.image_seq_length,
-        num_latent_steps=config.num_latent_steps,
-        latent_tokens_per_step=config.latent_tokens_per_step,
-        image_mean=config.image_mean,
-        image_std=config.image_std,
-    )
-    return model, processor
+    return model, _processor_for(model.config, tokenizer)
 
 
 def build_from_components(
@@ -81,22 +72,28 @@ def build_from_components(
     overrides = dict(overrides or {})
     if image_tokenizer is not None:
         overrides["image_tokenizer"] = image_tokenizer
+    # the vision encoder's own normalisation: the processor applies it, the reconstructor undoes it
+    image_processor = CLIPImageProcessorPil.from_pretrained(vision)
+    overrides.setdefault("image_mean", list(image_processor.image_mean))
+    overrides.setdefault("image_std", list(image_processor.image_std))
     model = LaReForConditionalGeneration.from_components(
         vision, text, special_token_ids=special_ids, vocab_size=len(tokenizer), **overrides
     )
     _set_generation_defaults(model, tokenizer)
-    image_processor = CLIPImageProcessorPil.from_pretrained(vision)
-    config = model.config
-    processor = build_processor(
+    return model, _processor_for(model.config, tokenizer)
+
+
+def _processor_for(config: LaReConfig, tokenizer) -> LaReProcessor:
+    """The processor matching a model config: its image size, patch count, K, m and pixel normalisation."""
+    return build_processor(
         tokenizer,
         image_size=config.vision_config.image_size,
         image_seq_length=config.image_seq_length,
         num_latent_steps=config.num_latent_steps,
         latent_tokens_per_step=config.latent_tokens_per_step,
-        image_mean=list(image_processor.image_mean),
-        image_std=list(image_processor.image_std),
+        image_mean=config.image_mean,
+        image_std=config.image_std,
     )
-    return model, processor
 
 
 def build_preset(name_or_path: str, **component_overrides: str | None):
