@@ -59,6 +59,8 @@ def test_config_round_trip_and_validation(tmp_path, tiny_checkpoint):
         LaReConfig(window_size=32)
     with pytest.raises(ValueError, match="image_seq_length"):
         LaReConfig(image_seq_length=100)
+    with pytest.raises(ValueError, match="square patch grid"):
+        LaReConfig(vision_feature_select_strategy="full", image_seq_length=257)
     with pytest.raises(ValueError, match="max_latent_steps"):
         LaReConfig(num_latent_steps=20, max_latent_steps=16)
 

@@ -208,14 +208,16 @@ class LaReConfig(PreTrainedConfig):
     def validate_lare(self) -> None:
         """Check that the LaRe hyperparameters fit together; raises ValueError naming the field to fix."""
         grid = self.patch_grid_size
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "LaRe's sliding window works on the square patch grid: vision_feature_select_strategy must be "
+                f"'default' (CLS token dropped), got {self.vision_feature_select_strategy!r}."
+            )
         expected_tokens = grid * grid
-        if self.vision_feature_select_strategy == "full":
-            expected_tokens += 1
         if self.image_seq_length != expected_tokens:
             raise ValueError(
-                f"image_seq_length={self.image_seq_length} does not match the vision tower's "
-                f"{grid}x{grid} patch grid ({expected_tokens} tokens with strategy "
-                f"'{self.vision_feature_select_strategy}'); set image_seq_length={expected_tokens}."
+                f"image_seq_length={self.image_seq_length} does not match the vision tower's {grid}x{grid} patch "
+                f"grid; set image_seq_length={expected_tokens}."
             )
         if not 1 <= self.window_size <= grid:
             raise ValueError(f"window_size={self.window_size} must be between 1 and the patch grid side {grid}.")
