@@ -180,9 +180,7 @@ class LaReModel(LaRePreTrainedModel):
             )
         vision_dtype = self.vision_tower.dtype
         outputs = self.vision_tower(pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True)
-        features = outputs.hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
+        features = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # CLS dropped (strategy "default")
         return self.multi_modal_projector(features)
 
     def latent_layout(self, input_ids: torch.LongTensor) -> LatentLayout:
