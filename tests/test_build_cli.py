@@ -123,3 +123,16 @@ def test_lare_generate_prints_the_answer(tmp_path, tiny_checkpoint):
     missing = subprocess.run(command[:-6] + ["--image", str(tmp_path / "nope.png"), "--prompt", "x"],
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_paper_preset_without_its_components_is_a_clear_error(tmp_path):
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "lare_hf.cli", "build", "--preset", "lare-0.5b", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "Could not load the components of preset 'lare-0.5b'" in result.stderr
+    assert "--vision DIR --text DIR" in result.stderr

@@ -105,12 +105,20 @@ def build_preset(name_or_path: str, **component_overrides: str | None):
     components.update({key: value for key, value in component_overrides.items() if value})
     if not components.get("vision") or not components.get("text"):
         raise ValueError(f"Preset {name_or_path!r} needs `components: {{vision: ..., text: ...}}`.")
-    return build_from_components(
-        components["vision"],
-        components["text"],
-        image_tokenizer=components.get("image_tokenizer"),
-        overrides=dict(preset["model"]),
-    )
+    try:
+        return build_from_components(
+            components["vision"],
+            components["text"],
+            image_tokenizer=components.get("image_tokenizer"),
+            overrides=dict(preset["model"]),
+        )
+    except OSError as error:
+        raise ValueError(
+            f"Could not load the components of preset {name_or_path!r} (vision {components['vision']!r}, text "
+            f"{components['text']!r}): {str(error).splitlines()[0]} They must be in the local Hugging Face cache or "
+            "reachable; otherwise download them elsewhere and pass the folders: "
+            "lare build --preset NAME --vision DIR --text DIR [--image-tokenizer DIR] --output DIR."
+        ) from error
 
 
 def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcessor, output_dir: str) -> Path:
