@@ -334,3 +334,24 @@ def test_processing_module_is_self_contained():
             assert node.level == 0, "no relative imports"
             roots.add(node.module.split(".")[0])
     assert roots - set(sys.stdlib_module_names) <= {"torch", "transformers"}
+
+
+def test_rationale_truncation_leaves_the_saved_tokenizer_untouched(tmp_path):
+    """Truncating rationales must not store a truncation setting in the tokenizer a trained checkpoint saves."""
+    import json
+
+    from PIL import Image
+
+    from lare_hf.build import build_tiny
+
+    _, processor = build_tiny()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    batch = processor.build_training_inputs(
+        [messages] * 2, ["1", "2"], images=[Image.new("RGB", (64, 64))] * 2, rationales=["a " * 50, "b"],
+        max_rationale_length=8,
+    )  # fmt: skip
+    assert batch["rationale_input_ids"].shape == (2, 8)
+    assert batch["rationale_attention_mask"][1].tolist() == [1] + [0] * 7
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["truncation"] is None
+    assert "max_length" not in json.loads((tmp_path / "tokenizer_config.json").read_text())

@@ -326,17 +326,14 @@ class LaReProcessor(ProcessorMixin):
         if "pixel_values" in prompt_inputs:
             data["pixel_values"] = prompt_inputs["pixel_values"]
         if rationales is not None:
+            # Truncate by slicing the right-padded tensors: asking the tokenizer to truncate would leave its
+            # truncation setting in the fast backend, and a checkpoint saved after training would carry it.
             rationale_inputs = self.tokenizer(
-                rationales,
-                add_special_tokens=False,
-                padding="longest",
-                padding_side="right",
-                truncation=max_rationale_length is not None,
-                max_length=max_rationale_length,
-                return_tensors="pt",
+                rationales, add_special_tokens=False, padding="longest", padding_side="right", return_tensors="pt"
             )
-            data["rationale_input_ids"] = rationale_inputs["input_ids"]
-            data["rationale_attention_mask"] = rationale_inputs["attention_mask"]
+            width = rationale_inputs["input_ids"].shape[1] if max_rationale_length is None else max_rationale_length
+            data["rationale_input_ids"] = rationale_inputs["input_ids"][:, :width]
+            data["rationale_attention_mask"] = rationale_inputs["attention_mask"][:, :width]
         return BatchFeature(data)
 
     def _images_per_prompt(self, texts: list[str], images) -> list:
