@@ -17,14 +17,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-# Kept in sync with `lare_hf.modeling.configuration_lare.LARE_SPECIAL_TOKENS` (checked by the tests); duplicated so
-# that this module imports nothing from the modeling package.
-LARE_SPECIAL_TOKENS = {
-    "image_token": "<|image|>",
-    "latent_start_token": "<|latent_start|>",
-    "latent_token": "<|latent|>",
-    "latent_end_token": "<|latent_end|>",
-}
+from ..modeling.configuration_lare import LARE_SPECIAL_TOKENS
 
 ENDOFTEXT_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
