@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, set_seed
 
 from .modeling.configuration_lare import LaReConfig
 from .modeling.modeling_lare import LaReForConditionalGeneration
+from .modeling.reconstruction import TINY_IMAGE_TOKENIZER_CONFIG, TINY_RECONSTRUCTOR_CONFIG
 from .processing.processing_lare import LaReProcessor, build_processor
 from .processing.tokenization import add_lare_special_tokens, build_tiny_tokenizer
 
@@ -48,6 +49,12 @@ def build_tiny(
     special_ids = add_lare_special_tokens(tokenizer)
     model_kwargs = dict(preset["model"])
     model_kwargs.update(overrides or {})
+    for key, tiny in (
+        ("reconstructor_config", TINY_RECONSTRUCTOR_CONFIG),
+        ("image_tokenizer_config", TINY_IMAGE_TOKENIZER_CONFIG),
+    ):
+        if model_kwargs.get(key) == "tiny":
+            model_kwargs[key] = dict(tiny)
     model_kwargs["text_config"] = dict(model_kwargs["text_config"], vocab_size=len(tokenizer))
     model_kwargs["text_config"].setdefault("pad_token_id", tokenizer.pad_token_id)
     model_kwargs["text_config"].setdefault("eos_token_id", tokenizer.eos_token_id)

@@ -45,7 +45,7 @@ TINY_IMAGE_TOKENIZER_CONFIG: dict[str, Any] = {
     "latent_channels": 16,
     "down_block_types": ["DownEncoderBlock2D"] * 5,
     "up_block_types": ["UpDecoderBlock2D"] * 5,
-    "block_out_channels": [8, 8, 16, 16, 32],
+    "block_out_channels": [8, 8, 16, 16, 16],
     "layers_per_block": 1,
     "norm_num_groups": 4,
 }
