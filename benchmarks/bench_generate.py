@@ -69,7 +69,7 @@ def reference_generate(model: LaReForConditionalGeneration, inputs: dict, new_to
     m = model.config.latent_tokens_per_step
     slots_start = layout.start + 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    scale = inner.get_input_embeddings().weight.float().pow(2).mean().sqrt().to(embeds.dtype)
+    scale = inner.embedding_scale().to(embeds.dtype)
     latents = []
     for _ in range(layout.num_steps):
         end = slots_start + len(latents) * m

@@ -286,6 +286,19 @@ class LaReModel(LaRePreTrainedModel):
         )
         return outputs.last_hidden_state
 
+    @torch.no_grad()
+    def embedding_scale(self) -> torch.Tensor:
+        """RMS of the LM's token embeddings, the scale latents are normalised to. A statistic over the whole
+        vocabulary, so it is recomputed only when the embedding weight changed (an optimizer step, a resize, a move)
+        rather than on every forward / generate call."""
+        weight = self.get_input_embeddings().weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        cached = getattr(self, "_embedding_scale_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.float().pow(2).mean().sqrt())
+            self._embedding_scale_cache = cached
+        return cached[1]
+
     def _window_features(
         self, saliency: torch.Tensor, image_features: torch.Tensor
     ) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -360,8 +373,7 @@ class LaReModel(LaRePreTrainedModel):
                 inputs_embeds[:, :slots_start], attention_mask, position_ids, 0, slots_start, cache, recorder
             )
         ]
-        embedding_scale = self.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()
-        embedding_scale = embedding_scale.to(inputs_embeds.dtype)
+        embedding_scale = self.embedding_scale().to(inputs_embeds.dtype)
         latents, saliencies, windows, window_feats, attentions = [], [], [], [], []
         for step in range(num_steps):
             saliency = recorder.saliency()
