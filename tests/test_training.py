@@ -102,7 +102,7 @@ def test_stage_with_latent_losses_needs_rationales(start_checkpoint, tmp_path):
 
 def test_existing_checkpoints_are_never_overwritten(start_checkpoint, reasoning_file, tmp_path):
     (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
-    with pytest.raises(ValueError, match="already holds checkpoint checkpoint-2.*--resume"):
+    with pytest.raises(FileExistsError, match="already holds checkpoint.*checkpoint-2.*--resume"):
         run_stage(*stage_args(1, start_checkpoint, reasoning_file, tmp_path / "out"))
 
 

@@ -35,8 +35,9 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
         )
     with open(path) as handle:
         preset = yaml.safe_load(handle)
-    if not isinstance(preset, dict) or "model" not in preset:
+    if not isinstance(preset, dict) or not isinstance(preset.get("model"), dict):
         raise ValueError(f"Preset file {path} must be a mapping with a `model:` section of LaReConfig fields.")
+    LaReConfig.check_field_names(preset["model"], f"LaReConfig field in preset {path}:")
     return preset
 
 
@@ -48,6 +49,7 @@ def build_tiny(
     tokenizer = build_tiny_tokenizer()
     special_ids = add_lare_special_tokens(tokenizer)
     model_kwargs = dict(preset["model"])
+    LaReConfig.check_field_names(overrides or {}, "LaReConfig field (override)")
     model_kwargs.update(overrides or {})
     for key, tiny in (
         ("reconstructor_config", TINY_RECONSTRUCTOR_CONFIG),
@@ -77,6 +79,7 @@ def build_from_components(
     tokenizer.padding_side = "left"
     special_ids = add_lare_special_tokens(tokenizer)
     overrides = dict(overrides or {})
+    LaReConfig.check_field_names(overrides, "LaReConfig field (override)")
     if image_tokenizer is not None:
         overrides["image_tokenizer"] = image_tokenizer
     # the vision encoder's own normalisation: the processor applies it, the reconstructor undoes it

@@ -9,13 +9,18 @@ from pathlib import Path
 
 from PIL import Image
 
+from .destinations import check_lare_checkpoint, refuse_non_empty
+
+# Errors that come from what the user gave (arguments, files, data): one line `error: ...`, exit code 2.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
 
 def _parse_override(items: list[str] | None) -> dict:
     """`key=value` pairs (values parsed as JSON when possible) for LaReConfig fields."""
     overrides = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects key=value (e.g. --set window_size=4), got {item!r}.")
         key, value = item.split("=", 1)
         try:
             overrides[key] = json.loads(value)
@@ -26,11 +31,14 @@ def _parse_override(items: list[str] | None) -> dict:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
+    from .modeling.configuration_lare import LaReConfig
 
     overrides = _parse_override(args.set)
+    LaReConfig.check_field_names(overrides, "--set key")
+    refuse_non_empty(args.output, "lare build --output", args.overwrite)
     if args.vision or args.text:
         if not (args.vision and args.text):
-            raise SystemExit("lare build: --vision and --text go together (or use --preset).")
+            raise ValueError("--vision and --text go together (or use --preset).")
         base = load_preset(args.preset)["model"] if args.preset else {}
         base = {key: value for key, value in base.items() if key not in ("vision_config", "text_config")}
         base.update(overrides)
@@ -41,7 +49,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         model, processor = build_tiny(overrides=overrides, seed=args.seed)
     else:
         if overrides:
-            raise SystemExit("lare build: --set is supported with --preset tiny or with --vision/--text.")
+            raise ValueError("--set is supported with --preset tiny or with --vision/--text.")
         model, processor = build_preset(args.preset, image_tokenizer=args.image_tokenizer)
     output = save_checkpoint(model, processor, args.output)
     num_params = sum(p.numel() for p in model.parameters())
@@ -62,6 +70,7 @@ def generate_answer(
 
     import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
 
+    check_lare_checkpoint(model_dir, "--model")
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
@@ -85,8 +94,12 @@ def generate_answer(
 def cmd_generate(args: argparse.Namespace) -> int:
     path = Path(args.image)
     if not path.is_file():
-        raise SystemExit(f"lare generate: image {path} does not exist.")
-    image = Image.open(path).convert("RGB")
+        raise FileNotFoundError(f"--image {path} does not exist; pass the path of a PNG or JPEG file.")
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"--image {path} is not a readable image ({error}).") from None
     answer = generate_answer(args.model, image, args.prompt, args.num_latent_steps, args.max_new_tokens)
     print(answer)
     return 0
@@ -115,6 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from .data.refocus_shapes import write_refocus_shapes
 
+    refuse_non_empty(args.output, "lare data synth --output", args.overwrite)
     paths = write_refocus_shapes(
         args.output, args.num_train, args.num_test, seed=args.seed, image_size=args.image_size
     )
@@ -126,7 +140,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, quick=args.quick)
+    run_demo(args.output, quick=args.quick, overwrite=args.overwrite)
     return 0
 
 
@@ -139,7 +153,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         files = [str(recipe_dir / f"stage{stage}.yaml") for stage in (1, 2, 3, 4)]
         missing = [file for file in files if not Path(file).is_file()]
         if missing:
-            raise ValueError(f"lare train --all needs stage1.yaml ... stage4.yaml in {recipe_dir}; missing {missing}.")
+            raise FileNotFoundError(
+                f"lare train --all needs stage1.yaml ... stage4.yaml in --recipes {recipe_dir}; missing {missing}."
+            )
         for record in run_all(files, model_name_or_path=args.model, overrides=overrides):
             print(json.dumps(record))
         return 0
@@ -158,7 +174,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .training.run import merge_lora
 
-    print(f"Merged LoRA adapters into {merge_lora(args.adapter, args.output)}")
+    print(f"Merged LoRA adapters into {merge_lora(args.adapter, args.output, overwrite=args.overwrite)}")
     return 0
 
 
@@ -177,6 +193,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="write a LaRe checkpoint from a preset or from pretrained parts")
@@ -187,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output", required=True, help="folder to write")
     build.add_argument("--seed", type=int, default=None, help="init seed (tiny preset)")
     build.add_argument("--set", nargs="*", help="LaReConfig overrides, key=value (JSON values)")
+    build.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     build.set_defaults(func=cmd_build)
 
     generate = sub.add_parser("generate", help="answer a question about an image")
@@ -211,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge LoRA adapters into a full checkpoint")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True)
+    merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     merge.set_defaults(func=cmd_merge)
 
     push = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hub")
@@ -246,11 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-test", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
     demo.add_argument("--output", default="lare-demo")
     demo.add_argument("--quick", action="store_true", help="fewer training steps (used by the tests)")
+    demo.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -266,9 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "takes_overrides", False):
             return args.func(args, unknown)
         return args.func(args)
-    except ValueError as error:
-        print(f"lare {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -13,18 +13,19 @@ import torch
 from PIL import Image
 
 from .build import build_tiny, save_checkpoint
+from .destinations import refuse_non_empty
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def run_demo(output: str, quick: bool = False) -> dict:
+def run_demo(output: str, quick: bool = False, overwrite: bool = False) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .data.refocus_shapes import write_refocus_shapes
     from .evaluation.runner import evaluate
     from .training.run import run_all
 
-    root = Path(output)
+    root = refuse_non_empty(output, "lare demo --output", overwrite)
     model, processor = build_tiny()
     model_dir = save_checkpoint(model, processor, str(root / "model"))
     print(
@@ -38,6 +39,8 @@ def run_demo(output: str, quick: bool = False) -> dict:
     overrides = ["--train_file", data["train"], "--disable_tqdm", "True"]
     if quick:
         overrides += ["--max_steps", "2"]
+    if overwrite:
+        overrides += ["--overwrite", "True"]
     records = run_all(recipes, model_name_or_path=str(model_dir), overrides=overrides, output_root=str(root))
     for record in records:
         losses = ", ".join(f"{key}={value:.3f}" for key, value in record["last_logged_losses"].items())

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from .validation import check_bool, check_choice, check_float, check_int, check_known_keys
 
 LARE_SPECIAL_TOKENS = {
     "image_token": "<|image|>",
@@ -200,18 +203,85 @@ class LaReConfig(PreTrainedConfig):
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_lare()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> LaReConfig:
+        """Build from a dict; a config of another model type is refused (it would load as garbage)."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This config has model_type={model_type!r}, not {cls.model_type!r}: it belongs to another model. "
+                "Load it with AutoConfig / its own class, or assemble a LaRe checkpoint from that model with "
+                "`lare build --vision DIR --text DIR --output DIR`."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def patch_grid_size(self) -> int:
         """Side of the square patch grid of the vision tower (16 for CLIP-ViT-L/14 at 224 px)."""
         return self.vision_config.image_size // self.vision_config.patch_size
 
     def validate_lare(self) -> None:
-        """Check that the LaRe hyperparameters fit together; raises ValueError naming the field to fix."""
+        """Check types, ranges and that the LaRe hyperparameters fit together; raises ValueError naming the field,
+        its value and the fix."""
+        for name in ("image_token_id", "latent_start_token_id", "latent_token_id", "latent_end_token_id"):
+            check_int(name, getattr(self, name), minimum=0)
+        for name in (
+            "image_seq_length",
+            "latent_tokens_per_step",
+            "extractor_num_layers",
+            "extractor_num_heads",
+            "window_size",
+            "window_stride",
+            "text_prefix_length",
+            "reconstruction_image_size",
+            "num_diffusion_steps",
+        ):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("max_latent_steps", self.max_latent_steps, minimum=0)
+        check_int(
+            "num_latent_steps",
+            self.num_latent_steps,
+            minimum=0,
+            maximum=self.max_latent_steps,
+            fix=f"Lower it or raise max_latent_steps={self.max_latent_steps}.",
+        )
+        for name in ("extractor_hidden_size", "extractor_intermediate_size"):
+            check_int(name, getattr(self, name), minimum=1, allow_none=True)
+        for name in (
+            "multimodal_projector_bias",
+            "use_extractor",
+            "use_sliding_window",
+            "learnable_temperature",
+            "use_reconstructor",
+        ):
+            check_bool(name, getattr(self, name))
+        for name in ("sym_loss_weight", "image_loss_weight", "text_loss_weight"):
+            check_float(name, getattr(self, name), minimum=0.0, fix="Use 0 to switch the loss term off.")
+        check_float("alignment_temperature", self.alignment_temperature, minimum=0.0, exclusive_minimum=True)
+        check_float(
+            "diffusion_beta_start", self.diffusion_beta_start, minimum=0.0, maximum=1.0, exclusive_minimum=True
+        )
+        check_float("diffusion_beta_end", self.diffusion_beta_end, minimum=self.diffusion_beta_start, maximum=1.0)
+        check_choice("projector_hidden_act", self.projector_hidden_act, sorted(ACT2FN))
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if len(values) != 3:
+                raise ValueError(f"{name} must hold 3 values (R, G, B), got {values!r}.")
+            for channel, value in enumerate(values):
+                check_float(f"{name}[{channel}]", value, minimum=0.0, exclusive_minimum=name == "image_std")
         grid = self.patch_grid_size
         if self.vision_feature_select_strategy != "default":
             raise ValueError(
                 "LaRe's sliding window works on the square patch grid: vision_feature_select_strategy must be "
                 f"'default' (CLS token dropped), got {self.vision_feature_select_strategy!r}."
+            )
+        num_vision_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        if num_vision_layers is not None:
+            check_int(
+                "vision_feature_layer",
+                self.vision_feature_layer,
+                minimum=-(num_vision_layers + 1),
+                maximum=num_vision_layers,
             )
         expected_tokens = grid * grid
         if self.image_seq_length != expected_tokens:
@@ -220,25 +290,43 @@ class LaReConfig(PreTrainedConfig):
                 f"grid; set image_seq_length={expected_tokens}."
             )
         if not 1 <= self.window_size <= grid:
-            raise ValueError(f"window_size={self.window_size} must be between 1 and the patch grid side {grid}.")
-        if self.window_stride < 1:
-            raise ValueError(f"window_stride must be >= 1, got {self.window_stride}.")
-        if self.latent_tokens_per_step < 1:
-            raise ValueError(f"latent_tokens_per_step must be >= 1, got {self.latent_tokens_per_step}.")
-        if not 0 <= self.num_latent_steps <= self.max_latent_steps:
             raise ValueError(
-                f"num_latent_steps={self.num_latent_steps} must be between 0 and max_latent_steps="
-                f"{self.max_latent_steps}."
+                f"window_size={self.window_size} must be between 1 and the patch grid side {grid}; set "
+                f"window_size <= {grid}."
             )
         hidden = self.extractor_hidden_size or self.text_config.hidden_size
         if hidden % self.extractor_num_heads != 0:
             raise ValueError(
-                f"The Extractor width {hidden} is not divisible by extractor_num_heads={self.extractor_num_heads}."
+                f"The Extractor width {hidden} is not divisible by extractor_num_heads={self.extractor_num_heads}; "
+                "choose a number of heads that divides it."
             )
         num_layers = self.text_config.num_hidden_layers
         for layer in self.saliency_layers or []:
+            check_int("saliency_layers entry", layer)
             if not -num_layers <= layer < num_layers:
-                raise ValueError(f"saliency_layers entry {layer} is out of range for a {num_layers}-layer LM.")
+                raise ValueError(
+                    f"saliency_layers entry {layer} is out of range for a {num_layers}-layer LM; use layers "
+                    f"{-num_layers} ... {num_layers - 1}."
+                )
+
+    @classmethod
+    def check_field_names(cls, overrides: dict[str, Any], what: str = "LaReConfig field") -> None:
+        """Refuse override keys that are not `LaReConfig` arguments, suggesting the closest valid name."""
+        check_known_keys(overrides, lare_config_fields(), what)
 
 
-__all__ = ["LaReConfig", "LARE_SPECIAL_TOKENS", "TABLE7_UNET_CONFIG", "KL16_IMAGE_TOKENIZER_CONFIG"]
+def lare_config_fields() -> list[str]:
+    """Names of the `LaReConfig` arguments (what `lare build --set` and config overrides may set)."""
+    import inspect
+
+    parameters = inspect.signature(LaReConfig.__init__).parameters
+    return [name for name, p in parameters.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+__all__ = [
+    "LaReConfig",
+    "lare_config_fields",
+    "LARE_SPECIAL_TOKENS",
+    "TABLE7_UNET_CONFIG",
+    "KL16_IMAGE_TOKENIZER_CONFIG",
+]

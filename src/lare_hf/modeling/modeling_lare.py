@@ -113,6 +113,24 @@ class LaReMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
+def broken_weight_file_message(checkpoint, error: Exception) -> str:
+    """Name the weight file of a local checkpoint that safetensors cannot read."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    folder = Path(str(checkpoint))
+    broken = []
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception:  # noqa: BLE001  (safetensors raises its own error type)
+            broken.append(str(file))
+    where = ", ".join(broken) if broken else f"a weight file of {checkpoint}"
+    return f"{where} is corrupt or truncated ({error}); re-download the checkpoint or save it again."
+
+
 class LaRePreTrainedModel(PreTrainedModel):
     config: LaReConfig
     config_class = LaReConfig
@@ -124,6 +142,16 @@ class LaRePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load as usual; a corrupt or truncated weight file is reported by its name."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(broken_weight_file_message(pretrained_model_name_or_path, error)) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual; when the custom code is exported, map every LaRe Auto class to it."""

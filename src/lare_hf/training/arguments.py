@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..modeling.validation import check_known_keys
+
 
 @dataclass
 class LaReModelArguments:
@@ -47,7 +49,10 @@ class LaReTrainingArguments(TrainingArguments):
     projector_lr: float | None = field(default=None, metadata={"help": "learning rate of the projector"})
     latent_lr: float | None = field(default=None, metadata={"help": "learning rate of Extractor, U-Net and heads"})
     language_model_lr: float | None = field(default=None, metadata={"help": "learning rate of the LLM"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in output_dir"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "write into an output_dir that already holds a model or checkpoints"}
+    )
 
     def module_learning_rates(self) -> dict[str, float]:
         rates = {"projector": self.projector_lr, "latent": self.latent_lr, "language_model": self.language_model_lr}
@@ -87,10 +92,10 @@ def parse_train_arguments(
         if not isinstance(recipe, dict):
             raise ValueError(f"Recipe {config_file} must be a mapping of argument names to values.")
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(recipe) - known)
-    if unknown:
-        raise ValueError(f"Recipe {config_file} has unknown keys {unknown}.")
+    known = {action.dest for action in parser._actions} - {"help"}
+    check_known_keys(recipe, known, f"key in recipe {config_file}:", "Fix the key or remove it from the recipe.")
+    flags = [item[2:].split("=", 1)[0] for item in overrides or [] if item.startswith("--")]
+    check_known_keys(flags, known, "lare train argument", "Fix the --key (recipe keys and TrainingArguments fields).")
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=yaml_to_argv(recipe) + list(overrides or [])
     )

@@ -8,10 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.collator import LaReDataCollator
 from ..data.formats import load_records
+from ..destinations import (
+    CHECKPOINT_PATTERN,
+    check_lare_checkpoint,
+    holds_finished_model,
+    last_complete_checkpoint,
+    refuse_non_empty,
+)
 from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
 from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
 
@@ -39,27 +45,63 @@ def read_history(path: str | Path) -> list[dict[str, Any]]:
 def _apply_overrides(model, overrides: str | None) -> None:
     if not overrides:
         return
-    values = json.loads(overrides)
+    try:
+        values = json.loads(overrides)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"model_overrides must be a JSON object such as '{{\"sym_loss_weight\": 0.5}}', got {overrides!r} ({error})."
+        ) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"model_overrides must be a JSON object of LaReConfig fields, got {overrides!r}.")
+    config = model.config
+    config.check_field_names(values, "model_overrides key")
     bad = sorted(set(values) - RUNTIME_CONFIG_FIELDS)
     if bad:
         raise ValueError(
             f"model_overrides {bad} cannot change on a built checkpoint; allowed: {sorted(RUNTIME_CONFIG_FIELDS)}. "
             "Architecture changes (ablations) are made with `lare build --set`."
         )
+    previous = {key: getattr(config, key) for key in values}
     for key, value in values.items():
-        setattr(model.config, key, value)
+        setattr(config, key, value)
+    try:
+        config.validate_lare()
+    except ValueError as error:
+        for key, value in previous.items():
+            setattr(config, key, value)
+        raise ValueError(f"model_overrides: {error}") from None
 
 
 def _check_output_dir(training_args: LaReTrainingArguments) -> str | None:
-    """Never overwrite checkpoints already written: resuming is explicit."""
+    """Never overwrite what is already in output_dir: resuming (--resume) and overwriting (--overwrite) are explicit.
+
+    Returns the last completely written checkpoint to resume from (None: start from the beginning)."""
     output = Path(training_args.output_dir)
-    last = get_last_checkpoint(str(output)) if output.is_dir() else None
-    if last is not None and not training_args.resume:
-        raise ValueError(
-            f"{output} already holds checkpoint {Path(last).name}. Pass --resume True to continue that run, or "
+    resume, overwrite = training_args.resume, training_args.overwrite
+    written = (
+        sorted(p.name for p in output.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name))
+        if output.is_dir()
+        else []
+    )
+    last = last_complete_checkpoint(output)
+    if resume:
+        if last is None and holds_finished_model(output) and not overwrite:
+            raise FileExistsError(
+                f"output_dir {output} holds a finished model and no complete checkpoint to resume from; nothing was "
+                "overwritten. Choose another output_dir, or pass --overwrite True to train again into it."
+            )
+        return str(last) if last is not None else None
+    if written and not overwrite:
+        raise FileExistsError(
+            f"output_dir {output} already holds checkpoint(s) {written}. Pass --resume True to continue that run, or "
             "choose another output_dir; existing checkpoints are never overwritten."
         )
-    return last if training_args.resume else None
+    if holds_finished_model(output) and not overwrite:
+        raise FileExistsError(
+            f"output_dir {output} already holds a finished model; nothing was overwritten. Choose another "
+            "output_dir, or pass --overwrite True to replace it."
+        )
+    return None
 
 
 def _wrap_lora(model, model_args: LaReModelArguments):
@@ -84,6 +126,12 @@ def run_stage(
         raise ValueError(f"stage must be 1, 2, 3 or 4, got {model_args.stage}.")
     trainer_cls = STAGE_TRAINERS[model_args.stage]
     resume_from = _check_output_dir(training_args)
+    check_lare_checkpoint(model_args.model_name_or_path, "model_name_or_path")
+    if not Path(data_args.train_file).expanduser().exists():
+        raise FileNotFoundError(
+            f"train_file {data_args.train_file} does not exist; pass a JSON, JSONL or parquet file or a "
+            "save_to_disk folder."
+        )
     set_seed(training_args.seed)
 
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
@@ -167,10 +215,17 @@ def run_stage(
     return record
 
 
-def merge_lora(adapter_dir: str, output_dir: str) -> Path:
-    """Merge LoRA adapters into their base checkpoint and write a full LaRe checkpoint with its processor."""
+def merge_lora(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Path:
+    """Merge LoRA adapters into their base checkpoint and write a full LaRe checkpoint with its processor
+    (a non-empty `output_dir` is refused unless `overwrite`)."""
     from peft import PeftConfig, PeftModel
 
+    refuse_non_empty(output_dir, "merge output", overwrite)
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"adapter {adapter_dir} has no adapter_config.json; pass the output_dir of a `lare train ... --lora True` "
+            "run."
+        )
     peft_config = PeftConfig.from_pretrained(adapter_dir)
     base = AutoModelForImageTextToText.from_pretrained(peft_config.base_model_name_or_path)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

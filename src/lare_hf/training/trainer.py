@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 from collections import defaultdict
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
+
+from ..destinations import last_complete_checkpoint
 
 # Loss components a LaRe forward returns; each is logged as the mean over the logging window.
 LOSS_COMPONENTS = (
@@ -86,12 +92,69 @@ class LaReTrainer(Trainer):
         outputs = model(**inputs, compute_latent_losses=self.latent_losses)
         loss = outputs.loss
         if model.training:
+            components = {}
             for name in LOSS_COMPONENTS:
                 value = getattr(outputs, name, None)
                 if value is not None:
-                    self._component_sums[name] += float(value.detach())
+                    components[name] = float(value.detach())
+                    self._component_sums[name] += components[name]
                     self._component_counts[name] += 1
+            if loss is not None and not math.isfinite(float(loss.detach())):
+                self._stop_on_non_finite_loss(float(loss.detach()), components)
         return (loss, outputs) if return_outputs else loss
+
+    def _stop_on_non_finite_loss(self, loss: float, components: dict[str, float]) -> None:
+        """A NaN/inf loss would poison the weights (and every later checkpoint): stop, naming the step and term."""
+        bad = [f"{name}={value}" for name, value in components.items() if not math.isfinite(value)]
+        terms = ", ".join(bad) if bad else f"the weighted total loss={loss}"
+        last = last_complete_checkpoint(self.args.output_dir)
+        kept = (
+            f"the last complete checkpoint {last} is intact" if last is not None else "no checkpoint was written yet"
+        )
+        raise FloatingPointError(
+            f"Training stopped at step {self.state.global_step + 1}: the loss is not finite ({terms}); {kept}. "
+            "Lower the learning rate (or the weight of that loss term), check the batch's data, then resume with "
+            "--resume True."
+        )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write each checkpoint into a hidden staging folder and rename it to `checkpoint-N` once complete, so a run
+        killed mid-save never leaves a `checkpoint-N` that loads half-written (--resume picks the last complete one).
+        """
+        run_dir = super()._get_output_dir(trial=trial)
+        step = self.state.global_step
+        staging = os.path.join(run_dir, f".partial-checkpoint-{step}")
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)  # left by a run killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            written = os.path.join(staging, f"checkpoint-{step}")
+            final = os.path.join(run_dir, f"checkpoint-{step}")
+            if os.path.isdir(final):  # the same step saved again (a resumed run): the new one replaces it
+                shutil.rmtree(final)
+            os.replace(written, final)
+            shutil.rmtree(staging)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
+                if os.path.isdir(best):
+                    self.state.best_model_checkpoint = best
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial=trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_counts:
