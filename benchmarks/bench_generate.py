@@ -24,7 +24,7 @@ import time
 import torch
 
 from lare_hf import LaReConfig, LaReForConditionalGeneration
-from lare_hf.modeling.refocus import SaliencyRecorder
+from lare_hf.modeling.refocus import SaliencyRecorder, record_saliency
 
 IMAGE, START, SLOT, END = 1000, 1001, 1002, 1003
 
@@ -77,10 +77,11 @@ def reference_generate(model: LaReForConditionalGeneration, inputs: dict, new_to
         recorder = SaliencyRecorder(
             image_positions, model.config.saliency_layers, model.config.text_config.num_hidden_layers
         )
-        hidden = inner.language_model(
-            inputs_embeds=sequence, attention_mask=attention_mask[:, :end], position_ids=position_ids[:, :end],
-            use_cache=False, saliency_recorder=recorder,
-        ).last_hidden_state  # fmt: skip
+        with record_saliency(inner.language_model, recorder):
+            hidden = inner.language_model(
+                inputs_embeds=sequence, attention_mask=attention_mask[:, :end], position_ids=position_ids[:, :end],
+                use_cache=False, saliency_recorder=recorder,
+            ).last_hidden_state  # fmt: skip
         _, window = inner._window_features(recorder.saliency(), image_features)
         history = torch.cat(latents, dim=1) if latents else None
         latents.append(inner._latents_for_step(hidden[:, -1], window, history, scale, False)[0].to(embeds.dtype))

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from conftest import chat, make_image
 from lare_hf import LaReConfig, LaReForConditionalGeneration, LaReModel
-from lare_hf.modeling.refocus import LARE_ATTENTION, select_windows
+from lare_hf.modeling.refocus import select_windows
 
 
 def batch_inputs(processor, questions: list[str], seeds: list[int]):
@@ -120,11 +120,11 @@ def test_saliency_matches_eager_attention(tiny_model_and_processor):
             output_attentions=True,
         )
     finally:
-        inner.use_lare_attention()
+        lm.config._attn_implementation = "sdpa"
     last_rows = torch.stack([a[:, :, -1, :] for a in eager.attentions]).mean(dim=(0, 2))  # layers, heads
     expected = last_rows.gather(1, image_positions)
     torch.testing.assert_close(out.saliency_maps[:, 0].flatten(1), expected, atol=1e-5, rtol=1e-4)
-    assert lm.config._attn_implementation == LARE_ATTENTION
+    assert lm.config._attn_implementation == "sdpa"
 
 
 def test_sliding_window_sum_pooling_picks_the_heaviest_window():
@@ -241,17 +241,20 @@ def test_num_latent_steps_rewrites_the_slots(tiny_model_and_processor):
     inputs = batch_inputs(processor, ["how many steps?"], [12])
     length = inputs["input_ids"].shape[1]
     m = config.latent_tokens_per_step
-    two = model.generate(**inputs, num_latent_steps=2, max_new_tokens=3, min_new_tokens=3)
-    assert two.shape[1] == length - (config.num_latent_steps - 2) * m + 3
-    assert int((two[0] == config.latent_token_id).sum()) == 2 * m
-    baseline = model.generate(**inputs, num_latent_steps=0, max_new_tokens=3, min_new_tokens=3)
-    prompt = baseline[0, :-3]
+    for steps in (0, 2, config.num_latent_steps + 1):
+        out = model.generate(**inputs, num_latent_steps=steps, max_new_tokens=3, min_new_tokens=3)
+        # The README idiom `out[:, prompt_length:]` is the whole answer for every K: the caller's prompt comes back.
+        assert out.shape == (1, length + 3) and torch.equal(out[:, :length], inputs["input_ids"])
+        # ... and the answer is what K slots give: greedy tokens = argmax of one forward over the rewritten prompt.
+        ids, mask = model.set_latent_steps(inputs["input_ids"], inputs["attention_mask"], steps)
+        assert int((ids[0] == config.latent_token_id).sum()) == steps * m
+        full = torch.cat([ids, out[:, length:]], dim=1)
+        forward = model(input_ids=full, pixel_values=inputs["pixel_values"])
+        assert (forward.latent_embeds is None) == (steps == 0)
+        assert suppressed_argmax(model, forward.logits[:, -4:-1]).tolist() == out[:, -3:].tolist()
+    ids, _ = model.set_latent_steps(inputs["input_ids"], inputs["attention_mask"], 0)
     for token in (config.latent_start_token_id, config.latent_token_id, config.latent_end_token_id):
-        assert token not in prompt.tolist()
-    # K=0 is a plain LLaVA-style model: its greedy tokens are the argmax of one full forward pass.
-    out = model(input_ids=baseline, pixel_values=inputs["pixel_values"])
-    assert out.latent_embeds is None
-    assert suppressed_argmax(model, out.logits[:, -4:-1]).tolist() == baseline[:, -3:].tolist()
+        assert token not in ids[0].tolist()
 
 
 # --------------------------------------------------------------------------------------------------- errors

@@ -12,14 +12,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.utils import logging
+from transformers.masking_utils import create_masks_for_generate
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import select_hidden_states
 
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
 from .losses import LaReAlignmentHead, text_prefix_loss
 from .reconstruction import LaReImageReconstructor
-from .refocus import LARE_ATTENTION, SaliencyRecorder, select_windows
+from .refocus import SaliencyRecorder, record_saliency, select_windows
 
 logger = logging.get_logger(__name__)
 
@@ -140,6 +142,7 @@ class LaRePreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
@@ -179,6 +182,10 @@ class LaRePreTrainedModel(PreTrainedModel):
 class LaReModel(LaRePreTrainedModel):
     """Vision tower + projector + language model + Extractor, and the latent refocusing loop (Eq. 1-5)."""
 
+    # A full checkpoint (LaReForConditionalGeneration) also holds the LM head and the training-only heads of
+    # Sec. 3.2; the headless model (AutoModel) does not use them.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^alignment_head\.", r"^reconstructor\."]
+
     def __init__(self, config: LaReConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -186,11 +193,6 @@ class LaReModel(LaRePreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.extractor = LaReExtractor(config) if config.use_extractor else None
         self.post_init()
-        self.use_lare_attention()
-
-    def use_lare_attention(self) -> None:
-        """Route the language model's attention through the saliency-capturing sdpa function (refocus.py)."""
-        self.language_model.config._attn_implementation = LARE_ATTENTION
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -198,18 +200,44 @@ class LaReModel(LaRePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower features of `vision_feature_layer` (CLS dropped), projected: V_T `[images, tokens, D]`."""
+    @can_return_tuple
+    @select_hidden_states(lambda model: model.config.vision_feature_layer)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Vision tower outputs with `pooler_output` = the features of `vision_feature_layer` (CLS dropped),
+        projected: V_T `[images, tokens, D]` (as transformers' VLMs return them). `kwargs` go to the vision tower
+        (`output_attentions`, `output_hidden_states`: by default only the feature layer is captured)."""
         image_size = self.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
             raise ValueError(
                 f"pixel_values must have shape [num_images, 3, {image_size}, {image_size}] for this model, got "
                 f"{tuple(pixel_values.shape)}. Preprocess images with the model's LaReProcessor."
             )
+        kwargs.pop("return_dict", None)
         vision_dtype = self.vision_tower.dtype
-        outputs = self.vision_tower(pixel_values.to(vision_dtype), output_hidden_states=True, return_dict=True)
+        outputs = self.vision_tower(pixel_values.to(vision_dtype), return_dict=True, **kwargs)
         features = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # CLS dropped (strategy "default")
-        return self.multi_modal_projector(features)
+        outputs.pooler_output = self.multi_modal_projector(features)
+        return outputs
+
+    def get_placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """Token ids of the `<|image|>` and latent-region placeholders in `inputs_embeds`, found by comparing each
+        position with their token embeddings (as transformers' VLMs find image tokens); -1 elsewhere. Embeddings
+        whose latent slots are already filled (no `<|latent|>` embedding left) have no latent region to run."""
+        embedding = self.get_input_embeddings()
+        config = self.config
+
+        def positions_of(token_id: int) -> torch.Tensor:
+            token = embedding(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+            return (inputs_embeds == token).all(-1)
+
+        placeholder_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        placeholder_ids[positions_of(config.image_token_id)] = config.image_token_id
+        slots = positions_of(config.latent_token_id)
+        if slots.any():
+            placeholder_ids[slots] = config.latent_token_id
+            placeholder_ids[positions_of(config.latent_start_token_id)] = config.latent_start_token_id
+            placeholder_ids[positions_of(config.latent_end_token_id)] = config.latent_end_token_id
+        return placeholder_ids
 
     def latent_layout(self, input_ids: torch.LongTensor) -> LatentLayout:
         """Find the latent region `<|latent_start|> K*m x <|latent|> <|latent_end|>` and check it is aligned."""
@@ -260,14 +288,19 @@ class LaReModel(LaRePreTrainedModel):
         return LatentLayout(start=start, num_steps=num_steps)
 
     def embed_multimodal(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
-        """Token embeddings with the visual tokens scattered into the `<|image|>` positions.
+        """Token embeddings (`inputs_embeds` when given, `input_ids` then only locating the placeholders) with the
+        visual tokens scattered into the `<|image|>` positions.
 
         Returns the embeddings, V_T per sample `[batch, tokens, D]` (when every sample has exactly one image) and
         the columns of the image tokens `[batch, tokens]`.
         """
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
         num_placeholders = int(image_mask.sum())
         if pixel_values is None:
@@ -282,7 +315,7 @@ class LaReModel(LaRePreTrainedModel):
                 f"{seq_len} tokens (image_seq_length). Put one <|image|> per image in the text and let "
                 "LaReProcessor expand it."
             )
-        image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        image_features = self.get_image_features(pixel_values).pooler_output.to(inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(
             image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1])
         )
@@ -302,17 +335,21 @@ class LaReModel(LaRePreTrainedModel):
         end: int,
         cache: Cache,
         recorder: SaliencyRecorder | None,
-    ) -> torch.Tensor:
-        """Feed positions [start, end) on top of the cache; returns their last hidden states."""
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask[:, :end],
-            position_ids=position_ids[:, start:end],
-            past_key_values=cache,
-            use_cache=True,
-            saliency_recorder=recorder,
-        )
-        return outputs.last_hidden_state
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Feed positions [start, end) on top of the cache, recording saliency for `recorder` on the language
+        model's own attention backend; `kwargs` (output_attentions, ...) go to the language model."""
+        if recorder is not None:
+            kwargs["saliency_recorder"] = recorder
+        with record_saliency(self.language_model, recorder):
+            return self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask[:, :end],
+                position_ids=position_ids[:, start:end],
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
 
     @torch.no_grad()
     def embedding_scale(self) -> torch.Tensor:
@@ -362,31 +399,35 @@ class LaReModel(LaRePreTrainedModel):
         layout: LatentLayout,
         image_features: torch.Tensor | None,
         image_positions: torch.LongTensor | None,
-        encode_tail: bool,
+        cache: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool = True,
         return_extractor_attention: bool = False,
-    ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, LaReModelOutputWithPast]:
-        """The latent refocusing loop (Eq. 1-2), shared by `forward()` and `generate()`.
+        **kwargs,
+    ) -> LaReModelOutputWithPast:
+        """The latent refocusing loop (Eq. 1-2), run by `forward()` for a fresh sequence (also the prefill step of
+        `generate()`).
 
         1. Encode the prompt through `<|latent_start|>` once, with a KV cache, recording saliency.
         2. For k = 1..K: pick each sample's best window from the saliency, let the Extractor turn (H^(k), earlier
            latents, V_s) into Z^(k), write Z^(k) into its slots and (for k < K) feed only those m positions.
-        3. With `encode_tail`, feed the rest (Z^(K), `<|latent_end|>`, teacher-forced answer) in one pass;
-           otherwise leave it for `GenerationMixin.generate` to continue from the cache.
+        3. Feed the rest (Z^(K), `<|latent_end|>`, a teacher-forced answer) in one pass.
 
-        Returns the embeddings with the latents written in, the cache, the hidden states of every encoded position
-        and the per-step records.
+        `kwargs` (`output_attentions`, `output_hidden_states`, ...) go to every language-model call; the returned
+        `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
         """
         batch, length, _ = inputs_embeds.shape
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.config.text_config)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if cache is None:
+            cache = DynamicCache(config=self.config.text_config)
         num_steps = layout.num_steps
         m = self.config.latent_tokens_per_step
         if num_steps == 0:
-            prefix_end = length if encode_tail else length - 1
-            hidden = self._language_model_step(
-                inputs_embeds[:, :prefix_end], attention_mask, position_ids, 0, prefix_end, cache, None
+            outputs = self._language_model_step(
+                inputs_embeds, attention_mask, position_ids, 0, length, cache, None, **kwargs
             )
-            return inputs_embeds, cache, hidden, LaReModelOutputWithPast(image_hidden_states=image_features)
+            return self._merge_steps({"image_hidden_states": image_features}, [outputs], cache if use_cache else None)
         if image_features is None:
             raise ValueError(
                 "Latent refocusing needs exactly one image per sequence (its <|image|> tokens and pixel_values); "
@@ -396,9 +437,9 @@ class LaReModel(LaRePreTrainedModel):
         slots_start = layout.start + 1
         num_layers = self.config.text_config.num_hidden_layers
         recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
-        hidden_chunks = [
+        step_outputs = [
             self._language_model_step(
-                inputs_embeds[:, :slots_start], attention_mask, position_ids, 0, slots_start, cache, recorder
+                inputs_embeds[:, :slots_start], attention_mask, position_ids, 0, slots_start, cache, recorder, **kwargs
             )
         ]
         embedding_scale = self.embedding_scale().to(inputs_embeds.dtype)
@@ -408,7 +449,11 @@ class LaReModel(LaRePreTrainedModel):
             positions, features = self._window_features(saliency, image_features)
             history = torch.cat(latents, dim=1) if latents else None
             step_latents, attention = self._latents_for_step(
-                hidden_chunks[-1][:, -1], features, history, embedding_scale, return_extractor_attention
+                step_outputs[-1].last_hidden_state[:, -1],
+                features,
+                history,
+                embedding_scale,
+                return_extractor_attention,
             )
             latents.append(step_latents.to(inputs_embeds.dtype))
             saliencies.append(saliency)
@@ -418,32 +463,61 @@ class LaReModel(LaRePreTrainedModel):
             if step < num_steps - 1:
                 start = slots_start + step * m
                 recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
-                hidden_chunks.append(
+                step_outputs.append(
                     self._language_model_step(
-                        latents[-1], attention_mask, position_ids, start, start + m, cache, recorder
+                        latents[-1], attention_mask, position_ids, start, start + m, cache, recorder, **kwargs
                     )
                 )
 
         slots_end = slots_start + num_steps * m
-        inputs_embeds = torch.cat([inputs_embeds[:, :slots_start], *latents, inputs_embeds[:, slots_end:]], dim=1)
-        if encode_tail:
-            tail_start = slots_end - m
-            hidden_chunks.append(
-                self._language_model_step(
-                    inputs_embeds[:, tail_start:], attention_mask, position_ids, tail_start, length, cache, None
-                )
+        tail_start = slots_end - m
+        tail_embeds = torch.cat([latents[-1], inputs_embeds[:, slots_end:]], dim=1)
+        step_outputs.append(
+            self._language_model_step(
+                tail_embeds, attention_mask, position_ids, tail_start, length, cache, None, **kwargs
             )
-        grid = self.config.patch_grid_size
-        record = LaReModelOutputWithPast(
-            image_hidden_states=image_features,
-            latent_embeds=torch.stack(latents, dim=1),
-            saliency_maps=torch.stack(saliencies, dim=1).view(batch, num_steps, grid, grid),
-            window_positions=torch.stack(windows, dim=1),
-            window_features=torch.stack(window_feats, dim=1),
-            extractor_attentions=torch.stack(attentions, dim=1) if return_extractor_attention else None,
         )
-        return inputs_embeds, cache, torch.cat(hidden_chunks, dim=1), record
+        grid = self.config.patch_grid_size
+        record = {
+            "image_hidden_states": image_features,
+            "latent_embeds": torch.stack(latents, dim=1),
+            "saliency_maps": torch.stack(saliencies, dim=1).view(batch, num_steps, grid, grid),
+            "window_positions": torch.stack(windows, dim=1),
+            "window_features": torch.stack(window_feats, dim=1),
+            "extractor_attentions": torch.stack(attentions, dim=1) if return_extractor_attention else None,
+        }
+        return self._merge_steps(record, step_outputs, cache if use_cache else None)
 
+    @staticmethod
+    def _merge_steps(
+        record: dict[str, torch.Tensor | None], step_outputs: list[BaseModelOutputWithPast], cache: Cache | None
+    ) -> LaReModelOutputWithPast:
+        """Join the language-model calls of the loop along the sequence: last hidden state, per-layer hidden
+        states, and per-layer attention maps (each call's keys padded to the longest with zeros, the weight a causal
+        single pass gives to future positions)."""
+        hidden_states = attentions = None
+        if step_outputs[0].hidden_states is not None:
+            hidden_states = tuple(
+                torch.cat(layer_states, dim=1)
+                for layer_states in zip(*(outputs.hidden_states for outputs in step_outputs))
+            )
+        if step_outputs[0].attentions:
+            merged = []
+            for layer_maps in zip(*(outputs.attentions for outputs in step_outputs)):
+                key_length = max(attention.shape[-1] for attention in layer_maps)
+                merged.append(
+                    torch.cat([F.pad(attention, (0, key_length - attention.shape[-1])) for attention in layer_maps], 2)
+                )
+            attentions = tuple(merged)
+        return LaReModelOutputWithPast(
+            last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in step_outputs], dim=1),
+            past_key_values=cache,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            **record,
+        )
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -453,17 +527,31 @@ class LaReModel(LaRePreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_extractor_attention: bool = False,
         **kwargs,
     ) -> LaReModelOutputWithPast:
-        """Run the whole sequence: refocusing loop + teacher-forced tail for a fresh `input_ids` sequence, a plain
-        language-model step when continuing from a cache (decoding) or when given `inputs_embeds`."""
+        """A fresh sequence (no cache, or an empty one) runs the refocusing loop and the teacher-forced tail; with a
+        filled cache (decoding) the new positions go through the language model on top of it.
+
+        The image and latent placeholders are located in `input_ids`, or in `inputs_embeds` by comparing with their
+        token embeddings. `output_attentions` / `output_hidden_states` give one entry per language-model layer over
+        every fed position (prompt, latent slots, tail); `use_cache` defaults to the text config's.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
-        if inputs_embeds is not None or continuing:
-            if pixel_values is not None:
-                raise ValueError("pixel_values can only be given with the full input_ids of a fresh sequence.")
+        text_config = self.config.get_text_config()
+        use_cache = use_cache if use_cache is not None else getattr(text_config, "use_cache", True)
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        placeholder_ids = input_ids if input_ids is not None else self.get_placeholder_ids(inputs_embeds)
+
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            self._check_continuation(placeholder_ids, pixel_values)
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             outputs = self.language_model(
@@ -475,31 +563,51 @@ class LaReModel(LaRePreTrainedModel):
                 **kwargs,
             )
             return LaReModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state, past_key_values=outputs.past_key_values
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=outputs.past_key_values if use_cache else None,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
             )
 
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        layout = self.latent_layout(input_ids)
-        inputs_embeds, image_features, image_positions = self.embed_multimodal(input_ids, pixel_values)
-        _, cache, hidden_states, record = self.latent_refocus(
+            attention_mask = torch.ones(placeholder_ids.shape, dtype=torch.long, device=placeholder_ids.device)
+        layout = self.latent_layout(placeholder_ids)
+        inputs_embeds, image_features, image_positions = self.embed_multimodal(
+            placeholder_ids, pixel_values, inputs_embeds
+        )
+        return self.latent_refocus(
             inputs_embeds,
             attention_mask,
             layout,
             image_features,
             image_positions,
-            encode_tail=True,
+            cache=past_key_values,
+            position_ids=position_ids,
+            use_cache=use_cache,
             return_extractor_attention=return_extractor_attention,
+            **kwargs,
         )
-        record.last_hidden_state = hidden_states
-        record.past_key_values = cache if use_cache else None
-        return record
+
+    def _check_continuation(self, placeholder_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> None:
+        """Positions fed on top of a filled cache are plain text: images and latent slots are encoded with the
+        sequence's first pass (their pixel_values are then already in the cache and are not needed)."""
+        config = self.config
+        special = (config.image_token_id, config.latent_start_token_id, config.latent_token_id)
+        found = [token_id for token_id in special if (placeholder_ids == token_id).any()]
+        if found:
+            raise ValueError(
+                f"The positions fed on top of past_key_values contain image or latent placeholders (ids {found}); "
+                "those are only encoded in a sequence's first pass. Pass the whole sequence without past_key_values."
+            )
 
 
 class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
     """LaRe with a language-modeling head; `generate()` runs the latent loop, then decodes with GenerationMixin."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # As Qwen2ForCausalLM / LlavaForConditionalGeneration; the language model's own plans come from its config.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     # Trainer must scale the (multi-term) loss for gradient accumulation itself.
     accepts_loss_kwargs = False
 
@@ -597,13 +705,14 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `LaReModel.get_image_features`: `pooler_output` holds the projected visual tokens V_T."""
+        return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
+
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def set_attn_implementation(self, attn_implementation) -> None:
-        super().set_attn_implementation(attn_implementation)
-        self.model.use_lare_attention()
-
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -617,6 +726,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         rationale_attention_mask: torch.Tensor | None = None,
         compute_latent_losses: bool | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_extractor_attention: bool = False,
         **kwargs,
@@ -630,6 +741,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             L_Z<->T (Eq. 6) and L_text (Eq. 8).
         compute_latent_losses: True (a training stage) computes every latent loss with a non-zero weight and raises
             if its inputs are missing; False computes none; None computes them when a rationale is given.
+        kwargs: go to the language model, and to `loss_function` (`num_items_in_batch`, `shift_labels`, ...).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -639,7 +751,10 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             return_extractor_attention=return_extractor_attention,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -651,11 +766,14 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
 
         lm_loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
+            sequence_shape = outputs.last_hidden_state.shape[:2]
+            if labels.shape != sequence_shape:
                 raise ValueError(
-                    f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}."
+                    f"labels {tuple(labels.shape)} must have the shape of the input sequence {tuple(sequence_shape)}."
                 )
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         latent_losses = self.semantic_augmentation_losses(
             outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute_latent_losses
         )
@@ -666,6 +784,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             **latent_losses,
             logits=logits,
             past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
             latent_embeds=outputs.latent_embeds,
             saliency_maps=outputs.saliency_maps,
@@ -829,6 +949,17 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             ]
         return torch.cat(keep_ids, dim=1), torch.cat(keep_mask, dim=1)
 
+    def create_masks_for_generate(
+        self, attention_mask: torch.Tensor | None = None, is_first_iteration=False, **kwargs
+    ):
+        """With a static cache GenerationMixin prebuilds 4D masks; the prefill step runs the latent loop, which feeds
+        the sequence in several calls and builds each call's mask from the 2D padding mask, so it keeps that."""
+        if is_first_iteration:
+            return attention_mask
+        return create_masks_for_generate(
+            attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -838,11 +969,14 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         num_latent_steps: int | None = None,
         **kwargs,
     ):
-        """Run the latent loop on the prompt, then decode with `GenerationMixin.generate` from the filled cache.
+        """`GenerationMixin.generate`, whose prefill step (`forward()` on the fresh prompt) runs the latent loop;
+        decoding then continues from the latent-filled cache. Every decoding mode and output option of
+        GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
+        cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
 
-        Returns `prompt + new tokens` as GenerationMixin does (the prompt part shows the latent slots used).
-        `num_latent_steps` rewrites the prompt's latent region to K x m slots first (0 = plain LLaVA baseline).
-        Every other keyword goes to `GenerationMixin.generate`.
+        `num_latent_steps` rewrites the prompt's latent region to K x m slots first (0 = plain LLaVA baseline); the
+        returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]` is the answer
+        for any K.
         """
         for name in UNSUPPORTED_GENERATION_KWARGS:
             if kwargs.get(name) is not None:
@@ -853,41 +987,36 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         generation_config = kwargs.get("generation_config")
         if generation_config is not None and getattr(generation_config, "prompt_lookup_num_tokens", None):
             raise ValueError("Prompt-lookup decoding is not supported by LaRe (latent-filled cache).")
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("LaRe builds its own cache from the prompt; do not pass past_key_values to generate().")
-        if kwargs.get("use_cache") is False:
-            raise ValueError("LaRe generation continues from the cache the latent loop fills; use_cache must be True.")
-        if input_ids is None:
-            raise ValueError("LaRe generate() needs input_ids: the image and latent slots are located in them.")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        prompt_ids = input_ids
         if num_latent_steps is not None:
+            if input_ids is None:
+                raise ValueError(
+                    "num_latent_steps rewrites the latent slots of input_ids, but no input_ids were given. With "
+                    "inputs_embeds, build the prompt with the wanted K instead (LaReProcessor(num_latent_steps=K))."
+                )
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError(
+                    "num_latent_steps cannot be combined with past_key_values: the cache already holds the prompt's "
+                    "latent region. Continue without num_latent_steps, or drop past_key_values."
+                )
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
             input_ids, attention_mask = self.set_latent_steps(input_ids, attention_mask, num_latent_steps)
-
-        layout = self.model.latent_layout(input_ids)
-        inputs_embeds, image_features, image_positions = self.model.embed_multimodal(input_ids, pixel_values)
-        inputs_embeds, cache, _, _ = self.model.latent_refocus(
-            inputs_embeds, attention_mask, layout, image_features, image_positions, encode_tail=False
+        outputs = super().generate(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
         )
-        return super().generate(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            **kwargs,
+        if prompt_ids is None or input_ids.shape[1] == prompt_ids.shape[1]:
+            return outputs
+        # K changed the prompt's length: hand back the caller's prompt followed by the new tokens.
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        repeats = sequences.shape[0] // prompt_ids.shape[0]
+        sequences = torch.cat(
+            [prompt_ids.repeat_interleave(repeats, dim=0), sequences[:, input_ids.shape[1] :]], dim=1
         )
-
-    def _expand_inputs_for_generation(
-        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None, **model_kwargs
-    ):
-        """Also repeat the latent-filled cache for beam search / several return sequences."""
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        cache = model_kwargs.get("past_key_values")
-        if expand_size > 1 and isinstance(cache, Cache):
-            cache.batch_repeat_interleave(expand_size)
-        return input_ids, model_kwargs
+        if isinstance(outputs, torch.Tensor):
+            return sequences
+        outputs.sequences = sequences
+        return outputs
 
 
 __all__ = ["LaRePreTrainedModel", "LaReModel", "LaReForConditionalGeneration"]

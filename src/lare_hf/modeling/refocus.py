@@ -2,19 +2,23 @@
 
 The saliency of step k is the attention of the last fed position (`<|latent_start|>` for k=1, the last latent slot
 of step k-1 after that) to the image-token keys, averaged over heads and over `saliency_layers`. It is computed
-inside the attention call by a function registered with transformers' `AttentionInterface`, so the language model
-keeps running its fast sdpa kernel and no `output_attentions=True` / eager attention is needed.
+inside the attention call by a function registered with transformers' `AttentionInterface` that wraps the backend the
+user chose (eager, sdpa, flash attention, flex attention): the language model keeps its own kernel, and only the
+last query row's softmax is computed on the side, so no `output_attentions=True` / eager attention is needed.
 """
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-LARE_ATTENTION = "lare_sdpa"
+LARE_ATTENTION = "lare_saliency"
 
 
 class SaliencyRecorder:
@@ -52,6 +56,8 @@ class SaliencyRecorder:
             keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
         scale = scaling if scaling is not None else last_query.shape[-1] ** -0.5
         scores = torch.matmul(last_query, keys.transpose(-1, -2)).squeeze(2) * scale  # [b, heads, kv_len]
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # flex attention BlockMask
+            attention_mask = _block_mask_last_row(attention_mask, query.shape[2], keys.shape[2], query.device)
         if attention_mask is not None:
             row = attention_mask[:, :, -1, : keys.shape[2]]  # [b, 1 or heads, kv_len]
             if row.dtype == torch.bool:
@@ -68,29 +74,87 @@ class SaliencyRecorder:
         if self._sum is None:
             raise RuntimeError(
                 "No saliency was recorded: the language model did not run the LaRe attention function. "
-                f"Its attention implementation must be '{LARE_ATTENTION}'."
+                "Run it inside `record_saliency(language_model, recorder)`."
             )
         return self._sum / self._count
 
 
-def lare_sdpa_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    saliency_recorder: SaliencyRecorder | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """sdpa attention that also hands the last position's attention row to an active `SaliencyRecorder`."""
-    if saliency_recorder is not None and saliency_recorder.wants(module.layer_idx):
-        saliency_recorder.record(query, key, attention_mask, scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+def _block_mask_last_row(block_mask, query_length: int, key_length: int, device: torch.device) -> torch.Tensor:
+    """The last query row of a flex-attention `BlockMask`, as a boolean `[batch, 1, 1, kv_len]` mask."""
+    batch = torch.arange(block_mask.kv_num_blocks.shape[0], device=device)[:, None]
+    key_index = torch.arange(key_length, device=device)[None, :]
+    query_index = torch.full_like(key_index, query_length - 1)
+    row = block_mask.mask_mod(batch, torch.zeros_like(batch), query_index, key_index)
+    return row.expand(batch.shape[0], key_length)[:, None, None, :]
 
 
-AttentionInterface.register(LARE_ATTENTION, lare_sdpa_attention_forward)
-AttentionMaskInterface.register(LARE_ATTENTION, sdpa_mask)
+def saliency_attention_name(base: str) -> str:
+    """The registered attention (and mask) function that records saliency, then runs the `base` backend."""
+    name = f"{LARE_ATTENTION}:{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            raise ValueError(
+                f"LaRe cannot capture saliency with attn_implementation={base!r}: transformers has no attention mask "
+                f"function registered for it. Use one of {sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}."
+            )
+        AttentionInterface.register(name, _saliency_attention_forward(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _saliency_attention_forward(base: str):
+    def attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        saliency_recorder: SaliencyRecorder | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Record the last query row's attention for an active `SaliencyRecorder`, then run `base` on the same
+        q/k/v (the backend's own kernel: one extra softmax row per layer, not eager attention everywhere)."""
+        if saliency_recorder is not None and saliency_recorder.wants(module.layer_idx):
+            saliency_recorder.record(query, key, attention_mask, scaling)
+        config = module.config
+        wrapper_name = config._attn_implementation
+        # Backends read the implementation name from the module's config (flash picks its kernel by it).
+        config._attn_implementation = base
+        try:
+            backend = ALL_ATTENTION_FUNCTIONS.get_interface(base, _eager_attention_forward(module))
+            return backend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        finally:
+            config._attn_implementation = wrapper_name
+
+    return attention_forward
+
+
+def _eager_attention_forward(module: torch.nn.Module):
+    """The decoder's own eager attention (every transformers decoder defines `eager_attention_forward`)."""
+    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(
+            f"{type(module).__name__} has no `eager_attention_forward` in its module; use attn_implementation='sdpa'."
+        )
+    return function
+
+
+@contextmanager
+def record_saliency(language_model: torch.nn.Module, recorder: SaliencyRecorder | None):
+    """Within the block, the language model's attention records saliency for `recorder` on top of the user's
+    backend (`config._attn_implementation`: eager, sdpa, flash_attention_*, flex_attention); pass
+    `saliency_recorder=recorder` to its forward. A no-op when `recorder` is None."""
+    if recorder is None:
+        yield
+        return
+    config = language_model.config
+    base = config._attn_implementation or "sdpa"
+    config._attn_implementation = saliency_attention_name(base)
+    try:
+        yield
+    finally:
+        config._attn_implementation = base
 
 
 def select_windows(
@@ -119,4 +183,4 @@ def select_windows(
     return torch.stack([rows, cols], dim=-1), token_indices
 
 
-__all__ = ["LARE_ATTENTION", "SaliencyRecorder", "lare_sdpa_attention_forward", "select_windows"]
+__all__ = ["LARE_ATTENTION", "SaliencyRecorder", "record_saliency", "saliency_attention_name", "select_windows"]

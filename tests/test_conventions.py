@@ -1,0 +1,288 @@
+"""In-tree transformers conventions on the real `lare-tiny` checkpoint: output options, attention backends,
+inputs_embeds, generation modes and outputs, image features, loss kwargs, parallelism plans, headless loading."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForImageTextToText
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from conftest import chat, make_image
+from lare_hf.modeling.refocus import LARE_ATTENTION
+
+GREEDY = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+
+
+def prompts(processor, questions=("what digit?", "which container is left of the blue circle?"), seeds=(0, 1)):
+    texts = [
+        processor.apply_chat_template(chat(make_image(seed), question), add_generation_prompt=True, tokenize=False)
+        for question, seed in zip(questions, seeds)
+    ]
+    return processor(text=texts, images=[make_image(seed) for seed in seeds], return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def eager_model(tiny_checkpoint):
+    return AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, attn_implementation="eager").eval()
+
+
+def single_pass(model, inputs, latent_embeds):
+    """The language model run once over the final sequence (latents written into their slots)."""
+    inner = model.model
+    embeds, _, _ = inner.embed_multimodal(inputs["input_ids"], inputs["pixel_values"])
+    slots = inputs["input_ids"] == model.config.latent_token_id
+    embeds = embeds.masked_scatter(slots.unsqueeze(-1), latent_embeds.flatten(1, 2))
+    mask = inputs["attention_mask"]
+    return inner.language_model(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        output_attentions=True,
+        output_hidden_states=True,
+    )
+
+
+@torch.no_grad()
+def test_forward_returns_attentions_and_hidden_states_over_every_position(eager_model, tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    model = eager_model
+    inputs = prompts(processor)
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    text_config = model.config.text_config
+    batch, length = inputs["input_ids"].shape
+    assert len(out.hidden_states) == text_config.num_hidden_layers + 1
+    assert len(out.attentions) == text_config.num_hidden_layers
+    assert all(h.shape == (batch, length, text_config.hidden_size) for h in out.hidden_states)
+    assert all(a.shape == (batch, text_config.num_attention_heads, length, length) for a in out.attentions)
+    # The loop feeds the sequence in K + 1 calls; joined, its outputs are what one causal pass gives.
+    reference = single_pass(model, inputs, out.latent_embeds)
+    real = inputs["attention_mask"].bool()  # padded query rows are undefined in any backend
+    for ours, theirs in zip(out.hidden_states, reference.hidden_states):
+        torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-4)
+    for ours, theirs in zip(out.attentions, reference.attentions):
+        torch.testing.assert_close(ours.transpose(1, 2)[real], theirs.transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+    # Decoding from the cache: one new position, keys over everything fed so far.
+    assert out.past_key_values is not None  # use_cache defaults to the text config's (True)
+    step = model(
+        input_ids=torch.full((batch, 1), 10),
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones(batch, 1, dtype=torch.long)], 1),
+        past_key_values=out.past_key_values,
+        output_attentions=True,
+        output_hidden_states=True,
+    )
+    assert step.hidden_states[0].shape == (batch, 1, text_config.hidden_size)
+    assert step.attentions[0].shape[-2:] == (1, length + 1)
+
+
+@torch.no_grad()
+def test_return_dict_false_and_use_cache_false(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    out = model(**inputs)
+    as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.logits)
+    assert model(**inputs, use_cache=False).past_key_values is None
+    headless = model.model(**inputs, return_dict=False, use_cache=False)
+    assert isinstance(headless, tuple)
+    torch.testing.assert_close(model.lm_head(headless[0]), out.logits)
+
+
+def test_retain_grad_on_attentions_and_hidden_states_of_the_decoding_path(eager_model, tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    with torch.no_grad():
+        cache = eager_model(**inputs).past_key_values
+    step = eager_model(
+        input_ids=torch.full((2, 1), 10),
+        attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+        past_key_values=cache,
+        output_attentions=True,
+        output_hidden_states=True,
+    )
+    hidden, attention = step.hidden_states[1], step.attentions[0]
+    hidden.retain_grad()
+    attention.retain_grad()
+    step.logits.sum().backward()
+    assert hidden.grad is not None and attention.grad is not None
+
+
+@torch.no_grad()
+def test_attention_backends_give_the_same_saliency_latents_and_logits(tiny_checkpoint, tiny_model_and_processor):
+    """The user's backend runs the language model; saliency is captured on its q/k in every backend."""
+    sdpa_model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    reference = sdpa_model(**inputs)
+    language_model = sdpa_model.model.language_model
+    assert language_model.config._attn_implementation == "sdpa"  # not replaced by the saliency wrapper
+    backends = ["eager"]
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+        backends.append("flex_attention")
+    except ImportError:
+        pass
+    for backend in backends:
+        model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, attn_implementation=backend).eval()
+        language_model = model.model.language_model
+        assert language_model.config._attn_implementation == backend
+        try:
+            out = model(**inputs)
+        except Exception as error:  # flex attention needs a compiler on CPU; eager must always work
+            if backend == "eager":
+                raise
+            pytest.skip(f"{backend} does not run on this machine: {error}")
+        assert language_model.config._attn_implementation == backend  # restored after the loop
+        torch.testing.assert_close(out.saliency_maps, reference.saliency_maps, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.latent_embeds, reference.latent_embeds, atol=1e-5, rtol=1e-4)
+        real = inputs["attention_mask"].bool()  # padded positions are undefined in any backend
+        torch.testing.assert_close(out.logits[real], reference.logits[real], atol=1e-4, rtol=1e-4)
+        assert torch.equal(out.window_positions, reference.window_positions)
+    # set_attn_implementation switches the language model too, and the saliency stays the same.
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    model.set_attn_implementation("eager")
+    assert model.model.language_model.config._attn_implementation == "eager"
+    torch.testing.assert_close(model(**inputs).saliency_maps, reference.saliency_maps, atol=1e-5, rtol=1e-4)
+    with pytest.raises(KeyError):
+        model.set_attn_implementation(LARE_ATTENTION + "-not-registered")
+
+
+@torch.no_grad()
+def test_generate_dict_outputs_for_every_decoding_mode(eager_model, tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    model = eager_model
+    inputs = prompts(processor)
+    batch, length = inputs["input_ids"].shape
+    plain = model.generate(**inputs, **GREEDY)
+    options = {
+        "return_dict_in_generate": True,
+        "output_scores": True,
+        "output_logits": True,
+        "output_attentions": True,
+        "output_hidden_states": True,
+    }
+    greedy = model.generate(**inputs, **GREEDY, **options)
+    assert isinstance(greedy, GenerateDecoderOnlyOutput) and torch.equal(greedy.sequences, plain)
+    assert len(greedy.scores) == len(greedy.logits) == len(greedy.attentions) == len(greedy.hidden_states) == 4
+    # the first step is the prefill (latent loop): entries over the whole prompt; then one position per step
+    assert greedy.attentions[0][0].shape[-2:] == (length, length)
+    assert greedy.hidden_states[0][0].shape[1] == length
+    assert greedy.attentions[3][0].shape[-2:] == (1, length + 3)
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, max_new_tokens=3, do_sample=True, **options)
+    assert isinstance(sampled, GenerateDecoderOnlyOutput) and sampled.sequences.shape == (batch, length + 3)
+    for do_sample in (False, True):
+        beams = model.generate(
+            **inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2, do_sample=do_sample, **options
+        )
+        assert isinstance(beams, GenerateBeamDecoderOnlyOutput)
+        assert beams.sequences.shape == (batch, length + 3) and len(beams.scores) == 3
+
+
+@torch.no_grad()
+def test_generate_without_cache_and_with_a_static_cache_gives_the_same_tokens(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    cached = model.generate(**inputs, **GREEDY)
+    assert torch.equal(model.generate(**inputs, use_cache=False, **GREEDY), cached)
+    # The static cache is sized by GenerationMixin for prompt (latent slots included) + new tokens.
+    assert torch.equal(model.generate(**inputs, cache_implementation="static", **GREEDY), cached)
+
+
+@torch.no_grad()
+def test_generate_continues_from_its_own_cache(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    whole = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(first.sequences[:, -3:])], dim=1)
+    second = model.generate(
+        input_ids=first.sequences,
+        attention_mask=mask,
+        pixel_values=inputs["pixel_values"],
+        past_key_values=first.past_key_values,
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+    )
+    assert torch.equal(second, whole)
+
+
+@torch.no_grad()
+def test_inputs_embeds_equal_input_ids(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    by_ids = model(**inputs)
+    by_embeds = model(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+    )
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits)
+    torch.testing.assert_close(by_embeds.saliency_maps, by_ids.saliency_maps)
+    # generate(inputs_embeds=...) returns only the new tokens, as GenerationMixin does
+    new_tokens = model.generate(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"], **GREEDY
+    )
+    assert torch.equal(new_tokens, model.generate(**inputs, **GREEDY)[:, -4:])
+    # A text-only prompt (K = 0) generates from inputs_embeds alone.
+    text = processor.apply_chat_template(chat(None, "hello"), add_generation_prompt=True, tokenize=False)
+    text_inputs = processor(text=[text], num_latent_steps=0, return_tensors="pt")
+    text_embeds = model.get_input_embeddings()(text_inputs["input_ids"])
+    assert torch.equal(
+        model.generate(inputs_embeds=text_embeds, attention_mask=text_inputs["attention_mask"], **GREEDY),
+        model.generate(**text_inputs, **GREEDY)[:, -4:],
+    )
+    with pytest.raises(ValueError, match="num_latent_steps rewrites the latent slots of input_ids"):
+        model.generate(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], num_latent_steps=1, **GREEDY)
+
+
+@torch.no_grad()
+def test_get_image_features_returns_pooled_projected_features(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    features = model.get_image_features(inputs["pixel_values"])
+    assert isinstance(features, BaseModelOutputWithPooling)
+    torch.testing.assert_close(features.pooler_output, model(**inputs).image_hidden_states)
+    # only the feature layer is captured unless all hidden states are asked for
+    assert sum(state is not None for state in features.hidden_states) == 1
+    every = model.get_image_features(inputs["pixel_values"], output_hidden_states=True)
+    assert all(state is not None for state in every.hidden_states)
+
+
+def test_loss_function_receives_num_items_in_batch_and_shift_labels(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -3:] = 20
+    with torch.no_grad():
+        mean = model(**inputs, labels=labels).lm_loss
+        summed = model(**inputs, labels=labels, num_items_in_batch=torch.tensor(1)).lm_loss
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        by_shift = model(**inputs, labels=labels, shift_labels=shifted).lm_loss
+    num_targets = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(summed, mean * num_targets)
+    torch.testing.assert_close(by_shift, mean)
+
+
+def test_parallelism_plans_cover_the_tied_head(tiny_model_and_processor):
+    model, _ = tiny_model_and_processor
+    assert model.tp_plan["lm_head"] == "colwise_gather_output"
+    assert model._pp_plan["lm_head"] == (["hidden_states"], ["logits"])
+    assert any(name.startswith("model.language_model.layers") for name in model.tp_plan)
+
+
+def test_headless_auto_model_loads_a_full_checkpoint_quietly(tiny_checkpoint, caplog):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            model = AutoModel.from_pretrained(tiny_checkpoint)
+    finally:
+        hf_logging.disable_propagation()
+    assert type(model).__name__ == "LaReModel"
+    assert "unexpected" not in caplog.text.lower() and "alignment_head" not in caplog.text
