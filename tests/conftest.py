@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, Qwen2Config, Qwen2ForCausalLM
 
 import lare_hf  # noqa: F401  (registers the Auto classes)
 from lare_hf.build import build_tiny, save_checkpoint
+from lare_hf.processing.tokenization import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,29 @@ def chat(image: Image.Image | None, text: str) -> list[dict]:
 def seeded():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+    """A full CLIP checkpoint and a Qwen2 causal LM with a tokenizer, saved to local folders."""
+    root = tmp_path_factory.mktemp("parts")
+    clip_config = CLIPConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=8, image_size=64),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=100),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(clip_config).save_pretrained(root / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
+        root / "clip"
+    )
+    tokenizer = build_tiny_tokenizer()
+    # an LM whose embedding table is smaller than the tokenizer: building must resize it
+    text_config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=len(tokenizer) - 4, tie_word_embeddings=True)  # fmt: skip
+    lm = Qwen2ForCausalLM(text_config)
+    lm.save_pretrained(root / "qwen")
+    tokenizer.save_pretrained(root / "qwen")
+    return root, CLIPModel.from_pretrained(root / "clip"), Qwen2ForCausalLM.from_pretrained(root / "qwen")

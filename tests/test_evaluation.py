@@ -84,3 +84,16 @@ def test_token_counting_stops_at_eos_and_padding():
 
     tokens = torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
     assert count_new_tokens(tokens, {2}, 0) == [3, 5, 1]
+
+
+def test_lare_eval_next_to_the_checkpoint_adds_the_row_to_its_card(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    assert "No evaluation report" in (checkpoint / "README.md").read_text()  # save_pretrained wrote the card
+    paths = write_refocus_shapes(str(tmp_path / "rs"), 0, 4, seed=2)
+    assert main(["eval", "--model", str(checkpoint), "--benchmark", "refocus_shapes", "--data", paths["test"],
+                 "--max-new-tokens", "2"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert f"| refocus_shapes | 4 | {report['accuracy']:.2f} |" in (checkpoint / "README.md").read_text()

@@ -188,6 +188,8 @@ def test_model_card_and_push_files(start_checkpoint, reasoning_file, tmp_path):
         files
     )
     assert not any(name.startswith("checkpoint-") or name.endswith("optimizer.pt") for name in files)
+    written = (tmp_path / "out" / "README.md").read_text()  # `lare train` wrote the card, with this stage
+    assert "| 2 | StageIILatentAlignmentTrainer | train.jsonl |" in written and "@article{ma2025lare" in written
     card = str(build_model_card(tmp_path / "out", "org/lare-tiny"))
     assert "pipeline_tag: image-text-to-text" in card
     assert "| 2 | StageIILatentAlignmentTrainer | train.jsonl |" in card

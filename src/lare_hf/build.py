@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import AutoTokenizer, CLIPImageProcessorPil, set_seed
+from transformers import set_seed
 
+from .modeling.components import load_text_tokenizer
 from .modeling.configuration_lare import LaReConfig
 from .modeling.modeling_lare import LaReForConditionalGeneration
 from .modeling.reconstruction import TINY_IMAGE_TOKENIZER_CONFIG, TINY_RECONSTRUCTOR_CONFIG
@@ -63,7 +64,7 @@ def build_tiny(
     config = LaReConfig(**special_ids, **model_kwargs)
     set_seed(preset.get("seed", 0) if seed is None else seed)
     model = LaReForConditionalGeneration(config)
-    _set_generation_defaults(model, tokenizer)
+    model._set_generation_defaults(None, tokenizer)
     return model, _processor_for(model.config, tokenizer)
 
 
@@ -73,23 +74,17 @@ def build_from_components(
     image_tokenizer: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
-    """Assemble a checkpoint from pretrained parts: adds the LaRe tokens to the LM's tokenizer, resizes the
-    embeddings when needed, and builds the processor from the vision encoder's image preprocessing."""
-    tokenizer = AutoTokenizer.from_pretrained(text)
-    tokenizer.padding_side = "left"
-    special_ids = add_lare_special_tokens(tokenizer)
+    """Model and processor from pretrained parts in one call, ready to train: the LaRe tokens added to the LM's
+    tokenizer, the embeddings resized, the processor built from the vision encoder's image preprocessing.
+
+    `text` may be a GGUF file or a folder holding one (dequantised; see `LaReForConditionalGeneration.from_components`).
+    """
     overrides = dict(overrides or {})
     LaReConfig.check_field_names(overrides, "LaReConfig field (override)")
-    if image_tokenizer is not None:
-        overrides["image_tokenizer"] = image_tokenizer
-    # the vision encoder's own normalisation: the processor applies it, the reconstructor undoes it
-    image_processor = CLIPImageProcessorPil.from_pretrained(vision)
-    overrides.setdefault("image_mean", list(image_processor.image_mean))
-    overrides.setdefault("image_std", list(image_processor.image_std))
+    tokenizer = load_text_tokenizer(text)
     model = LaReForConditionalGeneration.from_components(
-        vision, text, special_token_ids=special_ids, vocab_size=len(tokenizer), **overrides
+        vision, text, tokenizer=tokenizer, image_tokenizer=image_tokenizer, **overrides
     )
-    _set_generation_defaults(model, tokenizer)
     return model, _processor_for(model.config, tokenizer)
 
 
@@ -106,11 +101,11 @@ def _processor_for(config: LaReConfig, tokenizer) -> LaReProcessor:
     )
 
 
-def build_preset(name_or_path: str, **component_overrides: str | None):
+def build_preset(name_or_path: str, overrides: dict[str, Any] | None = None, **component_overrides: str | None):
     """Build any preset: `lare-tiny` offline, the others from their named pretrained components."""
     preset = load_preset(name_or_path)
     if preset.get("tokenizer") == "tiny":
-        return build_tiny()
+        return build_tiny(overrides=overrides)
     components = dict(preset.get("components") or {})
     components.update({key: value for key, value in component_overrides.items() if value})
     if not components.get("vision") or not components.get("text"):
@@ -120,7 +115,7 @@ def build_preset(name_or_path: str, **component_overrides: str | None):
             components["vision"],
             components["text"],
             image_tokenizer=components.get("image_tokenizer"),
-            overrides=dict(preset["model"]),
+            overrides={**preset["model"], **(overrides or {})},
         )
     except OSError as error:
         raise ValueError(
@@ -138,15 +133,6 @@ def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcesso
     model.save_pretrained(output)
     processor.save_pretrained(output)
     return output
-
-
-def _set_generation_defaults(model: LaReForConditionalGeneration, tokenizer) -> None:
-    generation_config = model.generation_config
-    generation_config.eos_token_id = tokenizer.eos_token_id
-    generation_config.pad_token_id = tokenizer.pad_token_id
-    generation_config.bos_token_id = tokenizer.bos_token_id
-    generation_config.do_sample = False
-    generation_config.max_new_tokens = 64
 
 
 __all__ = [

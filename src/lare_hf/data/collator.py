@@ -9,6 +9,9 @@ import torch
 
 EXPLICIT_COT_TEMPLATE = "{rationale}\nAnswer: {answer}"
 
+# The normalised example's columns the collator reads (Trainer must not remove them).
+DATA_COLUMNS = ("messages", "answer", "rationale", "image", "id")
+
 
 def _example_id(feature: dict[str, Any], position: int) -> str:
     return str(feature.get("id") if feature.get("id") is not None else f"batch position {position}")
@@ -60,6 +63,14 @@ class LaReDataCollator:
             raise ValueError("LaReDataCollator got an empty batch.")
         for position, feature in enumerate(features):
             missing = [key for key in ("messages", "answer") if key not in feature]
+            if len(missing) == 2:
+                raise ValueError(
+                    f"Example {_example_id(feature, position)!r} reached LaReDataCollator without its data columns "
+                    f"(it has only {sorted(feature)}): Trainer's remove_unused_columns=True (the default) dropped "
+                    "every column the model's forward() does not name, e.g. 'messages' and 'answer'. Pass "
+                    "TrainingArguments(remove_unused_columns=False), or use lare_hf.training.LaReTrainer, which "
+                    "keeps the collator's columns."
+                )
             if missing:
                 raise ValueError(
                     f"Example {_example_id(feature, position)!r} lacks {missing}: the collator takes the normalised "
@@ -103,4 +114,4 @@ class LaReDataCollator:
         return dict(batch)
 
 
-__all__ = ["EXPLICIT_COT_TEMPLATE", "LaReDataCollator"]
+__all__ = ["DATA_COLUMNS", "EXPLICIT_COT_TEMPLATE", "LaReDataCollator"]

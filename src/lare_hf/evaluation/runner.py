@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..modeling.model_card import write_model_card
 from .benchmarks import BenchmarkSample, get_benchmark
 
 
@@ -112,6 +113,8 @@ def evaluate(
     with open(output / f"predictions_{bench.name}.jsonl", "w") as handle:
         for row, count, sample in zip(rows, counts, samples):
             handle.write(json.dumps({**row, "num_tokens": count, "prompt": sample.prompt}) + "\n")
+    if (output / "config.json").is_file():  # next to the checkpoint: its card's evaluation table gains the row
+        write_model_card(output)
     return report
 
 

@@ -77,6 +77,9 @@ class LaReConfig(PreTrainedConfig):
         image_mean / image_std: the processor's pixel normalisation, used to turn `pixel_values` back into
             [-1, 1] images for the image tokenizer.
         num_diffusion_steps / diffusion_beta_start / diffusion_beta_end: linear DDPM schedule (Appendix B).
+        components: the pretrained parts the model was assembled from (`from_components`), by role ("vision",
+            "text", "image_tokenizer"): `{"source": Hub id or path, "license": its license or None}`. The model
+            card takes `base_model` and the license from them.
     """
 
     model_type = "lare"
@@ -122,6 +125,7 @@ class LaReConfig(PreTrainedConfig):
         num_diffusion_steps: int = 1000,
         diffusion_beta_start: float = 1e-4,
         diffusion_beta_end: float = 0.02,
+        components: dict[str, dict[str, str | None]] | None = None,
         tie_word_embeddings: bool | None = None,
         **kwargs,
     ):
@@ -198,6 +202,7 @@ class LaReConfig(PreTrainedConfig):
         self.num_diffusion_steps = num_diffusion_steps
         self.diffusion_beta_start = diffusion_beta_start
         self.diffusion_beta_end = diffusion_beta_end
+        self.components = {role: dict(info) for role, info in (components or {}).items()}
         if tie_word_embeddings is None:
             tie_word_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -255,6 +260,12 @@ class LaReConfig(PreTrainedConfig):
             "use_reconstructor",
         ):
             check_bool(name, getattr(self, name))
+        for role, info in self.components.items():
+            if not isinstance(info, dict) or not isinstance(info.get("source"), str):
+                raise ValueError(
+                    f"components[{role!r}] must be a dict with a 'source' string (and an optional 'license'), got "
+                    f"{info!r}."
+                )
         for name in ("sym_loss_weight", "image_loss_weight", "text_loss_weight"):
             check_float(name, getattr(self, name), minimum=0.0, fix="Use 0 to switch the loss term off.")
         check_float("alignment_temperature", self.alignment_temperature, minimum=0.0, exclusive_minimum=True)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -17,10 +25,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import select_hidden_states
 
+from .components import (
+    add_lare_special_tokens,
+    component_record,
+    load_text_tokenizer,
+    text_checkpoint,
+    vision_image_normalization,
+)
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
 from .losses import LaReAlignmentHead, text_prefix_loss
-from .reconstruction import LaReImageReconstructor
+from .model_card import write_model_card
+from .reconstruction import LaReImageReconstructor, load_image_tokenizer
 from .refocus import SaliencyRecorder, record_saliency, select_windows
 
 logger = logging.get_logger(__name__)
@@ -157,7 +173,8 @@ class LaRePreTrainedModel(PreTrainedModel):
             raise OSError(broken_weight_file_message(pretrained_model_name_or_path, error)) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual; when the custom code is exported, map every LaRe Auto class to it."""
+        """Save as usual; when the custom code is exported, map every LaRe Auto class to it. Writes the model card
+        (README.md: components, licenses, stage history, evaluation reports, citation; see `model_card.py`)."""
         if self._auto_class is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.update(
@@ -168,7 +185,10 @@ class LaRePreTrainedModel(PreTrainedModel):
                 }
             )
             self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(save_directory)  # a README.md the user wrote is left as it is
+        return result
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -635,43 +655,72 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
     @classmethod
     def from_components(
         cls,
-        vision: str | PreTrainedModel,
-        text: str | PreTrainedModel,
-        special_token_ids: dict[str, int],
+        vision: str | os.PathLike | PreTrainedModel,
+        text: str | os.PathLike | PreTrainedModel,
+        special_token_ids: dict[str, int] | None = None,
         vocab_size: int | None = None,
         image_tokenizer: str | nn.Module | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **config_kwargs,
     ) -> LaReForConditionalGeneration:
         """Assemble a LaRe model from a pretrained vision encoder and a pretrained causal LM (Sec. 4.2 setup).
 
+        `from_components(vision_dir, text_dir)` is enough: the LaRe special tokens are added to the LM's tokenizer
+        (the same tokens, in the same order, as `LaReProcessor.from_components(vision_dir, text_dir)` adds, so the
+        ids agree), the embeddings are resized to the tokenizer, the image normalisation is read from the vision
+        encoder's `preprocessor_config.json`, and the generation config takes the LM's end-of-turn token.
+
         Args:
             vision: a vision model or its path / Hub id (a full CLIP/SigLIP checkpoint gives its vision tower).
-            text: a causal LM or its path / Hub id (e.g. Qwen2.5-1.5B-Instruct).
-            special_token_ids: `image_token_id`, `latent_start_token_id`, `latent_token_id`, `latent_end_token_id`
-                in the tokenizer the model will be used with (see `lare_hf.processing.add_lare_special_tokens`).
-            vocab_size: the tokenizer's length; the LM's embeddings are resized when they are smaller.
+            text: a causal LM, its path / Hub id (e.g. Qwen2.5-1.5B-Instruct), or a GGUF file (or a folder holding
+                one), which is dequantised to a normal float checkpoint (needs the `gguf` package).
+            special_token_ids: `image_token_id`, `latent_start_token_id`, `latent_token_id`, `latent_end_token_id`;
+                None: add the tokens to `tokenizer` (or to the tokenizer saved with `text`) and use their ids.
+            vocab_size: the tokenizer's length (None: the length of that tokenizer); the LM's embeddings are resized
+                when they are smaller.
             image_tokenizer: a pretrained KL-16 `AutoencoderKL` (or its folder / Hub id) for the reconstructor;
                 its config replaces `image_tokenizer_config` and its weights are copied (frozen).
-            config_kwargs: any other `LaReConfig` field (num_latent_steps, window_size, ...).
+            tokenizer: the tokenizer the model will be used with; the LaRe tokens are added to it in place.
+            config_kwargs: any other `LaReConfig` field (num_latent_steps, window_size, use_reconstructor, ...).
 
         The projector, Extractor and reconstructor start from random initialisation (stage I/II train them).
         """
-        if not isinstance(vision, PreTrainedModel):
-            loaded_config = AutoConfig.from_pretrained(vision)
-            vision_config = getattr(loaded_config, "vision_config", loaded_config)
-            vision_class = type(AutoModel.from_config(vision_config))
-            vision = vision_class.from_pretrained(vision, config=vision_config)
-        if not isinstance(text, PreTrainedModel):
-            text = AutoModelForCausalLM.from_pretrained(text)
-        if vocab_size is not None and vocab_size > text.get_input_embeddings().weight.shape[0]:
-            text.resize_token_embeddings(vocab_size)
+        if special_token_ids is None:
+            if tokenizer is None:
+                if isinstance(text, PreTrainedModel):
+                    raise ValueError(
+                        "from_components(text=<a loaded model>) cannot find the LM's tokenizer: pass tokenizer=... "
+                        "(its tokenizer), special_token_ids=..., or text as a folder / Hub id / GGUF file."
+                    )
+                tokenizer = load_text_tokenizer(text)
+            special_token_ids = add_lare_special_tokens(tokenizer)
+        if vocab_size is None and tokenizer is not None:
+            vocab_size = len(tokenizer)
         missing = {"image_token_id", "latent_start_token_id", "latent_token_id", "latent_end_token_id"} - set(
             special_token_ids
         )
         if missing:
             raise ValueError(f"special_token_ids is missing {sorted(missing)}.")
-        if isinstance(image_tokenizer, str):
-            image_tokenizer = AutoencoderKL.from_pretrained(image_tokenizer)
+        config_kwargs.setdefault(
+            "components",
+            {
+                role: component_record(component)
+                for role, component in (("vision", vision), ("text", text), ("image_tokenizer", image_tokenizer))
+                if component is not None
+            },
+        )
+        if not isinstance(vision, PreTrainedModel):
+            if "image_mean" not in config_kwargs and "image_std" not in config_kwargs:
+                config_kwargs.update(vision_image_normalization(vision))
+            loaded_config = AutoConfig.from_pretrained(vision)
+            vision_config = getattr(loaded_config, "vision_config", loaded_config)
+            vision_class = type(AutoModel.from_config(vision_config))
+            vision = vision_class.from_pretrained(vision, config=vision_config)
+        if not isinstance(text, PreTrainedModel):
+            text_path, text_kwargs = text_checkpoint(text)
+            text = AutoModelForCausalLM.from_pretrained(text_path, **text_kwargs)
+        if isinstance(image_tokenizer, (str, os.PathLike)):
+            image_tokenizer = load_image_tokenizer(image_tokenizer)
         if image_tokenizer is not None:
             config_kwargs["image_tokenizer_config"] = {
                 key: value for key, value in image_tokenizer.config.items() if not key.startswith("_")
@@ -694,7 +743,28 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             model.reconstructor.image_tokenizer.load_state_dict(image_tokenizer.state_dict())
         if config.tie_word_embeddings:
             model.tie_weights()
+        if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+            # resized here, not on `text`: a model passed in is left as it was
+            model.resize_token_embeddings(vocab_size)
+        model._set_generation_defaults(text.generation_config, tokenizer)
         return model
+
+    def _set_generation_defaults(
+        self, lm_generation_config: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase | None
+    ) -> None:
+        """Greedy decoding with the LM's own end/pad/bos tokens (its generation config first, else its tokenizer's),
+        so that a text-only prompt with K = 0 decodes exactly as the standalone LM does."""
+        generation_config = self.generation_config
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(lm_generation_config, name, None) if lm_generation_config is not None else None
+            if value is None and tokenizer is not None:
+                value = getattr(tokenizer, name, None)
+            if value is not None:
+                setattr(generation_config, name, value)
+        if generation_config.pad_token_id is None and tokenizer is not None:
+            generation_config.pad_token_id = tokenizer.eos_token_id
+        generation_config.do_sample = False
+        generation_config.max_new_tokens = 64
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

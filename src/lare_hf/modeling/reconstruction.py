@@ -23,9 +23,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+
+try:  # diffusers is needed only with the reconstructor: inference checkpoints built without it load without diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as error:  # pragma: no cover - exercised in a subprocess that hides diffusers
+    _DIFFUSERS_IMPORT_ERROR: ImportError | None = error
+else:
+    _DIFFUSERS_IMPORT_ERROR = None
 
 # Scaled-down U-Net for tests and the tiny preset (reconstruction_image_size 64 -> 4x4 tokenizer latents).
 TINY_RECONSTRUCTOR_CONFIG: dict[str, Any] = {
@@ -51,6 +57,21 @@ TINY_IMAGE_TOKENIZER_CONFIG: dict[str, Any] = {
 }
 
 
+def require_diffusers(what: str) -> None:
+    """Raise a clear ImportError when diffusers, needed for `what`, is not installed."""
+    if _DIFFUSERS_IMPORT_ERROR is not None:
+        raise ImportError(
+            f"{what} needs diffusers ({_DIFFUSERS_IMPORT_ERROR}). Install it (pip install diffusers), or use a "
+            "checkpoint without the image reconstructor (use_reconstructor=False, `lare build --no-reconstructor`)."
+        )
+
+
+def load_image_tokenizer(path: str) -> nn.Module:
+    """A pretrained KL-16 image tokenizer (`diffusers.AutoencoderKL`) from a folder or Hub id."""
+    require_diffusers(f"Loading the image tokenizer {path!r}")
+    return AutoencoderKL.from_pretrained(path)
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of `module` (only those with `requires_grad` when `trainable_only`)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -72,6 +93,7 @@ class LaReImageReconstructor(nn.Module):
 
     def __init__(self, config, condition_dim: int):
         super().__init__()
+        require_diffusers("The image reconstructor (use_reconstructor=True)")
         self.image_tokenizer = AutoencoderKL(**config.image_tokenizer_config)
         self.image_tokenizer.requires_grad_(False)
         self.image_tokenizer.eval()
@@ -261,4 +283,6 @@ __all__ = [
     "TINY_IMAGE_TOKENIZER_CONFIG",
     "TINY_RECONSTRUCTOR_CONFIG",
     "count_parameters",
+    "load_image_tokenizer",
+    "require_diffusers",
 ]

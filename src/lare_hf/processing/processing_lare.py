@@ -19,6 +19,11 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import make_flat_list_of_images
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 
+try:  # build-time helpers (lare_hf installed); a Hub copy of this file loads checkpoints without them
+    from lare_hf.modeling.components import add_lare_special_tokens, load_text_tokenizer, vision_image_normalization
+except ImportError:  # pragma: no cover - remote-code copies only
+    add_lare_special_tokens = load_text_tokenizer = vision_image_normalization = None
+
 try:  # control tokens marked by `sanitize_control_tokens=True` are user text, not placeholders
     from transformers.processing_utils import _MARKED_RE
 except ImportError:  # pragma: no cover - private name of transformers
@@ -114,6 +119,55 @@ class LaReProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = LARE_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_components(
+        cls,
+        vision,
+        text,
+        tokenizer=None,
+        num_latent_steps: int = 4,
+        latent_tokens_per_step: int = 4,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+    ) -> LaReProcessor:
+        """The processor for a model assembled with `LaReForConditionalGeneration.from_components(vision, text)`.
+
+        Adds the LaRe special tokens to the LM's tokenizer (loaded from `text`: a folder, Hub id or GGUF file,
+        unless `tokenizer` is given), takes the image size and patch grid from the vision encoder's config and its
+        normalisation from its `preprocessor_config.json` (unless `image_mean` / `image_std` are given). Pass the
+        same `num_latent_steps` / `latent_tokens_per_step` as to the model.
+        """
+        if add_lare_special_tokens is None:
+            raise ImportError("LaReProcessor.from_components needs the lare_hf package (pip install lare-hf).")
+        from transformers import AutoConfig, PreTrainedModel
+
+        if isinstance(vision, PreTrainedModel):
+            vision_config = vision.config
+        else:
+            loaded = AutoConfig.from_pretrained(vision)
+            vision_config = getattr(loaded, "vision_config", loaded)
+            if image_mean is None and image_std is None:
+                normalization = vision_image_normalization(vision)
+                image_mean, image_std = normalization["image_mean"], normalization["image_std"]
+        if tokenizer is None:
+            if isinstance(text, PreTrainedModel):
+                raise ValueError(
+                    "LaReProcessor.from_components(text=<a loaded model>) cannot find the LM's tokenizer: pass "
+                    "tokenizer=... or text as a folder / Hub id / GGUF file."
+                )
+            tokenizer = load_text_tokenizer(text)
+        add_lare_special_tokens(tokenizer)
+        grid = vision_config.image_size // vision_config.patch_size
+        return build_processor(
+            tokenizer,
+            image_size=vision_config.image_size,
+            image_seq_length=grid * grid,
+            num_latent_steps=num_latent_steps,
+            latent_tokens_per_step=latent_tokens_per_step,
+            image_mean=image_mean,
+            image_std=image_std,
+        )
 
     # ------------------------------------------------------------------ latent region
     @property

@@ -15,8 +15,9 @@ from collections import defaultdict
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from ..modeling.components import add_lare_special_tokens
 from ..modeling.configuration_lare import LARE_SPECIAL_TOKENS
 
 ENDOFTEXT_TOKEN = "<|endoftext|>"
@@ -333,41 +334,6 @@ def _train_bpe(lines: list[str], num_merges: int) -> tuple[dict[str, int], list[
 def _trained_bpe(num_merges: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     vocab, merges = _train_bpe(tiny_corpus(), num_merges)
     return tuple(vocab.items()), tuple(merges)
-
-
-def add_lare_special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """Add the four LaRe tokens (`<|image|>`, `<|latent_start|>`, `<|latent|>`, `<|latent_end|>`) to a tokenizer as
-    special tokens, if missing, and give them named attributes (`tokenizer.image_token`, `tokenizer.image_token_id`,
-    ...). Idempotent. Returns the ids under the names of the `LaReConfig` fields (`image_token_id`, ...)."""
-    named = dict(LARE_SPECIAL_TOKENS)
-    for name, token in named.items():
-        current = getattr(tokenizer, name, None)
-        if current is not None and str(current) != token:
-            raise ValueError(f"The tokenizer already defines {name}={str(current)!r}, but LaRe needs {token!r}.")
-    # Named attributes (saved in tokenizer_config.json as `image_token: "<|image|>"`, ...).
-    missing_names = {name: token for name, token in named.items() if name not in tokenizer.SPECIAL_TOKENS_ATTRIBUTES}
-    if missing_names:
-        tokenizer._set_model_specific_special_tokens(special_tokens=missing_names)
-    for name, token in named.items():
-        if getattr(tokenizer, name, None) is None:
-            setattr(tokenizer, name, token)
-    vocab = tokenizer.get_vocab()
-    new_tokens = [
-        AddedToken(token, special=True, normalized=False, lstrip=False, rstrip=False)
-        for token in named.values()
-        if token not in vocab
-    ]
-    if new_tokens:
-        tokenizer.add_tokens(new_tokens, special_tokens=True)
-    ids = {}
-    for name, token in named.items():
-        token_ids = tokenizer.encode(token, add_special_tokens=False)
-        if len(token_ids) != 1:
-            raise ValueError(f"{token!r} is not a single token in this tokenizer (got ids {token_ids}).")
-        ids[f"{name}_id"] = token_ids[0]
-        if getattr(tokenizer, f"{name}_id") != token_ids[0]:
-            raise ValueError(f"tokenizer.{name}_id does not match the id of {token!r}.")
-    return ids
 
 
 def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:

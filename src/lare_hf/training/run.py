@@ -18,10 +18,9 @@ from ..destinations import (
     last_complete_checkpoint,
     refuse_non_empty,
 )
+from ..modeling.model_card import HISTORY_FILE, read_history, write_model_card
 from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
 from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
-
-HISTORY_FILE = "lare_training_history.json"
 
 # LaReConfig fields a recipe may change on an existing checkpoint (they do not change the architecture).
 RUNTIME_CONFIG_FIELDS = {
@@ -35,11 +34,6 @@ RUNTIME_CONFIG_FIELDS = {
 
 # Modules LoRA training keeps fully trainable (and saves next to the adapters).
 LORA_FULLY_TRAINED = ["multi_modal_projector", "extractor", "reconstructor", "alignment_head"]
-
-
-def read_history(path: str | Path) -> list[dict[str, Any]]:
-    file = Path(path) / HISTORY_FILE
-    return json.loads(file.read_text()) if file.is_file() else []
 
 
 def _apply_overrides(model, overrides: str | None) -> None:
@@ -208,6 +202,8 @@ def run_stage(
     }
     history = read_history(model_args.model_name_or_path) + [record]
     Path(training_args.output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    if not model_args.lora:  # the card describes a full checkpoint (a LoRA folder gets one when merged)
+        write_model_card(training_args.output_dir)
     if push_repo:
         from ..hub import push_to_hub
 
@@ -235,6 +231,7 @@ def merge_lora(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Pa
     history = Path(adapter_dir) / HISTORY_FILE
     if history.is_file():
         shutil.copy(history, output / HISTORY_FILE)
+    write_model_card(output)
     return output
 
 

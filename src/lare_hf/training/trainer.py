@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from ..data.collator import DATA_COLUMNS
 from ..destinations import last_complete_checkpoint
 
 # Loss components a LaRe forward returns; each is logged as the mean over the logging window.
@@ -62,6 +63,13 @@ class LaReTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the collator's data columns under Trainer's default `remove_unused_columns=True`: LaReDataCollator
+        builds the model inputs from them, so they are not forward() arguments."""
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += [column for column in DATA_COLUMNS if column not in self._signature_columns]
 
     @classmethod
     def configure_model(cls, model: nn.Module, lora: bool = False) -> dict[str, int]:
