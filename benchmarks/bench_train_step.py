@@ -6,12 +6,23 @@ Same small random-init config as bench_generate.py (256 image tokens, K=4, m=4, 
   * K=0: no latent steps (a plain LLaVA-style step).
 
     python benchmarks/bench_train_step.py [--device cuda] [--repeats 5] [--unet table7|tiny]
+
+With `--gradient-checkpointing` it instead compares the all-losses K=4 step and the K=0 step with and without
+gradient checkpointing (transformers' layer-wise checkpointing, through the latent loop's KV cache), each in a fresh
+subprocess, and prints time and peak memory with / without. Peak memory: CUDA max allocated during the step on GPU;
+on CPU the peak resident set size of the process and its rise above the resident size once the model is built.
+
+    python benchmarks/bench_train_step.py --gradient-checkpointing [--unet tiny] [--batch 8] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -31,8 +42,10 @@ def training_config(unet: str) -> LaReConfig:
     return config
 
 
-def training_batch(config: LaReConfig, batch: int, device: str, num_latent_steps: int):
-    inputs = make_inputs(batch, config, device, torch.float32)
+def training_batch(
+    config: LaReConfig, batch: int, device: str, num_latent_steps: int, dtype: torch.dtype = torch.float32
+):
+    inputs = make_inputs(batch, config, device, dtype)
     input_ids = inputs["input_ids"]
     if num_latent_steps == 0:
         keep = ~torch.isin(input_ids[0], torch.tensor([START, SLOT, END], device=device))
@@ -70,13 +83,80 @@ def time_step(model, inputs: dict, latent_losses: bool, repeats: int, device: st
     return statistics.median(times)
 
 
+def resident_mb() -> float:
+    """Current resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def checkpointing_variant(variant: str, checkpointing: bool, args) -> dict:
+    """One (variant, checkpointing) setting in this process: median step time and peak memory of the steps."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = LaReForConditionalGeneration(training_config(args.unet)).to(device, dtype).train()
+    model.reconstructor.image_tokenizer.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = 4 if variant == "all losses (K=4)" else 0
+    inputs = training_batch(model.config, args.batch, device, num_latent_steps=steps, dtype=dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mb = torch.cuda.memory_allocated() / 2**20
+    else:
+        base_mb = resident_mb()
+    seconds = time_step(model, inputs, steps > 0, args.repeats, device)
+    if device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "peak_mb": peak_mb, "base_mb": base_mb}
+
+
+def compare_checkpointing(args) -> None:
+    results = {}
+    for variant in ("all losses (K=4)", "K=0"):
+        for checkpointing in (False, True):
+            command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--unet", args.unet,
+                       "--batch", str(args.batch), "--repeats", str(args.repeats),
+                       "--one", variant, str(int(checkpointing))]  # fmt: skip
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[(variant, checkpointing)] = json.loads(output.strip().splitlines()[-1])
+    config = training_config(args.unet)
+    memory = "CUDA max allocated" if args.device == "cuda" else "peak RSS"
+    print(f"device={args.device} dtype={args.dtype} batch={args.batch} repeats={args.repeats} U-Net={args.unet} "
+          f"config: 256 image tokens, K=4, m=4, LM {config.text_config.num_hidden_layers}x"
+          f"{config.text_config.hidden_size}; memory = {memory}, 'rise' = peak minus memory once the model is built")  # fmt: skip
+    print(f"{'variant':>18} {'checkpointing':>13} {'step ms':>9} {'peak MB':>9} {'rise MB':>9}")
+    for variant in ("all losses (K=4)", "K=0"):
+        for checkpointing in (False, True):
+            row = results[(variant, checkpointing)]
+            print(f"{variant:>18} {str(checkpointing):>13} {row['seconds'] * 1000:>9.1f} {row['peak_mb']:>9.0f} "
+                  f"{row['peak_mb'] - row['base_mb']:>9.0f}")  # fmt: skip
+        plain, checkpointed = results[(variant, False)], results[(variant, True)]
+        peak_ratio = checkpointed["peak_mb"] / plain["peak_mb"]
+        rise_ratio = (checkpointed["peak_mb"] - checkpointed["base_mb"]) / (plain["peak_mb"] - plain["base_mb"])
+        time_ratio = checkpointed["seconds"] / plain["seconds"]
+        print(f"{variant:>18}: with / without checkpointing: peak memory {peak_ratio:.2f}x, rise {rise_ratio:.2f}x, "
+              f"step time {time_ratio:.2f}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--unet", choices=("table7", "tiny"), default="table7")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(checkpointing_variant(args.one[0], bool(int(args.one[1])), args)))
+        return
+    if args.gradient_checkpointing:
+        compare_checkpointing(args)
+        return
     torch.manual_seed(0)
     model = LaReForConditionalGeneration(training_config(args.unet)).to(args.device).train()
     model.reconstructor.image_tokenizer.requires_grad_(False)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -19,8 +21,9 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_masks_for_generate
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import select_hidden_states
@@ -149,6 +152,60 @@ def broken_weight_file_message(checkpoint, error: Exception) -> str:
     return f"{where} is corrupt or truncated ({error}); re-download the checkpoint or save it again."
 
 
+def _decoder_layer_index(layer: nn.Module) -> int:
+    """Index of a decoder layer in its model (transformers decoders keep it on their attention module)."""
+    for module in (layer, getattr(layer, "self_attn", None)):
+        index = getattr(module, "layer_idx", None)
+        if index is not None:
+            return index
+    raise ValueError(
+        f"Gradient checkpointing through LaRe's latent loop needs the decoder layer's index, but "
+        f"{type(layer).__name__} has no `layer_idx` (nor `self_attn.layer_idx`)."
+    )
+
+
+def checkpoint_through_cache(checkpoint_function: Callable) -> Callable:
+    """Wrap a gradient-checkpointing function (`torch.utils.checkpoint.checkpoint` with its kwargs, as
+    `gradient_checkpointing_enable` builds it) so that a decoder layer checkpoints together with its KV cache.
+
+    The latent loop (Eq. 1-2) feeds one sequence in several language-model calls on top of a `DynamicCache`, so the
+    keys / values a layer writes in one call are attended to, and receive gradient, in the later ones. transformers
+    drops the cache inside checkpointed layers (a replay during backward would append to it a second time). Here the
+    layer's cached keys / values before the call go in as explicit inputs of the checkpointed function and the
+    updated ones come out as its outputs: the replay restores the cache entry it started from, so it recomputes
+    exactly the forward's values, and gradient reaches earlier calls through the cache with reentrant and
+    non-reentrant checkpointing alike. Calls without a cache (or without gradient) are left to `checkpoint_function`.
+    """
+
+    def checkpoint_layer(function: Callable, *args):
+        keywords = getattr(function, "keywords", None) or {}
+        cache_name = "past_key_values" if "past_key_values" in keywords else "cache"
+        cache = keywords.get(cache_name)
+        if cache is None or not torch.is_grad_enabled():
+            return checkpoint_function(function, *args) if torch.is_grad_enabled() else function(*args)
+        layer_index = _decoder_layer_index(function.args[0])
+        if not isinstance(cache, DynamicCache) or type(cache.layers[layer_index]) is not DynamicLayer:
+            raise ValueError(
+                f"Gradient checkpointing through the latent loop needs a DynamicCache with full-attention layers, "
+                f"got {type(cache).__name__} (layer {layer_index}: {type(cache.layers[layer_index]).__name__}). "
+                "Train without passing past_key_values, or disable gradient checkpointing."
+            )
+        cache_layer = cache.layers[layer_index]
+        past_keys = cache_layer.keys if cache_layer.is_initialized else None
+        past_values = cache_layer.values if cache_layer.is_initialized else None
+
+        def layer_with_cache(hidden_states, keys, values, *other_args):
+            cache_layer.keys, cache_layer.values, cache_layer.is_initialized = keys, values, keys is not None
+            output = function(hidden_states, *other_args)
+            return output, cache_layer.keys, cache_layer.values
+
+        output, keys, values = checkpoint_function(layer_with_cache, args[0], past_keys, past_values, *args[1:])
+        cache_layer.keys, cache_layer.values = keys, values
+        return output
+
+    return checkpoint_layer
+
+
 class LaRePreTrainedModel(PreTrainedModel):
     config: LaReConfig
     config_class = LaReConfig
@@ -189,6 +246,21 @@ class LaRePreTrainedModel(PreTrainedModel):
         if kwargs.get("is_main_process", True):
             write_model_card(save_directory)  # a README.md the user wrote is left as it is
         return result
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """transformers' layer-wise gradient checkpointing, with the language model's layers checkpointing through
+        the KV cache the latent loop lives on (see `checkpoint_through_cache`)."""
+        super()._set_gradient_checkpointing(
+            enable=enable,
+            gradient_checkpointing_func=checkpoint_through_cache(gradient_checkpointing_func),
+            every_n_layers=every_n_layers,
+        )
+        for module in self.get_decoder().modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                # The wrapper restores the cache entry before a replay, so the layer may keep its cache.
+                module._can_checkpoint_with_cache = enable
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

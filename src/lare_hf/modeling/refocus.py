@@ -36,13 +36,17 @@ class SaliencyRecorder:
         self.num_layers = num_layers
         self._sum: torch.Tensor | None = None
         self._count = 0
+        self._recorded: set[int] = set()
 
     def wants(self, layer_idx: int) -> bool:
-        return self.layers is None or layer_idx in self.layers
+        """Whether layer `layer_idx` is averaged over and has not been recorded yet (a gradient-checkpointing
+        replay of the layer during backward runs the attention again; it is not counted twice)."""
+        return (self.layers is None or layer_idx in self.layers) and layer_idx not in self._recorded
 
     @torch.no_grad()
     def record(
         self,
+        layer_idx: int,
         query: torch.Tensor,
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
@@ -66,6 +70,7 @@ class SaliencyRecorder:
                 scores = scores + row.float()
         probs = scores.softmax(dim=-1).mean(dim=1)  # [b, kv_len]
         image_probs = probs.gather(1, self.image_positions)
+        self._recorded.add(layer_idx)
         self._sum = image_probs if self._sum is None else self._sum + image_probs
         self._count += 1
 
@@ -116,7 +121,7 @@ def _saliency_attention_forward(base: str):
         """Record the last query row's attention for an active `SaliencyRecorder`, then run `base` on the same
         q/k/v (the backend's own kernel: one extra softmax row per layer, not eager attention everywhere)."""
         if saliency_recorder is not None and saliency_recorder.wants(module.layer_idx):
-            saliency_recorder.record(query, key, attention_mask, scaling)
+            saliency_recorder.record(module.layer_idx, query, key, attention_mask, scaling)
         config = module.config
         wrapper_name = config._attn_implementation
         # Backends read the implementation name from the module's config (flash picks its kernel by it).
