@@ -32,11 +32,13 @@ def mean_max_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         mask: `[batch, length]`, 1 (or True) for real positions and 0 for padding; None = every position is real.
 
     Returns:
-        `[batch, 2 * dim]`: the masked mean concatenated with the masked max (in `hidden`'s dtype). Padding positions
-        take part in neither. A row whose mask is all zero pools to zeros (no NaN / inf).
+        `[batch, 2 * dim]` in float32: the masked mean concatenated with the masked max. Padding positions take part
+        in neither. A row whose mask is all zero pools to zeros (no NaN / inf). The sum behind the mean is taken in
+        float32, as a float16 sum over a long sequence can overflow.
     """
     if hidden.dim() != 3:
         raise ValueError(f"mean_max_pool expects [batch, length, dim], got shape {tuple(hidden.shape)}.")
+    hidden = hidden.float()
     if mask is None:
         return torch.cat([hidden.mean(dim=1), hidden.amax(dim=1)], dim=-1)
     if mask.shape != hidden.shape[:2]:
@@ -166,7 +168,9 @@ def text_prefix_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask
     labels = target_ids.to(logits.device).masked_fill(~valid, -100)
     total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
     count = valid.sum().clamp(min=1)
-    return total / count + logits.sum().float() * 0.0
+    # A zero tied to `logits` for the all-padding case, summed in float32: a half-precision sum over a real
+    # vocabulary overflows to inf, and inf * 0 is NaN.
+    return total / count + logits.float().sum() * 0.0
 
 
 __all__ = [
