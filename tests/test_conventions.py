@@ -22,7 +22,7 @@ def prompts(processor, questions=("what digit?", "which container is left of the
         processor.apply_chat_template(chat(make_image(seed), question), add_generation_prompt=True, tokenize=False)
         for question, seed in zip(questions, seeds)
     ]
-    return processor(text=texts, images=[make_image(seed) for seed in seeds], return_tensors="pt")
+    return processor(text=texts, images=[make_image(seed) for seed in seeds], padding=True, return_tensors="pt")
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +229,8 @@ def test_inputs_embeds_equal_input_ids(tiny_model_and_processor):
     )
     assert torch.equal(new_tokens, model.generate(**inputs, **GREEDY)[:, -4:])
     # A text-only prompt (K = 0) generates from inputs_embeds alone.
-    text = processor.apply_chat_template(chat(None, "hello"), add_generation_prompt=True, tokenize=False)
-    text_inputs = processor(text=[text], num_latent_steps=0, return_tensors="pt")
+    text = processor.apply_chat_template(chat(None, "hello"), add_generation_prompt=True, num_latent_steps=0)
+    text_inputs = processor(text=[text], return_tensors="pt")
     text_embeds = model.get_input_embeddings()(text_inputs["input_ids"])
     assert torch.equal(
         model.generate(inputs_embeds=text_embeds, attention_mask=text_inputs["attention_mask"], **GREEDY),

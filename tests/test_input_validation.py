@@ -6,6 +6,7 @@ data, command line) and asserts the exception type and the words of the message 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -14,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from conftest import make_image
+from conftest import chat, make_image
 from lare_hf.build import build_tiny
 from lare_hf.cli import main
+from lare_hf.data.formats import MalformedLineError, MalformedRecordError, load_records
 from lare_hf.destinations import last_complete_checkpoint
 from lare_hf.modeling.configuration_lare import LaReConfig
 from lare_hf.training.arguments import parse_train_arguments
@@ -81,7 +87,7 @@ def finished_model(ctx: Context, name: str = "finished") -> Path:
     return folder
 
 
-def run_case(case, ctx: Context, error: type[BaseException], words: tuple[str, ...]) -> None:
+def run_case(case, ctx: Context | None, error: type[BaseException], words: tuple[str, ...]) -> None:
     with pytest.raises(error) as raised:
         case(ctx)
     message = str(raised.value)
@@ -477,3 +483,385 @@ def test_model_type_typo_never_suggests_trust_remote_code(ctx, capsys):
     assert main(["generate", "--model", str(folder), "--image", str(image), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "did you mean 'lare'" in err and "trust_remote_code" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. processor and chat template: messages, roles, content parts, images, empty text, prompt length
+
+
+def _message(*parts, role: str = "user") -> list[dict]:
+    return [{"role": role, "content": list(parts)}]
+
+
+TEXT = {"type": "text", "text": "Which digit?"}
+
+
+def _fresh(processor):
+    """A processor of its own, for cases that change attributes (the session's processor stays as it is)."""
+    return copy.deepcopy(processor)
+
+
+PROCESSOR_CASES = [
+    ("empty-message-list", lambda m, p: p.apply_chat_template([]), ValueError, ("empty list of messages",)),
+    ("message-not-a-dict", lambda m, p: p.apply_chat_template(["hi"]), ValueError,
+     ("message 0", "'role' and 'content'", "str 'hi'")),
+    ("unknown-role", lambda m, p: p.apply_chat_template(_message(TEXT, role="robot")), ValueError,
+     ("role 'robot'", "'system', 'user', 'assistant'")),
+    ("unknown-content-type", lambda m, p: p.apply_chat_template(_message({"type": "video"}, TEXT)), ValueError,
+     ("content part 0", "type 'video'", "'text' and 'image'")),
+    ("text-part-not-a-string", lambda m, p: p.apply_chat_template(_message({"type": "text", "text": 5})),
+     ValueError, ("content part 0", "'text' is int 5", "give a string")),
+    ("content-not-a-list", lambda m, p: p.apply_chat_template([{"role": "user", "content": 5}]), ValueError,
+     ("content int 5", "a string or a list")),
+    ("non-image-object-in-message", lambda m, p: p.apply_chat_template(_message({"type": "image", "image": 3}, TEXT)),
+     ValueError, ("image=int 3", "not an image", "PIL image")),
+    ("empty-message-content", lambda m, p: p.apply_chat_template(_message({"type": "text", "text": "  "})),
+     ValueError, ("no text and no image", "question")),
+    ("non-image-object-in-call", lambda m, p: p(images=[42], text="<|image|>Which?"), ValueError,
+     ("`images` holds int 42", "not an image")),
+    ("empty-prompt", lambda m, p: p(text=""), ValueError, ("`text` entry 0 is empty",)),
+    ("empty-prompt-list", lambda m, p: p(text=[]), ValueError, ("`text` is an empty list",)),
+    ("pre-tokenized-text", lambda m, p: p(text=[[1, 2]]), ValueError, ("string or a list of strings",)),
+    ("K-as-call-argument", lambda m, p: p(text="hi", num_latent_steps=2), TypeError,
+     ("takes no num_latent_steps", "apply_chat_template(..., num_latent_steps=K)")),
+    ("negative-K-in-template", lambda m, p: p.apply_chat_template(_message(TEXT), num_latent_steps=-1), ValueError,
+     ("num_latent_steps must be >= 0", "-1")),
+    ("fractional-K-attribute", lambda m, p: setattr(_fresh(p), "num_latent_steps", 2.5), ValueError,
+     ("num_latent_steps", "integer", "2.5")),
+    ("images-without-placeholders", lambda m, p: p(images=[make_image(0)], text="no placeholder"), ValueError,
+     ("should be the same as the number of images", "0 <|image|> placeholder(s)", "1 image(s)")),
+    ("tokenizer-template-unknown-role", lambda m, p: p.tokenizer.apply_chat_template(_message(TEXT, role="bot")),
+     jinja2.TemplateError, ("Unknown chat role bot", "'user'")),
+    ("prompt-longer-than-tokenizer-allows", lambda m, p: _too_long_for_tokenizer(p), ValueError,
+     ("tokens", "at most 40", "model_max_length", "Shorten the prompt")),
+]  # fmt: skip
+
+
+def _too_long_for_tokenizer(processor):
+    processor = _fresh(processor)
+    processor.tokenizer.model_max_length = 40
+    processor.apply_chat_template(chat(make_image(0), "Which digit?"), add_generation_prompt=True, tokenize=True)
+
+
+@pytest.mark.parametrize("case,error,words", [c[1:] for c in PROCESSOR_CASES], ids=[c[0] for c in PROCESSOR_CASES])
+def test_processor_errors(case, error, words, tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    run_case(lambda _: case(model, processor), None, error, words)
+
+
+def test_high_bit_depth_and_palette_images_are_converted_not_clipped(tiny_model_and_processor, tmp_path):
+    """A 16-bit grey PNG and a palette PNG give the pixels of their 8-bit RGB equivalents (PIL's own convert would
+    clip the 16-bit one to white)."""
+    _, processor = tiny_model_and_processor
+    grey16 = Image.fromarray(np.full((64, 64), 30000, dtype=np.uint16))  # 30000 / 257 -> 116.7
+    grey8 = Image.new("RGB", (64, 64), (117, 117, 117))
+    palette = make_image(3).convert("P")
+
+    def pixels(image):
+        text = processor.apply_chat_template(chat(image, "q"), add_generation_prompt=True)
+        return processor(images=[image], text=text, return_tensors="pt")["pixel_values"]
+
+    assert grey16.mode.startswith("I;16") and grey16.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    torch.testing.assert_close(pixels(grey16), pixels(grey8), atol=0.02, rtol=0)
+    torch.testing.assert_close(pixels(palette), pixels(palette.convert("RGB")))
+    # the data loader and `lare generate` use the same conversion
+    grey16.save(tmp_path / "grey16.png")
+    record = {"id": "g", "image": "grey16.png", "question": "q", "rationale": "r", "answer": "a"}
+    (tmp_path / "grey.jsonl").write_text(json.dumps(record) + "\n")
+    loaded = load_records(str(tmp_path / "grey.jsonl"))[0]["image"]
+    assert loaded.mode == "RGB" and abs(loaded.getpixel((0, 0))[0] - 117) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. model forward / generate: pixels, shapes against input_ids, unknown keyword arguments, labels, rationale
+
+
+def _inputs(processor, batch: int = 1):
+    texts = [processor.apply_chat_template(chat(make_image(i), "Which digit?"), add_generation_prompt=True)
+             for i in range(batch)]  # fmt: skip
+    return dict(processor(images=[make_image(i) for i in range(batch)], text=texts, return_tensors="pt"))
+
+
+def _with(processor, **changes):
+    inputs = _inputs(processor)
+    for name, change in changes.items():
+        inputs[name] = change(inputs)
+    return inputs
+
+
+def _forward(**changes):
+    def case(model, processor):
+        with torch.no_grad():
+            model(**_with(processor, **changes))
+
+    return case
+
+
+def _forward_kwargs(**kwargs):
+    def case(model, processor):
+        with torch.no_grad():
+            model(**_inputs(processor), **kwargs)
+
+    return case
+
+
+def _labels(change):
+    def case(model, processor):
+        inputs = _inputs(processor)
+        with torch.no_grad():
+            model(**inputs, labels=change(inputs["input_ids"]))
+
+    return case
+
+
+def _rationale(ids_rows: int, mask_columns: int | None = None):
+    def case(model, processor):
+        inputs = _inputs(processor, batch=2)
+        rationale = torch.full((ids_rows, 6), 10)
+        mask = torch.ones(ids_rows, mask_columns or 6, dtype=torch.long)
+        with torch.no_grad():
+            model(**inputs, rationale_input_ids=rationale, rationale_attention_mask=mask)
+
+    return case
+
+
+def _too_long_for_the_model(model, processor):
+    limit = model.config.text_config.max_position_embeddings
+    with torch.no_grad():
+        model(input_ids=torch.full((1, limit + 1), 10))
+
+
+def _generate(**kwargs):
+    def case(model, processor):
+        model.generate(**_inputs(processor), max_new_tokens=2, **kwargs)
+
+    return case
+
+
+MODEL_CASES = [
+    ("uint8-pixels", _forward(pixel_values=lambda x: (x["pixel_values"] * 60 + 120).clamp(0, 255).to(torch.uint8)),
+     ValueError, ("pixel_values has dtype torch.uint8", "through the processor")),
+    ("0-255-float-pixels", _forward(pixel_values=lambda x: (x["pixel_values"] * 60 + 120).clamp(0, 255)),
+     ValueError, ("raw 0-255 pixels", "through the processor")),
+    ("nan-pixels", _forward(pixel_values=lambda x: x["pixel_values"].masked_fill(torch.rand(x["pixel_values"].shape) < 0.1, math.nan)),
+     ValueError, ("pixel_values contains NaN or infinite",)),
+    ("pixels-of-another-size", _forward(pixel_values=lambda x: torch.zeros(1, 3, 32, 32)), ValueError,
+     ("pixel_values has images of (32, 32) pixels", "64x64")),
+    ("pixels-3d", _forward(pixel_values=lambda x: x["pixel_values"][0]), ValueError,
+     ("pixel_values must have 4 dimensions",)),
+    ("attention-mask-longer", _forward(attention_mask=lambda x: torch.ones(1, x["input_ids"].shape[1] + 3, dtype=torch.long)),
+     ValueError, ("attention_mask has shape", "it must have shape (1, ")),
+    ("attention-mask-other-batch", _forward(attention_mask=lambda x: x["attention_mask"].repeat(2, 1)), ValueError,
+     ("attention_mask has shape (2, ", "1 row(s)")),
+    ("position-ids-shape", _forward(position_ids=lambda x: torch.arange(5)[None]), ValueError,
+     ("position_ids has shape (1, 5)", "leave it None")),
+    ("float-input-ids", _forward(input_ids=lambda x: x["input_ids"].float()), ValueError,
+     ("input_ids must hold integer ids", "torch.float32")),
+    ("ids-outside-vocab", _forward(input_ids=lambda x: x["input_ids"].masked_fill(x["input_ids"] == 10, 10**6)),
+     ValueError, ("input_ids holds ids outside the vocabulary", "1000000", "resize_token_embeddings")),
+    ("K-given-to-forward", _forward_kwargs(num_latent_steps=0), TypeError,
+     ("unexpected keyword argument 'num_latent_steps'", "generate(..., num_latent_steps=K)")),
+    ("typo-in-forward-kwarg", _forward_kwargs(output_attention=True), TypeError,
+     ("unexpected keyword argument 'output_attention'", "did you mean 'output_attentions'")),
+    ("labels-outside-vocab", _labels(lambda ids: torch.full_like(ids, 10**6)), ValueError,
+     ("labels holds ids outside the vocabulary", "-100")),
+    ("labels-of-another-shape", _labels(lambda ids: ids[:, :-1]), ValueError,
+     ("labels has shape", "one label per input position")),
+    ("rationale-of-another-batch", _rationale(1), ValueError,
+     ("rationale_input_ids has 1 rows but the batch has 2",)),
+    ("rationale-mask-shape", _rationale(2, mask_columns=4), ValueError,
+     ("rationale_attention_mask has shape (2, 4)", "(2, 6)")),
+    ("prompt-longer-than-the-model", _too_long_for_the_model, ValueError,
+     ("max_position_embeddings=1024", "1025 positions", "Shorten the prompt")),
+    ("generate-unknown-kwarg", _generate(windw=3), ValueError, ("['windw']", "not used by the model")),
+    ("generate-fractional-K", _generate(num_latent_steps=2.5), ValueError,
+     ("num_latent_steps must be an integer", "2.5")),
+    ("generate-assisted", _generate(prompt_lookup_num_tokens=2), ValueError, ("prompt_lookup_num_tokens", "not supported")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,error,words", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
+def test_model_errors(case, error, words, tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    run_case(lambda _: case(model, processor), None, error, words)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. data: malformed JSON Lines named by file and line, empty files, wrong columns, missing images, image root
+
+
+def _jsonl(folder: Path, lines: list[str], name: str = "train.jsonl") -> Path:
+    path = folder / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _record(index: int, image: str | None = None) -> str:
+    return json.dumps({"id": f"r{index}", "image": image or f"images/{index}.png", "question": "Which digit?",
+                       "rationale": "The square holds one.", "answer": "1"})  # fmt: skip
+
+
+def _data_folder(ctx: Context) -> Path:
+    folder = ctx.tmp_path / "data"
+    shutil.copytree(ctx.data / "images", folder / "images")
+    return folder
+
+
+def _malformed_line(ctx):
+    folder = _data_folder(ctx)
+    load_records(str(_jsonl(folder, [_record(0), _record(1), '{"id": "r2", "question": "unterminated', _record(3)])))
+
+
+def _line_not_an_object(ctx):
+    folder = _data_folder(ctx)
+    load_records(str(_jsonl(folder, [_record(0), "[1, 2]"])))
+
+
+def _all_lines_malformed(ctx):
+    folder = _data_folder(ctx)
+    load_records(str(_jsonl(folder, ["{", "nope"])), on_error="skip")
+
+
+def _empty_jsonl(ctx):
+    folder = _data_folder(ctx)
+    (folder / "train.jsonl").write_text("")
+    load_records(str(folder / "train.jsonl"))
+
+
+def _blank_jsonl(ctx):
+    folder = _data_folder(ctx)
+    load_records(str(_jsonl(folder, ["", "  "])))
+
+
+def _empty_json_list(ctx):
+    folder = _data_folder(ctx)
+    (folder / "train.json").write_text("[]")
+    load_records(str(folder / "train.json"))
+
+
+def _wrong_parquet_columns(ctx):
+    import datasets
+
+    folder = _data_folder(ctx)
+    datasets.Dataset.from_list([{"img": "images/0.png", "prompt": "q", "label": "1"}]).to_parquet(
+        folder / "train.parquet"
+    )
+    load_records(str(folder / "train.parquet"))
+
+
+def _missing_image(ctx):
+    folder = _data_folder(ctx)
+    load_records(str(_jsonl(folder, [_record(0), _record(1, image="images/missing.png")])))
+
+
+def _relative_path_escapes_root(ctx):
+    folder = _data_folder(ctx)
+    make_image(5).save(ctx.tmp_path / "outside.png")
+    load_records(str(_jsonl(folder, [_record(0), _record(1, image="../outside.png")])))
+
+
+def _absolute_path_outside_root(ctx):
+    folder = _data_folder(ctx)
+    make_image(5).save(ctx.tmp_path / "outside.png")
+    load_records(str(_jsonl(folder, [_record(0, image=str(ctx.tmp_path / "outside.png"))])))
+
+
+def _symlink_escapes_root(ctx):
+    folder = _data_folder(ctx)
+    make_image(5).save(ctx.tmp_path / "outside.png")
+    (folder / "images" / "link.png").symlink_to(ctx.tmp_path / "outside.png")
+    load_records(str(_jsonl(folder, [_record(0, image="images/link.png")])))
+
+
+def _escape_with_image_folder(ctx):
+    folder = _data_folder(ctx)
+    make_image(5).save(folder / "beside.png")  # inside the data folder, outside the given image_folder
+    load_records(str(_jsonl(folder, [_record(0, image="../beside.png")])), image_folder=str(folder / "images"))
+
+
+def _bad_on_error(ctx):
+    load_records(str(ctx.data / "train.jsonl"), on_error="ignore")
+
+
+DATA_CASES = [
+    ("malformed-jsonl-line", _malformed_line, MalformedLineError,
+     ("train.jsonl:3", "line 3 is not a JSON record", "on_error='skip'")),
+    ("jsonl-line-not-an-object", _line_not_an_object, MalformedLineError, ("train.jsonl:2", "list, not an object")),
+    ("all-lines-malformed", _all_lines_malformed, ValueError, ("all 2 lines are malformed", "nothing to train on")),
+    ("empty-jsonl-file", _empty_jsonl, ValueError, ("train.jsonl is empty",)),
+    ("blank-jsonl-file", _blank_jsonl, ValueError, ("train.jsonl is empty", "holds no records")),
+    ("empty-json-list", _empty_json_list, ValueError, ("train.json", "no records")),
+    ("wrong-parquet-columns", _wrong_parquet_columns, ValueError,
+     ("Cannot detect the record format", "'img'", "kind='reasoning'")),
+    ("missing-image", _missing_image, MalformedRecordError, ("record 1", "missing.png", "does not exist")),
+    ("relative-path-escapes-root", _relative_path_escapes_root, MalformedRecordError,
+     ("record 1", "outside the image folder", "--allow_images_outside_root")),
+    ("absolute-path-outside-root", _absolute_path_outside_root, MalformedRecordError,
+     ("record 0", "outside.png", "outside the image folder")),
+    ("symlink-escapes-root", _symlink_escapes_root, MalformedRecordError, ("record 0", "outside the image folder")),
+    ("image-folder-is-the-root", _escape_with_image_folder, MalformedRecordError,
+     ("record 0", "outside the image folder")),
+    ("unknown-on-error", _bad_on_error, ValueError, ("on_error must be 'raise' or 'skip'", "'ignore'")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,error,words", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_data_errors(case, error, words, ctx):
+    run_case(case, ctx, error, words)
+
+
+def test_on_error_skip_skips_and_counts_a_malformed_line(ctx):
+    folder = _data_folder(ctx)
+    path = _jsonl(folder, [_record(0), "{not json", _record(2), _record(3, image="images/missing.png")])
+    records = load_records(str(path), on_error="skip")
+    assert [example["id"] for example in records] == ["r0", "r2"]
+    assert records.num_skipped == 2 and records.skipped[0][0] == "line 2" and records.skipped[1][0] == 2
+    record = run_stage(*stage_args(ctx, ctx.tmp_path / "out", "--on_error", "skip", "--max_steps", "1",
+                                   "--train_file", str(path)))  # fmt: skip
+    assert record["skipped_records"] == 2
+
+
+def test_images_outside_the_root_load_when_allowed(ctx):
+    folder = _data_folder(ctx)
+    make_image(5).save(ctx.tmp_path / "outside.png")
+    path = _jsonl(folder, [_record(0), _record(1, image="../outside.png")])
+    records = load_records(str(path), allow_images_outside_root=True)
+    assert records[1]["image"].size == (64, 64)
+    args = stage_args(ctx, ctx.tmp_path / "out", "--train_file", str(path), "--allow_images_outside_root", "True")
+    assert args[1].allow_images_outside_root is True
+
+
+def _cli_malformed_jsonl(ctx):
+    folder = _data_folder(ctx)
+    path = _jsonl(folder, [_record(0), "{oops", _record(1)])
+    argv = _train_argv(ctx, ctx.tmp_path / "out")
+    argv[argv.index("--train_file") + 1] = str(path)
+    return argv
+
+
+def _cli_image_outside_root(ctx):
+    folder = _data_folder(ctx)
+    make_image(5).save(ctx.tmp_path / "outside.png")
+    argv = _train_argv(ctx, ctx.tmp_path / "out")
+    argv[argv.index("--train_file") + 1] = str(_jsonl(folder, [_record(0, image="../outside.png")]))
+    return argv
+
+
+CLI_DATA_CASES = [
+    ("malformed-jsonl", _cli_malformed_jsonl, ("train.jsonl:2", "--on_error skip")),
+    ("image-outside-root", _cli_image_outside_root, ("record 0", "outside the image folder")),
+]
+
+
+@pytest.mark.parametrize("case,words", [c[1:] for c in CLI_DATA_CASES], ids=[c[0] for c in CLI_DATA_CASES])
+def test_cli_data_errors_are_one_line(case, words, ctx, capsys):
+    argv = case(ctx)
+    capsys.readouterr()
+    assert main(argv) == 2
+    output = capsys.readouterr().err
+    # datasets may draw a progress bar ("Generating train split") before the check; the error is one line, the last
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in output, output
+    for word in words:
+        assert word in errors[0], f"{word!r} not in {errors[0]!r}"

@@ -269,7 +269,7 @@ def test_clear_errors_for_bad_input(tiny_model_and_processor):
             attention_mask=inputs["attention_mask"],
             pixel_values=inputs["pixel_values"][:1],
         )
-    with pytest.raises(ValueError, match="pixel_values must have shape"):
+    with pytest.raises(ValueError, match=r"pixel_values has images of \(32, 32\) pixels"):
         model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -284,19 +284,19 @@ def test_clear_errors_for_bad_input(tiny_model_and_processor):
     plain = processor(
         text=[
             processor.apply_chat_template(
-                chat(make_image(0), "no markers"), add_generation_prompt=True, tokenize=False
+                chat(make_image(0), "no markers"), add_generation_prompt=True, tokenize=False, num_latent_steps=0
             )
         ],
         images=[make_image(0)],
-        num_latent_steps=0,
         return_tensors="pt",
     )
     with pytest.raises(ValueError, match="no latent markers"):
         model.generate(**plain, num_latent_steps=4)
     with pytest.raises(ValueError, match="assisted / prompt-lookup"):
         model.generate(**inputs, prompt_lookup_num_tokens=2)
-    too_many = processor(text=[processor.apply_chat_template(chat(make_image(0), "x"), add_generation_prompt=True, tokenize=False)],
-                         images=[make_image(0)], num_latent_steps=model.config.max_latent_steps + 1, return_tensors="pt")  # fmt: skip
+    too_many = processor(text=[processor.apply_chat_template(chat(make_image(0), "x"), add_generation_prompt=True, tokenize=False,
+                                                             num_latent_steps=model.config.max_latent_steps + 1)],
+                         images=[make_image(0)], return_tensors="pt")  # fmt: skip
     with pytest.raises(ValueError, match="at most max_latent_steps"):
         model(**too_many)
 

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPImageProc
 
 from lare_hf.modeling.configuration_lare import LARE_SPECIAL_TOKENS, LaReConfig
 from lare_hf.processing import processing_lare, tokenization
-from lare_hf.processing.processing_lare import LARE_CHAT_TEMPLATE, LaReProcessor, build_processor
+from lare_hf.processing.processing_lare import LaReProcessor, build_processor, lare_chat_template
 from lare_hf.processing.tokenization import add_lare_special_tokens, build_tiny_tokenizer
 
 # sha256 of the sorted vocabulary of `build_tiny_tokenizer()`. Checkpoints depend on these ids: if the corpus or the
@@ -139,11 +139,13 @@ def test_image_and_latent_expansion(processor):
     assert ids[-1] == processor.latent_end_token_id and ids[-10] == processor.latent_start_token_id
     assert out["pixel_values"].shape == (1, 3, 64, 64)
 
-    baseline = processor(images=[image()], text=text, num_latent_steps=0)["input_ids"][0]
+    baseline = processor(images=[image()], text=processor.set_latent_slots(text, 0))["input_ids"][0]
     for token_id in (processor.latent_start_token_id, processor.latent_token_id, processor.latent_end_token_id):
         assert token_id not in baseline
     assert processor.decode(baseline).endswith("<|im_start|>assistant\n")
-    assert processor(text=LATENT_GROUP, num_latent_steps=1)["input_ids"][0].count(processor.latent_token_id) == 2
+    processor.num_latent_steps = 1
+    assert processor(text=LATENT_GROUP)["input_ids"][0].count(processor.latent_token_id) == 2
+    processor.num_latent_steps = 4
 
     # already expanded text is left as it is
     expanded = processor.expand_latent_slots(text)
@@ -153,7 +155,7 @@ def test_image_and_latent_expansion(processor):
 
 def test_batch_is_left_padded(processor):
     texts = [f"hi{LATENT_GROUP}", f"a much longer question about the left box{LATENT_GROUP}"]
-    out = processor(text=texts, return_tensors="pt")
+    out = processor(text=texts, padding=True, return_tensors="pt")
     mask = out["attention_mask"]
     assert mask[1].all() and mask[0, 0] == 0 and mask[0, -1] == 1
     assert (out["input_ids"][0][mask[0] == 0] == processor.tokenizer.pad_token_id).all()
@@ -168,7 +170,9 @@ def test_placeholder_and_argument_errors(processor):
     with pytest.raises(ValueError, match=r"1 <\|image\|> placeholder\(s\).*but 0 image"):
         processor(text="<|image|>where is the image?")
     with pytest.raises(ValueError, match="num_latent_steps must be >= 0"):
-        processor(text="hi", num_latent_steps=-1)
+        processor.num_latent_steps = -1
+    with pytest.raises(TypeError, match="takes no num_latent_steps"):
+        processor(text="hi", num_latent_steps=2)
     with pytest.raises(ValueError, match="add_lare_special_tokens"):
         LaReProcessor(CLIPImageProcessorPil(), Qwen2Tokenizer(vocab=dict(tokenization._trained_bpe(10)[0]), merges=[]))
 
@@ -186,10 +190,13 @@ def test_chat_template_rendering(processor):
         "<|im_start|>user\n<|image|>Colour?<|im_end|>\n"
         "<|im_start|>assistant\nred<|im_end|>\n"
         "<|im_start|>user\nShape?<|im_end|>\n"
-        f"<|im_start|>assistant\n{LATENT_GROUP}"
+        "<|im_start|>assistant\n<|latent_start|>" + "<|latent|>" * 8 + "<|latent_end|>"
     )
     assert processor.apply_chat_template(messages).endswith("Shape?<|im_end|>\n")
-    assert processor.chat_template == LARE_CHAT_TEMPLATE
+    assert processor.chat_template == lare_chat_template(4, 2)
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, num_latent_steps=0).endswith(
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_apply_chat_template_with_pil_image(processor):
@@ -292,7 +299,7 @@ def test_save_and_load_round_trip(processor, tmp_path):
     AutoProcessor.register(LaReConfig, LaReProcessor, exist_ok=True)
     processor.num_latent_steps = 3
     processor.save_pretrained(tmp_path)
-    assert (tmp_path / "chat_template.jinja").read_text() == LARE_CHAT_TEMPLATE
+    assert (tmp_path / "chat_template.jinja").read_text() == lare_chat_template(3, 2)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert (saved["num_latent_steps"], saved["latent_tokens_per_step"], saved["image_seq_length"]) == (3, 2, 64)
     config = LaReConfig(
@@ -312,7 +319,7 @@ def test_save_and_load_round_trip(processor, tmp_path):
         assert isinstance(loaded.image_processor, CLIPImageProcessorPil)
         assert loaded.image_processor.crop_size == {"height": 64, "width": 64}
         assert (loaded.num_latent_steps, loaded.latent_tokens_per_step, loaded.image_seq_length) == (3, 2, 64)
-        assert loaded.chat_template == LARE_CHAT_TEMPLATE
+        assert loaded.chat_template == lare_chat_template(3, 2)
         assert loaded.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
         assert loaded.latent_token_id == config.latent_token_id and loaded.image_token_id == config.image_token_id
         again = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -358,3 +365,63 @@ def test_rationale_truncation_leaves_the_saved_tokenizer_untouched(tmp_path):
     processor.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "tokenizer.json").read_text())["truncation"] is None
     assert "max_length" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+
+
+# ---------------------------------------------------------------- transformers' processor conventions (issue 10)
+
+
+def test_tokenizer_and_processor_chat_templates_give_the_same_ids(processor, tmp_path):
+    """The chat template writes the K*m latent slots itself, so the tokenizer alone renders the processor's prompt."""
+    messages = user("Which digit?", with_image=False)
+
+    def both(proc, tokenizer, **kwargs):
+        by_processor = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+        by_tokenizer = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)["input_ids"]
+        return by_processor[0], by_tokenizer
+
+    ids, tokenizer_ids = both(processor, processor.tokenizer)
+    assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 8  # K=4 x m=2
+    for steps in (0, 1, 3):  # one call's K is a template variable, for both
+        ids, tokenizer_ids = both(processor, processor.tokenizer, num_latent_steps=steps)
+        assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 2 * steps
+    processor.num_latent_steps = 3  # the template's default K follows the processor's attribute
+    ids, tokenizer_ids = both(processor, processor.tokenizer)
+    assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 6
+    processor.save_pretrained(tmp_path)
+    ids, tokenizer_ids = both(LaReProcessor.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path))
+    assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 6
+    # a tokenizer that brings its own template keeps it
+    own = build_tiny_tokenizer()
+    own.chat_template = "{{ messages[0]['content'] }}"
+    assert LaReProcessor(processor.image_processor, own).tokenizer.chat_template == "{{ messages[0]['content'] }}"
+
+
+def test_call_takes_k_from_the_processor_and_keeps_the_tokenizer_padding_default(processor):
+    parameters = inspect.signature(LaReProcessor.__call__).parameters
+    assert "num_latent_steps" not in parameters and hasattr(processor, "num_latent_steps")
+    assert all(parameters[name].annotation is not inspect.Parameter.empty for name in ("images", "text", "kwargs"))
+    assert inspect.signature(LaReProcessor.__call__).return_annotation is not inspect.Signature.empty
+
+    texts = ["hi", "a much longer question about the left box"]
+    unpadded = processor(text=texts)["input_ids"]
+    assert [len(row) for row in unpadded] == [len(row) for row in processor.tokenizer(texts)["input_ids"]]
+    assert len(unpadded[0]) < len(unpadded[1])  # the tokenizer's own default: no padding
+    with pytest.raises(ValueError, match="padding"):
+        processor(text=texts, return_tensors="pt")
+    padded = processor(text=texts, padding=True, return_tensors="pt")
+    assert padded["attention_mask"][0, 0] == 0 and padded["attention_mask"][0, -1] == 1  # left padding
+
+
+def test_saving_keeps_the_auto_class_state_of_the_instance(processor, tmp_path):
+    assert type(processor)._auto_class == "AutoProcessor"  # `import lare_hf` registers it for custom code
+    before = processor.to_dict()
+    processor.save_pretrained(tmp_path / "first")
+    assert processor.to_dict() == before and "auto_map" not in processor.__dict__
+    assert "auto_map" not in processor.image_processor.__dict__
+    saved = json.loads((tmp_path / "first" / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_lare.LaReProcessor"}  # the files still carry it
+    processor.save_pretrained(tmp_path / "second")
+    for name in ("processor_config.json", "chat_template.jinja", "tokenizer_config.json"):
+        assert (tmp_path / "first" / name).read_text() == (tmp_path / "second" / name).read_text()
+    loaded = LaReProcessor.from_pretrained(tmp_path / "first")
+    assert loaded.to_dict() == processor.to_dict()

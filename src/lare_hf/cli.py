@@ -99,12 +99,14 @@ def generate_answer(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .processing.processing_lare import to_rgb
+
     path = Path(args.image)
     if not path.is_file():
         raise FileNotFoundError(f"--image {path} does not exist; pass the path of a PNG or JPEG file.")
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            image = to_rgb(opened)  # 16-bit / palette images scaled and composited, not clipped
     except OSError as error:
         raise ValueError(f"--image {path} is not a readable image ({error}).") from None
     answer = generate_answer(args.model, image, args.prompt, args.num_latent_steps, args.max_new_tokens)

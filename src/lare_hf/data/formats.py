@@ -39,9 +39,11 @@ shows up before training starts, never in the middle of it. Images are then deco
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +52,8 @@ from typing import Any, Literal
 import datasets
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..processing.processing_lare import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +153,10 @@ def _verify_image(ref: tuple[str, Any]) -> str | None:
 def _load_image(ref: tuple[str, Any]) -> Image.Image:
     kind, value = ref
     if kind == "pil":
-        return value.convert("RGB")
+        return to_rgb(value)
     with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
-        return image.convert("RGB")
+        image.load()
+        return to_rgb(image)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,9 +324,27 @@ def _normalise_reasoning(row: dict, has_image: bool) -> dict:
     return {"messages": messages, "answer": answer, "rationale": rationale}
 
 
-def _normalise(row: dict, kind: str, root: Path | None) -> tuple[dict, tuple[str, Any] | None]:
-    """One raw record -> (example without the decoded image, image reference); raises _Problem."""
+def _check_inside(path: Path, confine_to: Path) -> None:
+    """An image path of a dataset must resolve inside its image folder (symlinks followed), so that a dataset
+    cannot make training read arbitrary files of the machine."""
+    resolved, folder = path.resolve(), confine_to.resolve()
+    if resolved != folder and folder not in resolved.parents:
+        raise _Problem(
+            "image",
+            f"path {str(path)!r} resolves to {resolved}, outside the image folder {folder}",
+            "keep the images under that folder, give the folder that holds them (image_folder=... / --image_folder), "
+            "or, if you trust this dataset, allow_images_outside_root=True (--allow_images_outside_root True)",
+        )
+
+
+def _normalise(
+    row: dict, kind: str, root: Path | None, confine_to: Path | None = None
+) -> tuple[dict, tuple[str, Any] | None]:
+    """One raw record -> (example without the decoded image, image reference); raises _Problem. With
+    `confine_to`, an image path must resolve inside that folder."""
     ref = _resolve_image(row.get("image"), root)
+    if ref is not None and ref[0] == "path" and confine_to is not None:
+        _check_inside(ref[1], confine_to)
     if kind == "conversation":
         example = _normalise_conversation(row, ref is not None)
     else:
@@ -339,7 +362,8 @@ class LaReRecords(Dataset):
     `records[i]` is the normalised example (see the module docstring) with its image decoded lazily as RGB.
     Attributes: `dataset` (the underlying `datasets.Dataset` of valid raw rows), `kind` ("conversation" or
     "reasoning"), `source` (file name for messages), `source_indices` (row index in the source of each example),
-    `skipped` (list of (source index, reason)), `num_skipped`, `without_rationale` (positions of examples that have
+    `skipped` (list of (source index, reason); for JSON Lines files also ("line N", reason) for lines that are not
+    JSON), `num_skipped`, `without_rationale` (positions of examples that have
     no rationale), `without_image` (positions of text-only examples: a batch must not mix them with image examples,
     see `LaReDataCollator`).
     """
@@ -354,8 +378,10 @@ class LaReRecords(Dataset):
         skipped: list[tuple[int, str]],
         without_rationale: list[int],
         without_image: list[int] | None = None,
+        confine_to: Path | None = None,
     ):
         self.dataset = dataset
+        self.confine_to = confine_to
         self.kind = kind
         self.image_root = image_root
         self.source = source
@@ -381,7 +407,7 @@ class LaReRecords(Dataset):
         row = self.dataset[index]
         source_index = self.source_indices[index]
         try:
-            example, ref = _normalise(row, self.kind, self.image_root)
+            example, ref = _normalise(row, self.kind, self.image_root, self.confine_to)
             image = _load_image(ref) if ref is not None else None
         except _Problem as problem:
             raise MalformedRecordError(self.source, source_index, problem.field, problem.reason, problem.fix) from None
@@ -472,6 +498,8 @@ def _build_records(
     on_error: OnError,
     source: str,
     batch_size: int = 512,
+    confine_to: Path | None = None,
+    skipped_lines: list[tuple[str, str]] | None = None,
 ) -> LaReRecords:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
@@ -495,7 +523,7 @@ def _build_records(
             candidates: list[tuple[int, dict, tuple[str, Any] | None]] = []
             for offset, row in enumerate(rows):
                 try:
-                    example, ref = _normalise(row, kind, image_root)
+                    example, ref = _normalise(row, kind, image_root, confine_to)
                 except _Problem as problem:
                     problems.append((start + offset, problem))
                     continue
@@ -528,11 +556,15 @@ def _build_records(
             start += len(rows)
     valid.sort()
 
+    skipped = list(skipped_lines or []) + skipped
     if skipped:
-        shown = "; ".join(f"record {i}: {reason}" for i, reason in skipped[:_MAX_REASONS_LOGGED])
+        shown = "; ".join(
+            f"{i if isinstance(i, str) else f'record {i}'}: {reason}" for i, reason in skipped[:_MAX_REASONS_LOGGED]
+        )
         more = f" (and {len(skipped) - _MAX_REASONS_LOGGED} more)" if len(skipped) > _MAX_REASONS_LOGGED else ""
         logger.warning(
-            f"{source}: skipped {len(skipped)} malformed record(s) of {len(ds)} (on_error='skip'): {shown}{more}"
+            f"{source}: skipped {len(skipped)} malformed record(s) of {len(ds) + len(skipped_lines or [])} "
+            f"(on_error='skip'): {shown}{more}"
         )
     if not valid:
         raise ValueError(
@@ -549,6 +581,7 @@ def _build_records(
         skipped=skipped,
         without_rationale=sorted(position[i] for i in rationale_missing),
         without_image=sorted(position[i] for i in image_missing),
+        confine_to=confine_to,
     )
 
 
@@ -601,6 +634,8 @@ def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
         return _select_split(obj, split, path)
     if not file.is_file():
         raise FileNotFoundError(f"Training data {path} does not exist.")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): it holds no records.")
     builder = _file_builder(file)
     if builder is None:
         raise ValueError(
@@ -612,7 +647,57 @@ def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
             return datasets.Dataset.from_file(str(file))
         return datasets.load_dataset(builder, data_files=str(file), split=split or "train")
     except Exception as error:
+        if "corresponds to no data" in str(error):  # datasets' message for a file without records
+            raise ValueError(f"{path} has no records; add at least one record.") from error
         raise ValueError(f"Could not read {path} as {builder}: {type(error).__name__}: {error}") from error
+
+
+class MalformedLineError(ValueError):
+    """A line of a JSON Lines file that is not a JSON object: names the file and the line number."""
+
+    def __init__(self, source: str, line: int, reason: str):
+        self.source, self.line, self.reason = source, line, reason
+        super().__init__(
+            f"{source}:{line}: line {line} is not a JSON record ({reason}). To fix: write one JSON object per line; "
+            "or pass on_error='skip' (--on_error skip) to drop malformed lines (they are counted and logged)."
+        )
+
+
+def _is_json_lines(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(suffix) for suffix in (".jsonl", ".ndjson"))
+
+
+def _read_json_lines(path: Path, on_error: OnError) -> tuple[datasets.Dataset, list]:
+    """A JSON Lines file read line by line, so that a malformed line is reported with its line number (or skipped
+    and counted with on_error='skip') instead of failing the whole file inside the JSON reader."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"it holds a {type(row).__name__}, not an object")
+            except ValueError as error:
+                if on_error == "raise":
+                    raise MalformedLineError(str(path), number, str(error)) from None
+                bad.append((f"line {number}", f"not a JSON record ({error})"))
+                continue
+            rows.append(row)
+    if not rows:
+        if bad:
+            raise ValueError(f"{path}: all {len(bad)} lines are malformed (first: {bad[0][1]}); nothing to train on.")
+        raise ValueError(f"{path} is empty: it holds no records. Write one JSON record per line.")
+    if not bad:
+        return read_dataset(str(path)), bad
+    # The valid lines go through the same JSON reader as a clean file (it reconciles records of mixed types, which
+    # the per-record checks then report by index).
+    with tempfile.TemporaryDirectory() as folder:
+        clean = Path(folder) / path.name
+        clean.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        return read_dataset(str(clean)), bad
 
 
 def load_records(
@@ -621,6 +706,7 @@ def load_records(
     image_folder: str | None = None,
     on_error: OnError = "raise",
     split: str | None = None,
+    allow_images_outside_root: bool = False,
 ) -> LaReRecords:
     """Load, validate and normalise conversation or reasoning records from a file or save_to_disk folder.
 
@@ -635,11 +721,25 @@ def load_records(
             are dropped, listed in `.skipped`, counted in `.num_skipped`, and a warning is logged.
         split: for a DatasetDict folder, the split (default "train", or the only one); for files, a datasets split
             expression such as "train[:1000]" (default "train").
+        allow_images_outside_root: image paths must resolve inside the image folder (`image_folder`, default the
+            data file's folder); True lets a trusted dataset reference images anywhere.
+
+    A JSON Lines file is read line by line: a line that is not a JSON object raises `MalformedLineError` naming the
+    file and line number, or is skipped and counted (in `.skipped` / `.num_skipped`) with on_error='skip'.
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
     file = Path(path).expanduser()
-    ds = read_dataset(path, split=split)
+    skipped_lines: list = []
+    if file.is_file() and _is_json_lines(file) and split in (None, "train"):
+        ds, skipped_lines = _read_json_lines(file, on_error)
+    else:
+        ds = read_dataset(path, split=split)
     root = Path(image_folder).expanduser().resolve() if image_folder is not None else file.resolve().parent
-    return _build_records(ds, kind, root, on_error, source=str(path))
+    confine_to = None if allow_images_outside_root else root
+    return _build_records(
+        ds, kind, root, on_error, source=str(path), confine_to=confine_to, skipped_lines=skipped_lines
+    )
 
 
 def records_from_dataset(
@@ -648,21 +748,26 @@ def records_from_dataset(
     image_folder: str | None = None,
     on_error: OnError = "raise",
     split: str | None = None,
+    allow_images_outside_root: bool = False,
 ) -> LaReRecords:
     """`load_records` for an in-memory `datasets.Dataset` (a DatasetDict needs `split`, default "train").
 
-    Relative image paths are resolved against `image_folder`, or the current directory when it is None.
+    Relative image paths are resolved against `image_folder`, or the current directory when it is None. With an
+    `image_folder`, image paths must stay inside it (unless `allow_images_outside_root=True`); without one, the
+    dataset was built in Python by the caller and its paths are taken as they are.
     """
     ds = _select_split(ds, split, "dataset")
     # resolved now: a later change of the working directory does not move the images
     root = Path(image_folder).expanduser().resolve() if image_folder is not None else Path.cwd()
+    confine_to = root if image_folder is not None and not allow_images_outside_root else None
     name = ds.info.dataset_name if ds.info is not None and ds.info.dataset_name else "dataset"
-    return _build_records(ds, kind, root, on_error, source=name)
+    return _build_records(ds, kind, root, on_error, source=name, confine_to=confine_to)
 
 
 __all__ = [
     "IMAGE_TOKEN",
     "LaReRecords",
+    "MalformedLineError",
     "MalformedRecordError",
     "detect_kind",
     "format_choices",

@@ -95,7 +95,11 @@ class LaReLMMS(lmms):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             content = [{"type": "image"}] if with_image else []
             messages = [{"role": "user", "content": content + [{"type": "text", "text": context}]}]
-            prompts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True))
+            prompts.append(
+                self.processor.apply_chat_template(
+                    messages, add_generation_prompt=True, num_latent_steps=self.num_latent_steps
+                )
+            )
             if with_image:
                 images.append(self._visuals(request)[0].convert("RGB"))
             max_new_tokens = int(gen_kwargs.get("max_new_tokens", max_new_tokens))
@@ -104,7 +108,6 @@ class LaReLMMS(lmms):
         inputs = self.processor(
             text=prompts,
             images=images or None,
-            num_latent_steps=self.num_latent_steps,
             padding=True,
             return_tensors="pt",
         ).to(self._device)

@@ -53,10 +53,15 @@ def generate_answers(
     started = time.perf_counter()
     for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not progress):
         batch = samples[start : start + batch_size]
-        prompts = [processor.apply_chat_template(chat_messages(s), add_generation_prompt=True) for s in batch]
-        inputs = processor(
-            text=prompts, images=[s.image for s in batch], num_latent_steps=num_latent_steps, return_tensors="pt"
-        ).to(model.device)
+        prompts = [
+            processor.apply_chat_template(
+                chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps
+            )
+            for s in batch
+        ]
+        inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt").to(
+            model.device
+        )
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts += processor.batch_decode(new_tokens, skip_special_tokens=True)

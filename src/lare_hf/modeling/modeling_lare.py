@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .losses import LaReAlignmentHead, text_prefix_loss
 from .model_card import write_model_card
 from .reconstruction import LaReImageReconstructor, load_image_tokenizer
 from .refocus import SaliencyRecorder, record_saliency, select_windows
+from .validation import check_forward_kwargs, check_pixel_values, check_tensor, check_token_ids
 
 logger = logging.get_logger(__name__)
 
@@ -633,6 +635,9 @@ class LaReModel(LaRePreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_forward_kwargs(f"{type(self).__name__}.forward", kwargs, inspect.signature(self.forward).parameters)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self.check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, pixel_values, past_length)
         text_config = self.config.get_text_config()
         use_cache = use_cache if use_cache is not None else getattr(text_config, "use_cache", True)
         if output_attentions is None:
@@ -679,6 +684,57 @@ class LaReModel(LaRePreTrainedModel):
             return_extractor_attention=return_extractor_attention,
             **kwargs,
         )
+
+    def check_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        pixel_values: torch.Tensor | None,
+        past_length: int = 0,
+    ) -> None:
+        """Types, shapes and ranges of the tensors given to `forward()`, checked against `input_ids` (or
+        `inputs_embeds`) before anything runs, each error naming the argument, its value and the fix."""
+        if input_ids is not None:
+            check_tensor("input_ids", input_ids, dims=2, integer=True)
+            check_token_ids("input_ids", input_ids, self.get_input_embeddings().weight.shape[0])
+            batch, length = input_ids.shape
+        else:
+            check_tensor("inputs_embeds", inputs_embeds, dims=3, integer=False)
+            batch, length = inputs_embeds.shape[:2]
+        if isinstance(attention_mask, torch.Tensor):  # generate() with a static cache passes prebuilt mask dicts
+            check_tensor("attention_mask", attention_mask, dims=(2, 4))
+            expected = (batch, past_length + length)
+            if attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
+                cached = f" on top of {past_length} cached positions" if past_length else ""
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the input has {batch} row(s) of "
+                    f"{length} tokens{cached}: it must have shape {expected}, one entry per position (1 = token, "
+                    "0 = padding). Pass the attention_mask the processor returned with these input_ids."
+                )
+        if position_ids is not None:
+            check_tensor("position_ids", position_ids, dims=(2, 3), integer=True)
+            if position_ids.shape[-1] != length or position_ids.shape[-2] not in (1, batch):
+                raise ValueError(
+                    f"position_ids has shape {tuple(position_ids.shape)} but the input has {batch} row(s) of {length} "
+                    f"tokens: it must have shape ({batch}, {length}) (or leave it None to count positions from the "
+                    "attention_mask)."
+                )
+        if past_length:
+            return
+        if pixel_values is not None:
+            check_pixel_values(pixel_values, self.config.vision_config.image_size)
+        text_config = self.config.get_text_config()
+        max_positions = getattr(text_config, "max_position_embeddings", None)
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        if max_positions and length > max_positions and rope.get("rope_type", "default") == "default":
+            raise ValueError(
+                f"The sequence has {length} positions (text, {self.config.image_seq_length} per image, and the "
+                f"latent slots) but the language model was trained for at most max_position_embeddings="
+                f"{max_positions}. Shorten the prompt, use fewer latent steps (num_latent_steps), or a language "
+                "model with a longer context."
+            )
 
     def _check_continuation(self, placeholder_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> None:
         """Positions fed on top of a filled cache are plain text: images and latent slots are encoded with the
@@ -885,6 +941,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             if its inputs are missing; False computes none; None computes them when a rationale is given.
         kwargs: go to the language model, and to `loss_function` (`num_items_in_batch`, `shift_labels`, ...).
         """
+        check_forward_kwargs(f"{type(self).__name__}.forward", kwargs, inspect.signature(self.forward).parameters)
+        self.check_training_inputs(input_ids, inputs_embeds, labels, rationale_input_ids, rationale_attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -935,6 +993,44 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             window_features=outputs.window_features,
             extractor_attentions=outputs.extractor_attentions,
         )
+
+    def check_training_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.LongTensor | None,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+    ) -> None:
+        """`labels` and the rationale checked against the input sequence before the forward runs."""
+        sequence = input_ids if input_ids is not None else inputs_embeds
+        batch = sequence.shape[0] if sequence is not None else None
+        if labels is not None:
+            check_tensor("labels", labels, dims=2, integer=True)
+            if sequence is not None and tuple(labels.shape) != tuple(sequence.shape[:2]):
+                raise ValueError(
+                    f"labels has shape {tuple(labels.shape)} but the input sequence has shape "
+                    f"{tuple(sequence.shape[:2])}; give one label per input position (-100 where no loss is taken), "
+                    "as LaReProcessor.build_training_inputs / LaReDataCollator write them."
+                )
+            check_token_ids("labels", labels, self.config.text_config.vocab_size, ignore_index=-100)
+        if rationale_input_ids is not None:
+            check_tensor("rationale_input_ids", rationale_input_ids, dims=2, integer=True)
+            check_token_ids("rationale_input_ids", rationale_input_ids, self.config.text_config.vocab_size)
+            if batch is not None and rationale_input_ids.shape[0] != batch:
+                raise ValueError(
+                    f"rationale_input_ids has {rationale_input_ids.shape[0]} rows but the batch has {batch} samples; "
+                    "give one rationale per sample (in the same order)."
+                )
+        if rationale_attention_mask is not None:
+            if rationale_input_ids is None:
+                raise ValueError("rationale_attention_mask was given without rationale_input_ids; pass both.")
+            check_tensor("rationale_attention_mask", rationale_attention_mask, dims=2)
+            if rationale_attention_mask.shape != rationale_input_ids.shape:
+                raise ValueError(
+                    f"rationale_attention_mask has shape {tuple(rationale_attention_mask.shape)} but "
+                    f"rationale_input_ids has shape {tuple(rationale_input_ids.shape)}; they must match."
+                )
 
     def semantic_augmentation_losses(
         self,
@@ -1053,6 +1149,11 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """Rewrite the latent region of (aligned) prompts to `num_latent_steps` x m slots; K=0 removes it."""
+        if isinstance(num_latent_steps, bool) or not isinstance(num_latent_steps, int):
+            raise ValueError(
+                f"num_latent_steps must be an integer between 0 and max_latent_steps={self.config.max_latent_steps}, "
+                f"got {num_latent_steps!r} ({type(num_latent_steps).__name__})."
+            )
         if num_latent_steps < 0 or num_latent_steps > self.config.max_latent_steps:
             raise ValueError(
                 f"num_latent_steps must be between 0 and max_latent_steps={self.config.max_latent_steps}, "

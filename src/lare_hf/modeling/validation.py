@@ -151,15 +151,76 @@ def check_pixel_values(pixel_values: Any, image_size: int | None = None) -> None
         )
 
 
+# Keyword arguments a LaRe forward() passes on (to the language model, or to `loss_function`): transformers'
+# `TransformersKwargs` (attention-backend and output options) plus the loss's `shift_labels`.
+FORWARD_KWARGS = frozenset(
+    {
+        "num_items_in_batch",
+        "output_hidden_states",
+        "output_attentions",
+        "output_router_logits",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "position_ids",
+        "is_causal",
+        "seq_idx",
+        "shift_labels",
+    }
+)
+
+
+def check_forward_kwargs(owner: str, kwargs: dict, named: Iterable[str]) -> None:
+    """Refuse keyword arguments that `owner` (a forward method) would otherwise swallow into `**kwargs`; `named`
+    are its explicit parameters (suggested for typos)."""
+    unknown = sorted(set(kwargs) - FORWARD_KWARGS)
+    if not unknown:
+        return
+    name = unknown[0]
+    if name == "num_latent_steps":
+        raise TypeError(
+            f"{owner}() got an unexpected keyword argument 'num_latent_steps': forward() takes K from the number of "
+            "<|latent|> slots in input_ids. Use model.generate(..., num_latent_steps=K), "
+            "model.set_latent_steps(input_ids, attention_mask, K), or render the prompt with that K "
+            "(processor.apply_chat_template(..., num_latent_steps=K))."
+        )
+    suggestion = closest_name(name, set(named) | FORWARD_KWARGS)
+    hint = f"did you mean {suggestion!r}? " if suggestion else ""
+    raise TypeError(
+        f"{owner}() got an unexpected keyword argument {name!r}; {hint}it takes the model inputs, the output options "
+        f"and {', '.join(sorted(FORWARD_KWARGS))}."
+    )
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
+    """Ids within [0, vocab_size) (or equal to `ignore_index`), so that embedding / loss lookups do not fail deep
+    inside torch."""
+    values = ids if ignore_index is None else ids[ids != ignore_index]
+    if values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+        ignored = f" (or {ignore_index} to ignore a position)" if ignore_index is not None else ""
+        raise ValueError(
+            f"{name} holds ids outside the vocabulary: min {low}, max {high}, but ids must be in [0, {vocab_size})"
+            f"{ignored}. The tokenizer and the model do not match; after adding tokens call "
+            "model.resize_token_embeddings(len(tokenizer))."
+        )
+
+
 __all__ = [
+    "FORWARD_KWARGS",
     "check_batch_size",
     "check_bool",
     "check_choice",
     "check_float",
+    "check_forward_kwargs",
     "check_int",
     "check_known_keys",
     "check_pixel_values",
     "check_same_shape",
     "check_tensor",
+    "check_token_ids",
     "closest_name",
 ]

@@ -16,8 +16,10 @@ import re
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_utils import make_flat_list_of_images
-from transformers.processing_utils import MultiModalData, ProcessorMixin
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import ImageInput, is_pil_image, is_valid_image, make_flat_list_of_images
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import TextInput
 
 try:  # build-time helpers (lare_hf installed); a Hub copy of this file loads checkpoints without them
     from lare_hf.modeling.components import add_lare_special_tokens, load_text_tokenizer, vision_image_normalization
@@ -41,42 +43,82 @@ END_OF_TURN_TOKEN = "<|im_end|>"
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
-# ChatML, as Qwen2.5-Instruct (no default system message). Content is a string or a list of
-# {"type": "image"} / {"type": "text", "text": ...} parts; an image part renders `<|image|>`. The generation prompt
-# ends with the (unexpanded) latent group, which the processor expands to K*m latent slots.
-LARE_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}"
-    "{{- '<|image|>' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n<|latent_start|><|latent|><|latent_end|>' -}}"
-    "{%- endif -%}"
+CHAT_ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image")
+IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+
+# The template's own defaults for K and m (what `tokenizer.apply_chat_template` writes); the processor keeps them
+# equal to its `num_latent_steps` / `latent_tokens_per_step`.
+_LATENT_DEFAULTS = "{{%- set default_num_latent_steps = {} -%}}{{%- set default_latent_tokens_per_step = {} -%}}"
+_LATENT_DEFAULTS_RE = re.compile(
+    r"\{%- set default_num_latent_steps = \d+ -%\}\{%- set default_latent_tokens_per_step = \d+ -%\}"
 )
+
+
+def lare_chat_template(num_latent_steps: int = 4, latent_tokens_per_step: int = 4) -> str:
+    """ChatML, as Qwen2.5-Instruct (no default system message), with LaRe's latent region.
+
+    Content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts; an image part renders
+    `<|image|>` (expanded to `image_seq_length` copies by the processor). The generation prompt ends with the latent
+    region `<|latent_start|>` + K*m `<|latent|>` + `<|latent_end|>`, so the tokenizer and the processor give the
+    same ids. K and m are the template variables `num_latent_steps` / `latent_tokens_per_step` (defaults: the
+    arguments, baked into the template); K = 0 writes no region. Unknown roles and content types raise.
+    """
+    return (
+        _LATENT_DEFAULTS.format(int(num_latent_steps), int(latent_tokens_per_step)) + "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+        "{{- raise_exception('Unknown chat role ' + message['role'] + \"; use 'system', 'user' or 'assistant'.\") -}}"
+        "{%- endif -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}"
+        "{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}"
+        "{{- '<|image|>' -}}"
+        "{%- elif part['type'] == 'text' -%}"
+        "{{- part['text'] -}}"
+        "{%- else -%}"
+        "{{- raise_exception('Unknown content type ' + part['type'] + \"; use 'text' or 'image'.\") -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- set steps = num_latent_steps if num_latent_steps is defined and num_latent_steps is not none "
+        "else default_num_latent_steps -%}"
+        "{%- set per_step = latent_tokens_per_step if latent_tokens_per_step is defined and latent_tokens_per_step "
+        "is not none else default_latent_tokens_per_step -%}"
+        "{%- if steps > 0 -%}"
+        "{{- '<|latent_start|>' + '<|latent|>' * (steps * per_step) + '<|latent_end|>' -}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+    )
+
+
+LARE_CHAT_TEMPLATE = lare_chat_template()
 
 
 class LaReProcessor(ProcessorMixin):
     r"""
     Constructs a LaRe processor: a CLIP image processor (PIL backend) and a fast tokenizer in one processor.
 
+    K (`num_latent_steps`) has one convention: it is a processor attribute, saved with the processor, that sets how
+    many latent steps a prompt's latent region holds. The chat template writes the region (its default K is kept
+    equal to the attribute, so `tokenizer.apply_chat_template` and `processor.apply_chat_template` give the same ids);
+    `apply_chat_template(..., num_latent_steps=K)` renders another K for one call, as a template variable. A
+    hand-written prompt may carry the unexpanded group `<|latent_start|><|latent|><|latent_end|>`, which `__call__`
+    expands to K*m slots. Another K at generation time: `model.generate(..., num_latent_steps=K)`.
+
     Args:
         image_processor (`CLIPImageProcessorPil`): turns images into `pixel_values`.
         tokenizer (`PreTrainedTokenizerFast`): a tokenizer that has the LaRe special tokens (see
-            `lare_hf.processing.tokenization.add_lare_special_tokens`). Its `padding_side` is set to "left".
-        chat_template (`str`, *optional*): Jinja chat template; defaults to `LARE_CHAT_TEMPLATE` (ChatML).
-        num_latent_steps (`int`, defaults to 4): K, refocusing steps written into a prompt's latent region (a call
-            argument overrides it).
+            `lare_hf.processing.tokenization.add_lare_special_tokens`). Its `padding_side` is set to "left"; when it
+            has no chat template it gets the processor's.
+        chat_template (`str`, *optional*): Jinja chat template; defaults to `lare_chat_template(K, m)` (ChatML).
+        num_latent_steps (`int`, defaults to 4): K, refocusing steps written into a prompt's latent region.
         latent_tokens_per_step (`int`, defaults to 4): m, latent slots per step.
         image_seq_length (`int`, defaults to 256): `<|image|>` copies per image (the number of patches).
     """
@@ -85,16 +127,18 @@ class LaReProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
-        chat_template=None,
+        chat_template: str | None = None,
         num_latent_steps: int = 4,
         latent_tokens_per_step: int = 4,
         image_seq_length: int = 256,
         **kwargs,
     ):
         _check_num_latent_steps(num_latent_steps)
-        if not isinstance(latent_tokens_per_step, int) or latent_tokens_per_step < 1:
+        if isinstance(latent_tokens_per_step, bool) or not isinstance(latent_tokens_per_step, int):
             raise ValueError(f"latent_tokens_per_step must be an integer >= 1, got {latent_tokens_per_step!r}.")
-        if not isinstance(image_seq_length, int) or image_seq_length < 1:
+        if latent_tokens_per_step < 1:
+            raise ValueError(f"latent_tokens_per_step must be an integer >= 1, got {latent_tokens_per_step!r}.")
+        if isinstance(image_seq_length, bool) or not isinstance(image_seq_length, int) or image_seq_length < 1:
             raise ValueError(f"image_seq_length must be an integer >= 1, got {image_seq_length!r}.")
         self.num_latent_steps = num_latent_steps
         self.latent_tokens_per_step = latent_tokens_per_step
@@ -117,8 +161,33 @@ class LaReProcessor(ProcessorMixin):
             # Batched prompts must be left-padded so that generation continues every row at the last column.
             tokenizer.padding_side = "left"
         if chat_template is None:
-            chat_template = LARE_CHAT_TEMPLATE
+            chat_template = lare_chat_template(num_latent_steps, latent_tokens_per_step)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self._sync_template_defaults()
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+            tokenizer.chat_template = self.chat_template
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "num_latent_steps":
+            _check_num_latent_steps(value)
+        super().__setattr__(name, value)
+        if name in ("num_latent_steps", "latent_tokens_per_step"):
+            self._sync_template_defaults()
+
+    def _sync_template_defaults(self) -> None:
+        """Keep the K and m baked into a LaRe chat template equal to the processor's (also in the tokenizer's copy
+        when it is the same template), so that the tokenizer alone renders the same latent region."""
+        template = self.__dict__.get("chat_template")
+        if not isinstance(template, str) or not _LATENT_DEFAULTS_RE.search(template):
+            return
+        defaults = _LATENT_DEFAULTS.format(self.num_latent_steps, self.latent_tokens_per_step)
+        updated = _LATENT_DEFAULTS_RE.sub(lambda _: defaults, template)
+        if updated == template:
+            return
+        tokenizer = self.__dict__.get("tokenizer")
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None) == template:
+            tokenizer.chat_template = updated
+        self.__dict__["chat_template"] = updated
 
     @classmethod
     def from_components(
@@ -172,7 +241,7 @@ class LaReProcessor(ProcessorMixin):
     # ------------------------------------------------------------------ latent region
     @property
     def latent_placeholder(self) -> str:
-        """The unexpanded latent group a prompt carries: `<|latent_start|><|latent|><|latent_end|>`."""
+        """The unexpanded latent group a hand-written prompt may carry: `<|latent_start|><|latent|><|latent_end|>`."""
         return self.latent_start_token + self.latent_token + self.latent_end_token
 
     def num_latent_slots(self, num_latent_steps: int | None = None) -> int:
@@ -188,35 +257,103 @@ class LaReProcessor(ProcessorMixin):
         replacement = self.latent_start_token + self.latent_token * slots + self.latent_end_token if slots else ""
         return text.replace(self.latent_placeholder, replacement)
 
+    def set_latent_slots(self, text: str, num_latent_steps: int) -> str:
+        """Rewrite every latent region of `text` (unexpanded group or K'*m slots) to `num_latent_steps` x m slots;
+        K = 0 removes it. The text counterpart of `LaReForConditionalGeneration.set_latent_steps`."""
+        slots = self.num_latent_slots(num_latent_steps)
+        region = re.compile(
+            re.escape(self.latent_start_token)
+            + f"(?:{re.escape(self.latent_token)})*"
+            + re.escape(self.latent_end_token)
+        )
+        replacement = self.latent_start_token + self.latent_token * slots + self.latent_end_token if slots else ""
+        return region.sub(lambda _: replacement, text)
+
+    # ------------------------------------------------------------------ chat template
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`; with a LaRe template the messages are checked first (structure,
+        roles, content types, images, empty text) and the processor's K is rendered unless `num_latent_steps=K` is
+        given."""
+        template = self._resolve_chat_template(chat_template)
+        if isinstance(template, str) and _LATENT_DEFAULTS_RE.search(template):  # a LaRe template: its message format
+            _check_conversation(conversation)
+        for name in ("num_latent_steps", "latent_tokens_per_step"):
+            if isinstance(template, str) and name in template and kwargs.get(name) is None:
+                kwargs[name] = getattr(self, name)
+        if kwargs.get("num_latent_steps") is not None:
+            _check_num_latent_steps(kwargs["num_latent_steps"])
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
     # ------------------------------------------------------------------ calling
-    def __call__(self, images=None, text=None, num_latent_steps: int | None = None, **kwargs) -> BatchFeature:
-        """Tokenize `text` (expanding `<|image|>` to `image_seq_length` copies and the latent group to K*m slots)
-        and preprocess `images`. Returns a `BatchFeature` with `input_ids`, `attention_mask` (left padding, padded to
-        the longest prompt by default) and `pixel_values`.
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[ProcessingKwargs],
+    ) -> BatchFeature:
+        """Tokenize `text` (expanding `<|image|>` to `image_seq_length` copies, and an unexpanded latent group to
+        K*m slots with the processor's K) and preprocess `images` (16-bit and palette images are converted to 8-bit
+        RGB first). Returns a `BatchFeature` with `input_ids`, `attention_mask` and `pixel_values`; padding follows
+        the tokenizer's defaults (pass `padding=True` for a batch of prompts of different lengths; the tokenizer
+        pads on the left).
 
         Args:
             images: one image, a list of images, or one list of images per prompt; `<|image|>` placeholders in the
                 text are matched to them in order.
             text: a prompt or a list of prompts.
-            num_latent_steps: K for this call (default: `self.num_latent_steps`).
             kwargs: tokenizer / image processor kwargs (`return_tensors`, `padding`, `truncation`, ...).
         """
-        steps = self.num_latent_steps if num_latent_steps is None else num_latent_steps
-        _check_num_latent_steps(steps)
-        expanded = None
+        if "num_latent_steps" in kwargs:
+            raise TypeError(
+                "LaReProcessor.__call__ takes no num_latent_steps: K is the processor attribute `num_latent_steps`. "
+                "Render another K with apply_chat_template(..., num_latent_steps=K), set processor.num_latent_steps, "
+                "or pass num_latent_steps=K to model.generate()."
+            )
+        texts = None
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
-            if not all(isinstance(sample, str) for sample in texts):
+            texts = [text] if isinstance(text, str) else text
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(sample, str) for sample in texts):
                 raise ValueError(
-                    "`text` must be a string or a list of strings (pre-tokenized input is not supported)."
+                    f"`text` must be a string or a list of strings, got {_describe_value(text)} (pre-tokenized input "
+                    "is not supported)."
                 )
-            expanded = [self.expand_latent_slots(sample, steps) for sample in texts]
-        if "padding" not in kwargs and "padding" not in (kwargs.get("text_kwargs") or {}):
-            kwargs["padding"] = True  # batches of prompts are left-padded to the longest one by default
-        outputs = super().__call__(images=images, text=expanded, **kwargs)
-        if expanded is not None and "input_ids" in outputs:
-            self._check_latent_slots(expanded, outputs["input_ids"])
+            if not texts:
+                raise ValueError("`text` is an empty list; give at least one prompt.")
+            for index, sample in enumerate(texts):
+                if not sample.strip():
+                    raise ValueError(
+                        f"`text` entry {index} is empty ({sample!r}); give a prompt (the chat template writes one from "
+                        "messages)."
+                    )
+            texts = [self.expand_latent_slots(sample) for sample in texts]
+        return self._encode(images, texts, **kwargs)
+
+    def _encode(self, images, texts: list[str] | None, **kwargs) -> BatchFeature:
+        """Images converted to 8-bit RGB, then `ProcessorMixin.__call__`; the latent slots are checked to have
+        survived tokenization (truncation would cut them)."""
+        if images is not None:
+            images = _convert_images(images)
+        outputs = super().__call__(images=images, text=texts, **kwargs)
+        if texts is not None and "input_ids" in outputs:
+            self._check_latent_slots(texts, outputs["input_ids"])
+            self._check_prompt_length(outputs)
         return outputs
+
+    def _check_prompt_length(self, outputs: BatchFeature) -> None:
+        """Refuse prompts longer than the tokenizer's `model_max_length` (the tokenizer itself only warns, and the
+        model would then run on positions it was never trained for)."""
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if not isinstance(limit, int) or limit >= 10**9:  # transformers' "no limit" value is 1e30
+            return
+        rows = outputs.get("attention_mask", outputs["input_ids"])
+        lengths = [int(sum(row)) if "attention_mask" in outputs else len(row) for row in rows]
+        if max(lengths, default=0) > limit:
+            longest = max(lengths)
+            raise ValueError(
+                f"A prompt has {longest} tokens (text, {self.image_seq_length} per image and the latent slots) but the "
+                f"model allows at most {limit} (tokenizer.model_max_length). Shorten the prompt or use fewer latent "
+                "steps (num_latent_steps)."
+            )
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Checks that the `<|image|>` placeholders in the text match the images given (before the library's own
@@ -228,15 +365,41 @@ class LaReProcessor(ProcessorMixin):
                 num_images = 0 if images is None else len(make_flat_list_of_images(images))
                 if sum(per_prompt) != num_images:
                     raise ValueError(
-                        f"The text has {sum(per_prompt)} {self.image_token} placeholder(s) (per prompt: {per_prompt}) "
-                        f"but {num_images} image(s) were given. Write {self.image_token} exactly once per image, where "
-                        "the image goes (the chat template does this for each {'type': 'image'} part), and pass the "
-                        "same number of images."
+                        f"The number of {self.image_token} tokens in the prompts should be the same as the number of "
+                        f"images: the text has {sum(per_prompt)} {self.image_token} placeholder(s) (per prompt: "
+                        f"{per_prompt}) but {num_images} image(s) were given. Write {self.image_token} exactly once per "
+                        "image, where the image goes (the chat template does this for each {'type': 'image'} part), "
+                        "and pass the same number of images."
                     )
         return super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save as usual. transformers writes `auto_map` onto a custom-code processor and its image processor while
+        saving (for the saved files); the instances keep the auto-class state they had, so `to_dict()` is the same
+        before and after saving."""
+        owners = [self] + [getattr(self, name) for name in self.get_attributes()]
+        states = [(owner, "auto_map" in owner.__dict__, owner.__dict__.get("auto_map")) for owner in owners]
+        try:
+            return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        finally:
+            for owner, had_auto_map, auto_map in states:
+                if had_auto_map:
+                    owner.__dict__["auto_map"] = auto_map
+                else:
+                    owner.__dict__.pop("auto_map", None)
+
+    def to_dict(self) -> dict:
+        """`ProcessorMixin.to_dict`, without the `auto_map` that saving custom code writes onto built-in
+        sub-processors (it names the LaRe processor, so it means nothing inside the image processor's entry)."""
+        output = super().to_dict()
+        for name in self.get_attributes():
+            entry = output.get(name)
+            if isinstance(entry, dict) and getattr(getattr(self, name, None), "_auto_class", None) is None:
+                entry.pop("auto_map", None)
+        return output
 
     def _check_latent_slots(self, texts: list[str], input_ids) -> None:
         rows = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
@@ -276,8 +439,9 @@ class LaReProcessor(ProcessorMixin):
         row and every answer starts at the same column; the answer part is right-padded to the longest answer.
 
         Args:
-            prompts: per sample, a prompt string in chat format ending with the latent group (as the chat template
-                with `add_generation_prompt=True` writes it), or a list of chat messages (the template is applied).
+            prompts: per sample, a prompt string in chat format ending with the latent region (as the chat template
+                with `add_generation_prompt=True` writes it; the region is rewritten to K steps), or a list of chat
+                messages (the template is applied).
             answers: per sample, the answer text; tokenized as `answer + "<|im_end|>"` without other special tokens.
             images: per sample, an image, a list of images or None (matched to the sample's `<|image|>`
                 placeholders); or a flat list of all images in order. Default: the images inside chat messages.
@@ -326,7 +490,11 @@ class LaReProcessor(ProcessorMixin):
                 texts.append(prompt)
                 message_images.append([])
             elif isinstance(prompt, (list, tuple)) and all(isinstance(message, dict) for message in prompt):
-                texts.append(self.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False))
+                texts.append(
+                    self.apply_chat_template(
+                        list(prompt), add_generation_prompt=True, tokenize=False, num_latent_steps=steps
+                    )
+                )
                 message_images.append(_images_in_messages(prompt))
             else:
                 raise ValueError(f"Prompt {index} must be a string or a list of chat messages, got {type(prompt)}.")
@@ -334,7 +502,7 @@ class LaReProcessor(ProcessorMixin):
             images = message_images
         flat_images = self._images_per_prompt(texts, images)
 
-        expanded = [self.expand_latent_slots(text, steps) for text in texts]
+        expanded = [self.set_latent_slots(text, steps) for text in texts]
         if steps > 0:
             for index, text in enumerate(expanded):
                 if not text.endswith(self.latent_end_token):
@@ -344,10 +512,9 @@ class LaReProcessor(ProcessorMixin):
                         "so that the answer follows the latent tokens."
                     )
 
-        prompt_inputs = self(
-            images=flat_images or None,
-            text=expanded,
-            num_latent_steps=steps,
+        prompt_inputs = self._encode(
+            flat_images or None,
+            expanded,
             padding="longest",
             padding_side="left",
             return_tensors="pt",
@@ -434,6 +601,128 @@ def _check_num_latent_steps(num_latent_steps) -> None:
         )
 
 
+def _describe_value(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_conversation(conversation) -> None:
+    """Messages as the chat template takes them: a non-empty list of {"role", "content"} dicts (or a batch of such
+    lists); roles system/user/assistant; content a string or a list of text/image parts; images as image objects or
+    url/path/base64 strings; some text or an image to answer."""
+    if hasattr(conversation, "messages"):
+        conversation = conversation.messages
+    if not isinstance(conversation, (list, tuple)):
+        raise ValueError(
+            f"`conversation` must be a list of messages ({{'role': ..., 'content': ...}} dicts) or a batch of such "
+            f"lists, got {_describe_value(conversation)}."
+        )
+    if not conversation:
+        raise ValueError("`conversation` is an empty list of messages; give at least one user message.")
+    batched = isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+    conversations = conversation if batched else [conversation]
+    for number, messages in enumerate(conversations):
+        where = f"conversation {number}, " if batched else ""
+        if hasattr(messages, "messages"):
+            messages = messages.messages
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(
+                f"{where}messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
+                f"{_describe_value(messages)}."
+            )
+        has_input = False
+        for index, message in enumerate(messages):
+            at = f"{where}message {index}"
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError(
+                    f"{at} must be a dict with 'role' and 'content', got {_describe_value(message)}; e.g. "
+                    "{'role': 'user', 'content': [{'type': 'text', 'text': 'How many?'}]}."
+                )
+            role, content = message["role"], message["content"]
+            if role not in CHAT_ROLES:
+                raise ValueError(f"{at} has role {role!r}; use one of {', '.join(map(repr, CHAT_ROLES))}.")
+            if isinstance(content, str):
+                has_input = has_input or bool(content.strip())
+                continue
+            if not isinstance(content, (list, tuple)):
+                raise ValueError(
+                    f"{at} has content {_describe_value(content)}; give a string or a list of "
+                    "{'type': 'text', 'text': ...} / {'type': 'image', 'image': ...} parts."
+                )
+            for part_index, part in enumerate(content):
+                part_at = f"{at}, content part {part_index}"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in CONTENT_TYPES:
+                    shown = repr(kind) if isinstance(part, dict) else _describe_value(part)
+                    raise ValueError(
+                        f"{part_at} has type {shown}; LaRe takes {' and '.join(map(repr, CONTENT_TYPES))} parts, as "
+                        "{'type': 'text', 'text': ...} or {'type': 'image', 'image': ...}."
+                    )
+                if kind == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise ValueError(
+                            f"{part_at} is a text part whose 'text' is {_describe_value(part.get('text'))}; give a "
+                            "string."
+                        )
+                    has_input = has_input or bool(part["text"].strip())
+                    continue
+                has_input = True
+                for key in IMAGE_SOURCE_KEYS:
+                    if key not in part:
+                        continue
+                    value = part[key]
+                    valid = (
+                        isinstance(value, str) if key != "image" else isinstance(value, str) or is_valid_image(value)
+                    )
+                    if not valid:
+                        raise ValueError(
+                            f"{part_at} has {key}={_describe_value(value)}, which is not an image; give a PIL image, "
+                            "a numpy array or torch tensor of pixels, or a path / URL string."
+                        )
+        if not has_input:
+            raise ValueError(
+                f"{where}the messages hold no text and no image (all content is empty); give the question to answer."
+            )
+
+
+def _to_8bit_rgb(image):
+    """A PIL image with more than 8 bits per channel scaled to 8-bit RGB (PIL's own `convert` would clip 16-bit
+    values at 255, turning the image white); other modes are returned as they are (the image processor converts
+    them to RGB, compositing transparency over white)."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        image, mode = image.convert("I"), "I"
+    if mode == "I":
+        high = image.getextrema()[1]
+        scale = 1.0 if high <= 255 else 1.0 / 257.0 if high <= 65535 else 255.0 / high
+        return image.point(lambda value: value * scale).convert("L").convert("RGB")
+    if mode == "F":
+        high = image.getextrema()[1]
+        scale = 255.0 if high <= 1.0 else 1.0 if high <= 255.0 else 255.0 / high
+        return image.point(lambda value: value * scale).convert("L").convert("RGB")
+    return image
+
+
+def to_rgb(image):
+    """A PIL image as 8-bit RGB: 16-bit and float images scaled (not clipped), palette and transparent images
+    composited over white (as the image processor's `convert_rgb` does)."""
+    return convert_to_rgb(_to_8bit_rgb(image))
+
+
+def _convert_images(images):
+    """Check every image of `images` (nested lists allowed) and bring high-bit-depth PIL images to 8-bit RGB."""
+    if isinstance(images, (list, tuple)):
+        return type(images)(_convert_images(image) for image in images)
+    if is_pil_image(images):
+        return _to_8bit_rgb(images)
+    if images is None or isinstance(images, str) or is_valid_image(images):
+        return images
+    raise ValueError(
+        f"`images` holds {_describe_value(images)}, which is not an image; give PIL images, numpy arrays or torch "
+        "tensors of pixels (one per <|image|> placeholder)."
+    )
+
+
 def _images_in_messages(messages) -> list:
     images = []
     for message in messages:
@@ -470,11 +759,11 @@ def build_processor(
     return LaReProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        chat_template=LARE_CHAT_TEMPLATE,
+        chat_template=lare_chat_template(num_latent_steps, latent_tokens_per_step),
         num_latent_steps=num_latent_steps,
         latent_tokens_per_step=latent_tokens_per_step,
         image_seq_length=image_seq_length,
     )
 
 
-__all__ = ["LARE_CHAT_TEMPLATE", "LaReProcessor", "build_processor"]
+__all__ = ["LARE_CHAT_TEMPLATE", "LaReProcessor", "build_processor", "lare_chat_template", "to_rgb"]

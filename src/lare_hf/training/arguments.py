@@ -35,6 +35,10 @@ class LaReDataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "root of relative image paths"})
     data_kind: str = field(default="auto", metadata={"help": "auto, conversation or reasoning"})
     on_error: str = field(default="raise", metadata={"help": "malformed records: raise or skip (counted)"})
+    allow_images_outside_root: bool = field(
+        default=False,
+        metadata={"help": "let image paths of the data resolve outside image_folder (default: refused)"},
+    )
     num_latent_steps: int | None = field(default=None, metadata={"help": "K for the latent slots (stage I: 0)"})
     max_answer_length: int | None = field(default=None)
     max_rationale_length: int | None = field(default=64)

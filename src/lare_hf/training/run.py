@@ -128,6 +128,18 @@ def run_stage(
         )
     set_seed(training_args.seed)
 
+    # The data is checked before the model is loaded: a broken record fails in seconds, not after loading weights.
+    records = load_records(
+        data_args.train_file,
+        kind=data_args.data_kind,
+        image_folder=data_args.image_folder,
+        on_error=data_args.on_error,
+        allow_images_outside_root=data_args.allow_images_outside_root,
+    )
+    with_rationale = trainer_cls.latent_losses or data_args.rationale_in_answer
+    if with_rationale:
+        records.require_rationales()  # fail before training, not at a random step
+
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     _apply_overrides(model, model_args.model_overrides)
@@ -138,15 +150,6 @@ def run_stage(
         model = _wrap_lora(model, model_args)
     counts = trainer_cls.configure_model(model, lora=model_args.lora)
 
-    records = load_records(
-        data_args.train_file,
-        kind=data_args.data_kind,
-        image_folder=data_args.image_folder,
-        on_error=data_args.on_error,
-    )
-    with_rationale = trainer_cls.latent_losses or data_args.rationale_in_answer
-    if with_rationale:
-        records.require_rationales()  # fail before training, not at a random step
     if 0 < len(records.without_image) < len(records) and training_args.per_device_train_batch_size > 1:
         raise ValueError(
             f"{data_args.train_file} mixes {len(records.without_image)} text-only records with image records; a "
