@@ -180,9 +180,10 @@ def test_missing_column_is_a_clear_error(tmp_path):
 def test_unknown_benchmark():
     with pytest.raises(ValueError) as error:
         get_benchmark("mmmu")
-    for name in ("mmbench", "mmstar", "mmvp", "scienceqa", "pope", "refocus_shapes"):
+    names = {"mmbench", "mmstar", "mmvp", "scienceqa", "pope", "refocus_shapes", "refocus_chains"}
+    for name in names:
         assert name in str(error.value)
-    assert set(BENCHMARKS) == {"mmbench", "mmstar", "mmvp", "scienceqa", "pope", "refocus_shapes"}
+    assert set(BENCHMARKS) == names
     assert get_benchmark("RefocusShapes".replace("Shapes", "-shapes")).name == "refocus_shapes"
 
 
@@ -399,3 +400,26 @@ def test_missing_image_file_fails_at_load(tmp_path):
     (tmp_path / "test.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(FileNotFoundError, match="image_folder"):
         get_benchmark("refocus_shapes").load(tmp_path / "test.jsonl")
+
+
+REASONING_CASES = [  # (benchmark, gold answer, choices, the answer as the reasoning response states it)
+    ("mmbench", "B", {"A": "a cat", "B": "a dog", "C": "a bird"}, "B"),
+    ("mmstar", "C", {"A": "1", "B": "2", "C": "3", "D": "4"}, "C"),
+    ("mmvp", "A", {"A": "open", "B": "closed"}, "(a) open"),
+    ("scienceqa", "B", {"A": "solid", "B": "liquid"}, "B"),
+    ("pope", "no", None, "no"),
+    ("refocus_shapes", "7", None, "7"),
+    ("refocus_chains", "blue", None, "the blue cell"),
+]
+
+
+@pytest.mark.parametrize("name, gold, choices, stated", REASONING_CASES, ids=[case[0] for case in REASONING_CASES])
+def test_final_answer_is_extracted_from_a_reasoning_response(name, gold, choices, stated):
+    """The paper's target: the model reasons in text first, then answers (collator response_format="reasoning")."""
+    from lare_hf.evaluation.benchmarks import BenchmarkSample
+
+    bench = get_benchmark(name)
+    sample = BenchmarkSample(id="x", image=None, prompt="q", answer=gold, choices=choices)
+    rationale = "First I look at the image. The first option is not it, the other is; there are 2 of them."
+    assert bench.extract(f"{rationale}\nAnswer: {stated}", sample) == gold
+    assert bench.is_correct(f"{rationale}\nAnswer: {stated}", sample)

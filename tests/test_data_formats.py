@@ -411,9 +411,10 @@ def test_collator_batch(processor, reasoning_records):
     assert tuple(batch["pixel_values"].shape) == (2, 3, 32, 32)
     assert batch["rationale_input_ids"].shape == batch["rationale_attention_mask"].shape
     assert batch["rationale_input_ids"].shape[0] == 2 and batch["rationale_input_ids"].shape[1] <= 6
-    # labels only on the answer (and its closing <|im_end|>), equal to the input ids there
+    # labels only on the response (rationale, then the answer, and its closing <|im_end|>), equal to the ids there
     for row, feature in enumerate(features):
-        assert _answer_text(processor, batch, row) == feature["answer"] + "<|im_end|>"
+        expected = f"{feature['rationale']}\nAnswer: {feature['answer']}<|im_end|>"
+        assert _answer_text(processor, batch, row) == expected
         supervised = batch["labels"][row] != -100
         assert (batch["input_ids"][row][supervised] == batch["labels"][row][supervised]).all()
         assert (batch["attention_mask"][row][supervised] == 1).all()
@@ -434,10 +435,18 @@ def test_collator_options(processor, reasoning_records, data_dir):
     # stage I: no latent slots, no rationale
     plain = LaReDataCollator(processor=processor, num_latent_steps=0, with_rationale=False)(features)
     assert "rationale_input_ids" not in plain and processor.latent_token_id not in plain["input_ids"]
-    # explicit chain-of-thought baseline
-    cot = LaReDataCollator(processor=processor, rationale_in_answer=True)(features)
+    # the paper's target (default): rationale, then the answer; explicit CoT baseline = the same without latents
+    cot = LaReDataCollator(processor=processor, num_latent_steps=0, with_rationale=False)(features)
     assert "rationale_input_ids" not in cot
     assert _answer_text(processor, cot, 1) == "The square spans most of the image.\nAnswer: the red square<|im_end|>"
+    lare = LaReDataCollator(processor=processor)(features)
+    assert "rationale_input_ids" in lare
+    assert _answer_text(processor, lare, 1) == _answer_text(processor, cot, 1)
+    # short-answer target
+    answer_only = LaReDataCollator(processor=processor, response_format="answer")(features)
+    assert _answer_text(processor, answer_only, 1) == "the red square<|im_end|>"
+    with pytest.raises(ValueError, match="response_format must be one of.*'essay'"):
+        LaReDataCollator(processor=processor, response_format="essay")
     # answer truncation
     short = LaReDataCollator(processor=processor, with_rationale=False, max_answer_length=2)(features)
     assert ((short["labels"] != -100).sum(dim=1) <= 2).all()
@@ -453,10 +462,11 @@ def test_collator_missing_rationale(processor, data_dir):
     features = [records[0], records[1]]
     with pytest.raises(ValueError, match="'lacks' has no rationale.*with_rationale=False"):
         LaReDataCollator(processor=processor)(features)
-    with pytest.raises(ValueError, match="'lacks' has no rationale"):
-        LaReDataCollator(processor=processor, rationale_in_answer=True)(features)
     batch = LaReDataCollator(processor=processor, with_rationale=False)(features)
     assert "rationale_input_ids" not in batch
+    # a record without rationale is trained on its bare answer, one with a rationale on the reasoning
+    assert _answer_text(processor, batch, 1) == "2<|im_end|>"
+    assert _answer_text(processor, batch, 0) == "I count 2.\nAnswer: 2<|im_end|>"
 
 
 def test_collator_conversations_text_only_and_mixed(processor, data_dir):

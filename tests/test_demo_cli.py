@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -20,12 +21,20 @@ def test_lare_demo_runs_the_whole_pipeline(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    for stage in (1, 2, 3, 4):
-        assert (tmp_path / f"stage{stage}" / "model.safetensors").is_file()
-    history = json.loads((tmp_path / "stage4" / "lare_training_history.json").read_text())
-    assert [entry["stage"] for entry in history] == [1, 2, 3, 4]
-    assert (tmp_path / "eval_k4" / "eval_refocus_shapes.json").is_file()
-    assert "windows (row, col) refocused on per latent step" in result.stdout
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    for name in ("k0", summary["variant"]):
+        assert (tmp_path / name / "model.safetensors").is_file() and (
+            tmp_path / name / "processor_config.json"
+        ).is_file()
+    assert (tmp_path / "refocus.png").stat().st_size > 10_000
+    assert {"train.jsonl", "test.jsonl", "captions.jsonl"} <= {p.name for p in (tmp_path / "data").iterdir()}
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"demo: LaRe (\d+\.\d)% vs K=0 (\d+\.\d)% on (\d+) held-out questions \(window hit rate (\d+\.\d)%\)", last
+    )
+    assert match, last
+    assert float(match.group(1)) == round(summary["lare_accuracy"], 1) and int(match.group(3)) == summary["num_test"]
+    assert "chat:" in result.stdout and summary["chat"]["question"].startswith("From the ")
 
 
 def test_push_dry_run_writes_the_card_and_lists_files(tiny_checkpoint, capsys):

@@ -135,12 +135,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from .data.refocus_shapes import write_refocus_shapes
-
     refuse_non_empty(args.output, "lare data synth --output", args.overwrite)
-    paths = write_refocus_shapes(
-        args.output, args.num_train, args.num_test, seed=args.seed, image_size=args.image_size
-    )
+    if args.benchmark == "refocus_chains":
+        from .data.refocus_chains import write_refocus_chains
+
+        paths = write_refocus_chains(
+            args.output, args.num_train, args.num_test, seed=args.seed, hops=args.hops, layout=args.layout,
+            num_captions=args.num_captions,
+        )  # fmt: skip
+    else:
+        from .data.refocus_shapes import write_refocus_shapes
+
+        paths = write_refocus_shapes(
+            args.output, args.num_train, args.num_test, seed=args.seed, image_size=args.image_size
+        )
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
@@ -261,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark file (JSON report + predictions)")
     evaluation.add_argument("--model", required=True)
     evaluation.add_argument(
-        "--benchmark", required=True, help="mmbench, mmstar, mmvp, scienceqa, pope or refocus_shapes"
+        "--benchmark", required=True, help="mmbench, mmstar, mmvp, scienceqa, pope, refocus_chains or refocus_shapes"
     )
     evaluation.add_argument(
         "--data", required=True, help="parquet / JSON / JSONL file, folder, or save_to_disk folder"
@@ -278,12 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="generate the RefocusShapes benchmark (JSONL + PNG)")
+    synth = data_sub.add_parser("synth", help="generate a synthetic benchmark (JSONL + PNG)")
     synth.add_argument("--output", required=True)
+    synth.add_argument(
+        "--benchmark", choices=("refocus_chains", "refocus_shapes"), default="refocus_chains",
+        help="refocus_chains (docs/refocus_chains.md) or refocus_shapes (docs/refocus_shapes.md)",
+    )  # fmt: skip
+    synth.add_argument("--hops", type=int, nargs="+", default=[1, 2, 3, 4], help="refocus_chains chain lengths")
+    synth.add_argument("--layout", choices=("fixed", "random"), default="fixed", help="refocus_chains cell layout")
+    synth.add_argument("--num-captions", type=int, default=0, help="refocus_chains alignment captions to write")
     synth.add_argument("--num-train", type=int, default=2000)
     synth.add_argument("--num-test", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--image-size", type=int, default=64, help="refocus_shapes image size")
     synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
 

@@ -1,75 +1,118 @@
-"""`lare demo`: the whole pipeline on the offline tiny preset.
+"""`lare demo`: LaRe learning to refocus, end to end, offline on CPU in a few minutes.
 
-build lare-tiny -> generate RefocusShapes -> train stages I-IV (short runs, each checkpoint in its own folder) ->
-evaluate the stage-IV model with and without latent steps -> chat with it and show where it refocused.
+build a small LaRe -> write RefocusChains (easy setting: chains of 1-2 hops) -> alignment stage (captions, the
+Stage I analogue) -> train LaRe and the K=0 baseline from the aligned weights (same budget) -> evaluate both on
+held-out boards -> draw where each latent step refocused (refocus.png) -> chat with the saved LaRe checkpoint
+through the Auto classes. The last line reads
+``demo: LaRe X% vs K=0 Y% on N held-out questions (window hit rate Z%)``.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .build import build_tiny, save_checkpoint
 from .destinations import refuse_non_empty
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEMO_VARIANT = "lare_k2"  # the paper's LaRe (reasoning text after the latents), K = the longest chain
+DEMO_HOPS = (1, 2)
+FULL = dict(num_train=2000, num_test=200, num_captions=3000, align_steps=1000, steps=400, batch_size=32)
+QUICK = dict(num_train=16, num_test=8, num_captions=16, align_steps=2, steps=2, batch_size=4)
 
 
 def run_demo(output: str, quick: bool = False, overwrite: bool = False) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .data.refocus_shapes import write_refocus_shapes
-    from .evaluation.runner import evaluate
-    from .training.run import run_all
-
-    root = refuse_non_empty(output, "lare demo --output", overwrite)
-    model, processor = build_tiny()
-    model_dir = save_checkpoint(model, processor, str(root / "model"))
-    print(
-        f"[demo] 1/5 built lare-tiny ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) in {model_dir}"
+    from .build import save_checkpoint
+    from .data.refocus_chains import write_refocus_chains
+    from .reproduction import (
+        build_chains_model,
+        evaluate_variant,
+        refocus_windows,
+        train_alignment,
+        train_variant,
+        variant,
     )
+    from .visualization import plot_refocus_grid
 
-    data = write_refocus_shapes(str(root / "data"), 32 if quick else 128, 16 if quick else 64, seed=0, image_size=64)
-    print(f"[demo] 2/5 wrote RefocusShapes train/test to {root / 'data'}")
+    settings = QUICK if quick else FULL
+    root = refuse_non_empty(output, "lare demo --output", overwrite)
+    started = time.perf_counter()
+    model, processor = build_chains_model(seed=0)
+    print(f"[demo] 1/6 LaRe for RefocusChains: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+          f"(vision {model.config.vision_config.num_hidden_layers} layer, LM {model.config.text_config.num_hidden_layers}"
+          f" layers of width {model.config.text_config.hidden_size}, window {model.config.window_size}x"
+          f"{model.config.window_size} patch)")  # fmt: skip
 
-    recipes = [str(CONFIGS_DIR / "tiny" / f"stage{stage}.yaml") for stage in (1, 2, 3, 4)]
-    overrides = ["--train_file", data["train"], "--disable_tqdm", "True"]
-    if quick:
-        overrides += ["--max_steps", "2"]
-    if overwrite:
-        overrides += ["--overwrite", "True"]
-    records = run_all(recipes, model_name_or_path=str(model_dir), overrides=overrides, output_root=str(root))
-    for record in records:
-        losses = ", ".join(f"{key}={value:.3f}" for key, value in record["last_logged_losses"].items())
-        print(
-            f"[demo] 3/5 stage {record['stage']}: {record['global_steps']} steps -> {root / ('stage' + str(record['stage']))} ({losses})"
+    data = write_refocus_chains(root / "data", settings["num_train"], settings["num_test"], seed=0, hops=DEMO_HOPS,
+                                num_captions=settings["num_captions"])  # fmt: skip
+    print(f"[demo] 2/6 RefocusChains ({DEMO_HOPS} hops): {settings['num_train']} train, {settings['num_test']} "
+          f"held-out questions, {settings['num_captions']} captions in {root / 'data'}")  # fmt: skip
+
+    state, summary = train_alignment(data["captions"], root / "alignment", settings["align_steps"],
+                                     settings["batch_size"], 3e-3, seed=0)  # fmt: skip
+    print(f"[demo] 3/6 alignment stage: {settings['align_steps']} steps, caption loss {summary['losses'][0]:.2f} -> "
+          f"{summary['losses'][-1]:.2f} ({summary['seconds']:.0f}s)")  # fmt: skip
+
+    results, checkpoints = {}, {}
+    for name in (DEMO_VARIANT, "k0"):
+        spec = variant(name)
+        trained, trained_processor, summary = train_variant(
+            spec, data["train"], root / name / "trainer", settings["steps"], settings["batch_size"], 3e-3, 0, state
         )
+        checkpoints[name] = save_checkpoint(trained, trained_processor, str(root / name))
+        results[name] = evaluate_variant(trained, trained_processor, spec, data["test"])
+        results[name]["train_seconds"] = summary["seconds"]
+        print(f"[demo] 4/6 trained {name} (K={spec.num_latent_steps}) for {settings['steps']} steps "
+              f"({summary['seconds']:.0f}s) -> {checkpoints[name]}: held-out accuracy "
+              f"{results[name]['accuracy']:.1f}% (by hops {results[name]['accuracy_by_hops']})")  # fmt: skip
 
-    final = root / "stage4"
-    reports = {}
-    for steps in (4, 0):
-        report = evaluate(str(final), "refocus_shapes", data["test"], num_latent_steps=steps, batch_size=16,
-                          max_new_tokens=8, output_dir=str(root / f"eval_k{steps}"), progress=False)  # fmt: skip
-        reports[steps] = report
-        print(f"[demo] 4/5 eval K={steps}: accuracy {report['accuracy']:.1f}% on {report['num_samples']} questions, "
-              f"{report['latency_s_per_sample'] * 1000:.0f} ms/question")  # fmt: skip
+    # Look at where the trained LaRe refocused: reload it as any user would.
+    lare_dir = checkpoints[DEMO_VARIANT]
+    model = AutoModelForImageTextToText.from_pretrained(lare_dir).eval()
+    processor = AutoProcessor.from_pretrained(lare_dir)
+    from .evaluation.benchmarks import get_benchmark
 
-    model = AutoModelForImageTextToText.from_pretrained(final).eval()
-    processor = AutoProcessor.from_pretrained(final)
-    record = json.loads(Path(data["test"]).read_text().splitlines()[0])
+    samples = get_benchmark("refocus_chains").load(data["test"], limit=4)
+    steps = variant(DEMO_VARIANT).num_latent_steps
+    found = refocus_windows(model, processor, samples, steps)
+    rows = {row["id"]: row for row in results[DEMO_VARIANT]["rows"]}
+    titles = [f"{s.prompt}\ngold: {s.answer}\nLaRe: {rows[s.id]['prediction']!r}" for s in samples]
+    figure = plot_refocus_grid([s.image for s in samples], found["saliency_maps"], found["window_positions"],
+                               model.config.window_size, str(root / "refocus.png"), titles,
+                               [s.meta["visited_cells"] for s in samples])  # fmt: skip
+    print(f"[demo] 5/6 saliency and windows of each latent step for {len(samples)} held-out boards -> {figure}")
+
+    record = json.loads(Path(data["test"]).read_text().splitlines()[-1])
     image = Image.open(Path(data["test"]).parent / record["image"]).convert("RGB")
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": record["question"]}]}]  # fmt: skip
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")  # fmt: skip
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=8)
-        refocus = model(**inputs)
-    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
-    windows = refocus.window_positions[0].tolist()
-    print(f"[demo] 5/5 Q: {record['question']!r} gold: {record['answer']!r} model: {answer.strip()!r}")
-    print(f"[demo]     windows (row, col) refocused on per latent step: {windows}")
-    return {"model_dir": str(model_dir), "stages": records, "eval": reports, "answer": answer, "windows": windows}
+        output = model.generate(**inputs, max_new_tokens=16)
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    print(f"[demo] 6/6 chat: {record['question']!r} -> {answer!r} (gold {record['answer']!r})")
+
+    lare, k0 = results[DEMO_VARIANT], results["k0"]
+    summary = {
+        "variant": DEMO_VARIANT,
+        "lare_accuracy": lare["accuracy"],
+        "k0_accuracy": k0["accuracy"],
+        "num_test": lare["num_test"],
+        "window_hit_rate": lare["window_hit_rate"],
+        "window_hit_rate_by_step": lare["window_hit_rate_by_step"],
+        "accuracy_by_hops": {"lare": lare["accuracy_by_hops"], "k0": k0["accuracy_by_hops"]},
+        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
+        "refocus_png": figure,
+        "chat": {"question": record["question"], "answer": answer, "gold": record["answer"]},
+        "seconds": time.perf_counter() - started,
+    }
+    (root / "demo.json").write_text(json.dumps(summary, indent=2))
+    print(f"demo: LaRe {lare['accuracy']:.1f}% vs K=0 {k0['accuracy']:.1f}% on {lare['num_test']} held-out questions "
+          f"(window hit rate {lare['window_hit_rate']:.1f}%)")  # fmt: skip
+    return summary

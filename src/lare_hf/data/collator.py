@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-EXPLICIT_COT_TEMPLATE = "{rationale}\nAnswer: {answer}"
+REASONING_TEMPLATE = "{rationale}\nAnswer: {answer}"
+RESPONSE_FORMATS = ("reasoning", "answer")
+
+
+def response_text(answer: str, rationale: str | None, response_format: str = "reasoning") -> str:
+    """The text the model is trained to generate after the prompt (and after `<|latent_end|>`).
+
+    "reasoning" (the paper, Sec. 3.1: after the latent steps the model generates its reasoning in text, then the
+    answer): ``"{rationale}\nAnswer: {answer}"``, or the bare answer when the example has no rationale;
+    "answer": the bare answer (short-answer fine-tuning, e.g. captions or multiple-choice letters).
+    """
+    if response_format not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}.")
+    if response_format == "reasoning" and isinstance(rationale, str) and rationale.strip():
+        return REASONING_TEMPLATE.format(rationale=rationale.strip(), answer=answer)
+    return answer
+
 
 # The normalised example's columns the collator reads (Trainer must not remove them).
 DATA_COLUMNS = ("messages", "answer", "rationale", "image", "id")
@@ -30,9 +47,16 @@ class LaReDataCollator:
         num_latent_steps: K latent steps written into each sequence (None: the processor's default; 0: no latent
             slots, stage I / plain baseline).
         with_rationale: pass the rationales (for the latent losses); an example without one is an error.
-        max_answer_length, max_rationale_length: truncation lengths in tokens (None: no truncation).
-        rationale_in_answer: explicit chain-of-thought baseline: the target is "{rationale}\\nAnswer: {answer}" and
-            no rationale tensors are produced (`with_rationale` is ignored).
+        max_answer_length, max_rationale_length: truncation lengths in tokens (None: no truncation;
+            `max_answer_length` applies to the whole response).
+        response_format: what the model learns to generate (`response_text`): "reasoning" (default, the paper's
+            target: rationale, then "Answer: ..."; the bare answer for examples without a rationale) or "answer".
+            The explicit chain-of-thought baseline is "reasoning" with K=0 and `with_rationale=False`.
+        latent_step_targets: per-step supervision of the latent phase (not in the paper; a lever of the small-scale
+            reproduction, see benchmarks/reproduce.py): a function giving, per example, the text each latent step
+            should resolve (e.g. the colour reached by hop k). The LM's prediction at the position whose attention
+            chooses step k's window (`<|latent_start|>` for k=1, else step k-1's last latent slot) is trained on the
+            first token of " " + target k, for k <= min(K, number of targets). None (default): no such labels.
 
     Batches are all-image or all-text: a batch mixing examples with and without an image raises (the model takes
     one image per prompt with an image placeholder); text-only batches are passed with images=None.
@@ -43,7 +67,15 @@ class LaReDataCollator:
     with_rationale: bool = True
     max_answer_length: int | None = None
     max_rationale_length: int | None = None
-    rationale_in_answer: bool = False
+    response_format: str = "reasoning"
+    latent_step_targets: Callable[[dict[str, Any]], Sequence[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(
+                f"response_format must be one of {RESPONSE_FORMATS}, got {self.response_format!r}: 'reasoning' "
+                "trains on 'rationale + Answer: answer' (the paper), 'answer' on the bare answer."
+            )
 
     def _rationales(self, features: list[dict[str, Any]], why: str) -> list[str]:
         rationales = []
@@ -52,8 +84,8 @@ class LaReDataCollator:
             if not isinstance(rationale, str) or not rationale.strip():
                 raise ValueError(
                     f"Example {_example_id(feature, position)!r} has no rationale, but {why}. Fix the data (give "
-                    "every record a 'rationale'), or pass with_rationale=False (and rationale_in_answer=False) for "
-                    "a stage that does not use rationales."
+                    "every record a 'rationale'), or pass with_rationale=False for a stage that does not use "
+                    "rationales."
                 )
             rationales.append(rationale)
         return rationales
@@ -77,15 +109,12 @@ class LaReDataCollator:
                     "examples of lare_hf.data.formats.load_records / records_from_dataset."
                 )
         prompts = [feature["messages"] for feature in features]
-        answers = [str(feature["answer"]) for feature in features]
+        answers = [
+            response_text(str(feature["answer"]), feature.get("rationale"), self.response_format)
+            for feature in features
+        ]
         rationales = None
-        if self.rationale_in_answer:
-            explicit = self._rationales(features, "rationale_in_answer=True trains on 'rationale + answer'")
-            answers = [
-                EXPLICIT_COT_TEMPLATE.format(rationale=rationale.strip(), answer=answer)
-                for rationale, answer in zip(explicit, answers)
-            ]
-        elif self.with_rationale:
+        if self.with_rationale:
             rationales = self._rationales(features, "with_rationale=True (this stage's latent losses need it)")
 
         with_image = [feature.get("image") is not None for feature in features]
@@ -111,7 +140,26 @@ class LaReDataCollator:
             max_answer_length=self.max_answer_length,
             max_rationale_length=self.max_rationale_length,
         )
-        return dict(batch)
+        batch = dict(batch)
+        if self.latent_step_targets is not None:
+            self._add_latent_step_labels(batch, features)
+        return batch
+
+    def _add_latent_step_labels(self, batch: dict[str, torch.Tensor], features: list[dict[str, Any]]) -> None:
+        processor = self.processor
+        tokenizer = processor.tokenizer
+        steps = processor.num_latent_steps if self.num_latent_steps is None else self.num_latent_steps
+        if steps == 0:
+            raise ValueError("latent_step_targets supervises latent steps, but num_latent_steps is 0.")
+        m = processor.latent_tokens_per_step
+        start_id = processor.latent_start_token_id
+        for row, feature in enumerate(features):
+            targets = list(self.latent_step_targets(feature))
+            (columns,) = (batch["input_ids"][row] == start_id).nonzero(as_tuple=True)
+            start = int(columns[0])
+            for k, target in enumerate(targets[:steps], start=1):
+                ids = tokenizer.encode(" " + str(target).strip(), add_special_tokens=False)
+                batch["labels"][row, start + 1 + (k - 1) * m] = ids[0]
 
 
-__all__ = ["DATA_COLUMNS", "EXPLICIT_COT_TEMPLATE", "LaReDataCollator"]
+__all__ = ["DATA_COLUMNS", "REASONING_TEMPLATE", "RESPONSE_FORMATS", "LaReDataCollator", "response_text"]

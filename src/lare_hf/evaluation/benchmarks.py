@@ -1154,6 +1154,55 @@ class RefocusShapesBenchmark(Benchmark):
         return {"pair_accuracy": _pct(sum(complete), len(complete)), "num_pairs": len(complete)}
 
 
+class RefocusChainsBenchmark(Benchmark):
+    """The synthetic RefocusChains benchmark (`lare_hf.data.refocus_chains`): "From the red cell, follow 3 marks."
+    -> "the blue cell". The gold answer is the colour; a prediction is judged by the colour its final answer names
+    (after the last "Answer:" when there is one), which must be exactly one of the board's colours. ``category`` is
+    the chain length; ``meta["visited_cells"]`` holds the cell each reasoning step reads (for window-hit rates)."""
+
+    name = "refocus_chains"
+    default_split = "test"
+    layout = "RefocusChains reasoning records (image, question, answer, category, visited_cells)"
+    columns = {
+        "id": ("id",),
+        "question": ("question",),
+        "answer": ("answer",),
+        "category": ("category",),
+        "rationale": ("rationale",),
+        "visited_cells": ("visited_cells",),
+    }
+    required = ("question", "answer")
+    post_prompt = ""
+    max_new_tokens = 32
+
+    def _make_sample(self, row, cols, i, source):
+        from ..data.refocus_chains import COLOUR_NAMES
+
+        answer = _colour_in(_text(self._get(row, cols, "answer")), COLOUR_NAMES)
+        visited = self._get(row, cols, "visited_cells")
+        return BenchmarkSample(
+            id=_text(self._get(row, cols, "id")) or str(i),
+            image=None,
+            prompt=f"{_text(self._get(row, cols, 'question'))}{self.post_prompt}",
+            answer=answer,
+            category=_text(self._get(row, cols, "category")) or None,
+            meta={"visited_cells": [list(map(int, cell)) for cell in visited] if visited is not None else []},
+        )
+
+    def extract(self, prediction, sample):
+        from ..data.refocus_chains import COLOUR_NAMES
+
+        text = _clean(prediction)
+        segments = _answer_segments(text)
+        return _colour_in(segments[0] if segments else text, COLOUR_NAMES)
+
+
+def _colour_in(text: str, colours: Sequence[str]) -> str:
+    """The one colour word `text` names ("" when it names none or several different ones)."""
+    found = {word for word in re.findall(r"[a-z]+", text.lower()) if word in colours}
+    return found.pop() if len(found) == 1 else ""
+
+
 BENCHMARKS: dict[str, type[Benchmark]] = {
     "mmbench": MMBenchBenchmark,
     "mmstar": MMStarBenchmark,
@@ -1161,6 +1210,7 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
     "scienceqa": ScienceQABenchmark,
     "pope": POPEBenchmark,
     "refocus_shapes": RefocusShapesBenchmark,
+    "refocus_chains": RefocusChainsBenchmark,
 }
 
 
@@ -1183,6 +1233,7 @@ __all__ = [
     "MMVPBenchmark",
     "POPEBenchmark",
     "POPE_ORIGINAL_POST_PROMPT",
+    "RefocusChainsBenchmark",
     "RefocusShapesBenchmark",
     "SHORT_ANSWER_POST_PROMPT",
     "ScienceQABenchmark",

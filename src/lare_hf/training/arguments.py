@@ -43,8 +43,12 @@ class LaReDataArguments:
     max_answer_length: int | None = field(default=None)
     max_rationale_length: int | None = field(default=64)
     max_train_samples: int | None = field(default=None)
-    rationale_in_answer: bool = field(
-        default=False, metadata={"help": "explicit chain-of-thought baseline: train on 'rationale + answer'"}
+    response_format: str = field(
+        default="reasoning",
+        metadata={
+            "help": "what the model learns to generate: 'reasoning' (the paper: rationale, then 'Answer: ...'; the "
+            "bare answer for records without a rationale) or 'answer' (the bare answer)"
+        },
     )
 
 

@@ -136,8 +136,7 @@ def run_stage(
         on_error=data_args.on_error,
         allow_images_outside_root=data_args.allow_images_outside_root,
     )
-    with_rationale = trainer_cls.latent_losses or data_args.rationale_in_answer
-    if with_rationale:
+    if trainer_cls.latent_losses:
         records.require_rationales()  # fail before training, not at a random step
 
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
@@ -163,10 +162,10 @@ def run_stage(
     collator = LaReDataCollator(
         processor=processor,
         num_latent_steps=num_latent_steps,
-        with_rationale=trainer_cls.latent_losses and not data_args.rationale_in_answer,
+        with_rationale=trainer_cls.latent_losses,
         max_answer_length=data_args.max_answer_length,
         max_rationale_length=data_args.max_rationale_length,
-        rationale_in_answer=data_args.rationale_in_answer,
+        response_format=data_args.response_format,
     )
     training_args.remove_unused_columns = False
     # Pushing is done once at the end with the generated model card (lare_hf.hub), not by Trainer mid-run.

@@ -1,0 +1,424 @@
+"""Small-scale, CPU reproduction of LaRe on RefocusChains: the variants of the paper's Tables 1 and 3.
+
+Every variant starts from the same weights and trains with the same budget (steps x batch, optimiser, seed):
+
+* an alignment stage first (the paper's Stage I analogue, `train_alignment`): the vision tower, projector and LM
+  learn, from random init, to read the board ("List the mark of every cell." -> "cells: red green, ..."), on train
+  boards only. Its weights initialise every variant (the Extractor, reconstructor and heads start random);
+* ``k0``: the no-latent baseline (K=0, trained on the bare answer);
+* ``cot``: explicit chain of thought (K=0, trained on "path: red green blue\\nAnswer: the blue cell");
+* ``lare``: LaRe as in the paper (K latent steps, all losses of Eq. 10, then the same text as ``cot``);
+* ``lare_answer``: LaRe with the latent steps as the only reasoning (K steps, all losses, bare answer);
+* ``lare_steps``: ``lare_answer`` plus per-step supervision, a lever that is not in the paper: the LM's prediction
+  at the position whose attention picks step k's window is trained on the colour hop k reaches
+  (`LaReDataCollator.latent_step_targets`), so each latent step has its own target instead of only the final
+  answer (the role Coconut's step-by-step curriculum plays);
+* ablations (Table 3) of a LaRe variant: ``no_extractor``, ``no_window``, ``no_sym``, ``no_img``, ``no_text``;
+  and ``lare_answer_k{K}`` / ``lare_k{K}`` for other step counts.
+
+Deviation from the paper, forced by the offline 2-core setting: no pretrained CLIP / Qwen2.5 exists here, so the
+whole tiny model (`CHAINS_MODEL_CONFIG`) trains from random init; the alignment stage is what Stage I does for the
+paper's pretrained parts. `benchmarks/reproduce.py` runs the variants over several seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+from .build import build_tiny, save_checkpoint
+from .data.collator import LaReDataCollator
+from .data.formats import load_records
+from .data.refocus_chains import chain_step_targets, window_hits
+from .evaluation.benchmarks import BenchmarkSample, get_benchmark
+from .evaluation.runner import chat_messages, generate_answers
+from .training.arguments import LaReTrainingArguments
+from .training.trainer import LaReTrainer
+
+# A LaRe small enough to train on a 2-core CPU in minutes, shaped for RefocusChains' 24-px boards: one 8-px patch
+# per cell (9 image tokens), a one-patch window (the cell a step reads), m=1 latent token per step.
+CHAINS_MODEL_CONFIG: dict[str, Any] = {
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "patch_size": 8,
+        "image_size": 24,
+        "projection_dim": 64,
+    },
+    "text_config": {
+        "model_type": "qwen2",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    },
+    "image_seq_length": 9,
+    "num_latent_steps": 4,
+    "max_latent_steps": 8,
+    "latent_tokens_per_step": 1,
+    "extractor_num_layers": 2,
+    "extractor_num_heads": 4,
+    "window_size": 1,
+    "window_stride": 1,
+    "text_prefix_length": 16,
+    "use_reconstructor": True,
+    "reconstruction_image_size": 32,
+    "reconstructor_config": "tiny",
+    "image_tokenizer_config": "tiny",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained configuration: K, the response it learns to write, the latent losses, config overrides."""
+
+    name: str
+    num_latent_steps: int
+    response_format: str
+    latent_losses: bool
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    step_supervision: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "k0": Variant("k0", 0, "answer", False, description="no-latent baseline (K=0, bare answer)"),
+    "cot": Variant("cot", 0, "reasoning", False, description="explicit chain of thought (K=0, path + answer)"),
+    "lare": Variant("lare", 4, "reasoning", True, description="LaRe (K=4, all losses, path + answer; the paper)"),
+    "lare_answer": Variant(
+        "lare_answer", 4, "answer", True, description="LaRe, latent reasoning only (K=4, all losses, bare answer)"
+    ),
+    "lare_steps": Variant(
+        "lare_steps",
+        4,
+        "answer",
+        True,
+        description="lare_answer + per-step supervision of the latent steps (not in the paper)",
+        step_supervision=True,
+    ),
+}
+ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "no_extractor": ({"use_extractor": False}, "w/o Extractor"),
+    "no_window": ({"use_sliding_window": False}, "w/o sliding window"),
+    "no_sym": ({"sym_loss_weight": 0.0}, "w/o symmetric alignment"),
+    "no_img": ({"image_loss_weight": 0.0}, "w/o image reconstruction"),
+    "no_text": ({"text_loss_weight": 0.0}, "w/o text prefix reconstruction"),
+}
+
+
+def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
+    """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`), or
+    ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` (that LaRe variant with K latent steps)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name in ABLATIONS:
+        if ablation_base not in VARIANTS or VARIANTS[ablation_base].num_latent_steps == 0:
+            lare = [n for n, v in VARIANTS.items() if v.num_latent_steps]
+            raise ValueError(f"ablation_base must be a LaRe variant ({', '.join(lare)}), got {ablation_base!r}.")
+        overrides, description = ABLATIONS[name]
+        base = VARIANTS[ablation_base]
+        return replace(base, name=name, overrides=dict(overrides), description=f"{base.name} {description}")
+    for base_name in ("lare_answer", "lare_steps", "lare"):
+        prefix = f"{base_name}_k"
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            steps = int(name[len(prefix) :])
+            if not 1 <= steps <= CHAINS_MODEL_CONFIG["max_latent_steps"]:
+                raise ValueError(f"{name}: K must be in 1..{CHAINS_MODEL_CONFIG['max_latent_steps']}, got {steps}.")
+            base = VARIANTS[base_name]
+            return replace(base, name=name, num_latent_steps=steps, description=f"{base.name} with K={steps}")
+    valid = sorted(VARIANTS) + sorted(ABLATIONS) + ["lare_k{K}", "lare_answer_k{K}", "lare_steps_k{K}"]
+    raise ValueError(f"Unknown variant {name!r}; valid names: {', '.join(valid)}.")
+
+
+class FromScratchTrainer(LaReTrainer):
+    """Every module but the frozen image tokenizer trains (no pretrained parts exist offline)."""
+
+    stage = 0
+    trainable_groups = ("vision", "projector", "latent", "language_model")
+
+
+def build_chains_model(overrides: dict[str, Any] | None = None, seed: int = 0):
+    """(model, processor) of `CHAINS_MODEL_CONFIG` (plus `overrides`), random init for `seed`."""
+    return build_tiny(overrides={**CHAINS_MODEL_CONFIG, **(overrides or {})}, seed=seed)
+
+
+def _training_arguments(output_dir: Path, steps: int, batch_size: int, learning_rate: float, seed: int):
+    return LaReTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        weight_decay=0.05,
+        warmup_steps=0.05,
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, min(50, steps // 10)),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _train(model, processor, trainer_cls, records, collator, output_dir, steps, batch_size, learning_rate, seed):
+    trainer = trainer_cls(
+        model=model,
+        args=_training_arguments(output_dir, steps, batch_size, learning_rate, seed),
+        train_dataset=records,
+        data_collator=collator,
+        processing_class=processor,
+    )
+    started = time.perf_counter()
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"seconds": time.perf_counter() - started, "losses": losses, "log_history": trainer.state.log_history}
+
+
+ALIGNMENT = Variant("alignment", 0, "answer", False, description="alignment stage (captions, K=0)")
+
+
+def train_alignment(
+    captions_file: str,
+    output_dir: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The Stage I analogue: vision tower, projector and LM learn to read boards from the caption records.
+
+    Returns (state dict of the trained model, training summary with seconds and the logged losses)."""
+    set_seed(seed)
+    model, processor = build_chains_model(seed=seed)
+    trainer_cls = type("AlignmentTrainer", (FromScratchTrainer,), {"latent_losses": False})
+    trainer_cls.configure_model(model)
+    collator = LaReDataCollator(
+        processor=processor, num_latent_steps=0, with_rationale=False, response_format="answer"
+    )
+    summary = _train(
+        model, processor, trainer_cls, load_records(captions_file), collator, Path(output_dir),
+        steps, batch_size, learning_rate, seed,
+    )  # fmt: skip
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, summary
+
+
+# parameters the alignment stage trains and hands on to every variant
+ALIGNED_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+
+
+def train_variant(
+    spec: Variant,
+    train_file: str,
+    output_dir: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    init_state: dict[str, torch.Tensor] | None = None,
+    curriculum_steps: int = 0,
+):
+    """Train one variant from random init (or from the aligned `init_state`); returns (model, processor, summary).
+
+    With `curriculum_steps` > 0 the first that many steps train on the one-hop questions of `train_file` only, the
+    remaining `steps` - `curriculum_steps` on all of them (a curriculum over chain length, as Coconut's; each phase
+    is its own `Trainer` run with its own warmup and cosine schedule)."""
+    set_seed(seed)
+    model, processor = build_chains_model(spec.overrides, seed=seed)
+    if init_state is not None:
+        aligned = {k: v for k, v in init_state.items() if k.startswith(ALIGNED_PREFIXES)}
+        missing = [k for k in aligned if k not in model.state_dict()]
+        if missing:
+            raise ValueError(f"init_state has parameters this variant's model lacks: {missing[:5]}")
+        model.load_state_dict(aligned, strict=False)
+    trainer_cls = type(f"{spec.name}Trainer", (FromScratchTrainer,), {"latent_losses": spec.latent_losses})
+    trainer_cls.configure_model(model)
+    processor.num_latent_steps = spec.num_latent_steps
+    collator = LaReDataCollator(
+        processor=processor,
+        num_latent_steps=spec.num_latent_steps,
+        with_rationale=spec.latent_losses,
+        response_format=spec.response_format,
+        max_rationale_length=32,
+        latent_step_targets=chain_step_targets if spec.step_supervision else None,
+    )
+    if not 0 <= curriculum_steps <= steps:
+        raise ValueError(f"curriculum_steps must be in 0..steps ({steps}), got {curriculum_steps}.")
+    phases = [(one_hop_file(train_file), curriculum_steps), (train_file, steps - curriculum_steps)]
+    summary = {"seconds": 0.0, "losses": [], "log_history": []}
+    for phase_file, phase_steps in phases:
+        if phase_steps == 0:
+            continue
+        phase = _train(
+            model, processor, trainer_cls, load_records(phase_file), collator, Path(output_dir),
+            phase_steps, batch_size, learning_rate, seed,
+        )  # fmt: skip
+        for key in summary:
+            summary[key] += phase[key]
+    model.eval()
+    return model, processor, summary
+
+
+def one_hop_file(train_file: str) -> str:
+    """The one-hop records of a RefocusChains JSONL file, written next to it (``<name>.h1.jsonl``)."""
+    source = Path(train_file)
+    target = source.with_suffix(".h1.jsonl")
+    if not target.exists():
+        lines = [line for line in source.read_text().splitlines() if json.loads(line).get("hops") == 1]
+        if not lines:
+            raise ValueError(f"{train_file} has no one-hop record for the curriculum; generate it with hops=(1, ...).")
+        target.write_text("\n".join(lines) + "\n")
+    return str(target)
+
+
+@torch.no_grad()
+def refocus_windows(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Per sample, the window (row, col) and saliency map of every latent step, from one forward over the prompt
+    (the latent phase is the one `generate()` runs before its first token)."""
+    positions, maps = [], []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        prompts = [
+            processor.apply_chat_template(
+                chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps
+            )
+            for s in batch
+        ]
+        inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt")
+        outputs = model(**inputs)
+        positions.append(outputs.window_positions)
+        maps.append(outputs.saliency_maps)
+    return {"window_positions": torch.cat(positions), "saliency_maps": torch.cat(maps)}
+
+
+def evaluate_variant(
+    model, processor, spec: Variant, test_file: str, batch_size: int = 64, max_new_tokens: int = 32
+) -> dict[str, Any]:
+    """Greedy held-out accuracy (overall and by number of hops), generated tokens, and, for LaRe variants, how
+    often latent step k's window covers the cell reasoning step k reads (`window_hits`)."""
+    bench = get_benchmark("refocus_chains")
+    samples = bench.load(test_file)
+    texts, counts, seconds = generate_answers(
+        model, processor, samples, spec.num_latent_steps, batch_size, max_new_tokens, progress=False
+    )
+    rows = bench.judge(samples, texts)
+    report = bench.score(samples, texts)
+    correct_counts = [c for c, row in zip(counts, rows) if row["correct"]]
+    result: dict[str, Any] = {
+        "variant": spec.name,
+        "description": spec.description,
+        "num_latent_steps": spec.num_latent_steps,
+        "response_format": spec.response_format,
+        "accuracy": report["accuracy"],
+        "accuracy_by_hops": report["per_category"],
+        "num_test": len(samples),
+        "tokens": float(np.mean(counts)),
+        "tokens_correct": float(np.mean(correct_counts)) if correct_counts else None,
+        "eval_seconds": seconds,
+    }
+    windows = None
+    if spec.num_latent_steps > 0:
+        found = refocus_windows(model, processor, samples, spec.num_latent_steps, batch_size)
+        windows = found["window_positions"]
+        size = model.config.window_size if model.config.use_sliding_window else model.config.patch_grid_size
+        by_step: dict[int, list[bool]] = defaultdict(list)
+        for sample, sample_windows in zip(samples, windows.tolist()):
+            for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], size)):
+                by_step[k + 1].append(hit)
+        hits = [h for values in by_step.values() for h in values]
+        result["window_hit_rate"] = 100.0 * float(np.mean(hits)) if hits else None
+        result["window_hit_rate_by_step"] = {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_step.items())}
+    result["rows"] = [
+        {**row, "num_tokens": count, **({"windows": windows[i].tolist()} if windows is not None else {})}
+        for i, (row, count) in enumerate(zip(rows, counts))
+    ]
+    return result
+
+
+def run_variant(
+    spec: Variant,
+    data: dict[str, str],
+    output_dir: str | Path,
+    steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    init_state: dict[str, torch.Tensor] | None = None,
+    save_model: bool = False,
+    curriculum_steps: int = 0,
+) -> dict[str, Any]:
+    """Train `spec` on ``data["train"]``, evaluate on ``data["test"]``; optionally save the checkpoint."""
+    output = Path(output_dir)
+    model, processor, summary = train_variant(
+        spec, data["train"], output / "trainer", steps, batch_size, learning_rate, seed, init_state, curriculum_steps
+    )
+    result = evaluate_variant(model, processor, spec, data["test"])
+    result.update(
+        {
+            "seed": seed,
+            "steps": steps,
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "curriculum_steps": curriculum_steps,
+            "train_seconds": summary["seconds"],
+            "final_loss": summary["losses"][-1] if summary["losses"] else None,
+            "losses": summary["losses"],
+        }
+    )
+    if save_model:
+        save_checkpoint(model, processor, str(output / "model"))
+        result["model_dir"] = str(output / "model")
+    return result
+
+
+def mean_std_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | None]:
+    """Mean, sample standard deviation and the Student-t confidence interval of the mean (scipy)."""
+    from scipy import stats
+
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not values:
+        return {"mean": None, "std": None, "ci_low": None, "ci_high": None, "n": 0}
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return {"mean": mean, "std": None, "ci_low": None, "ci_high": None, "n": len(values)}
+    std = float(np.std(values, ddof=1))
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=std / math.sqrt(len(values)))
+    if std == 0:
+        low = high = mean
+    return {"mean": mean, "std": std, "ci_low": float(low), "ci_high": float(high), "n": len(values)}
+
+
+__all__ = [
+    "ABLATIONS",
+    "ALIGNMENT",
+    "CHAINS_MODEL_CONFIG",
+    "VARIANTS",
+    "FromScratchTrainer",
+    "Variant",
+    "build_chains_model",
+    "evaluate_variant",
+    "mean_std_ci",
+    "refocus_windows",
+    "run_variant",
+    "train_alignment",
+    "train_variant",
+    "variant",
+]

@@ -1,0 +1,300 @@
+"""RefocusChains (generator, held-out rules, scoring), per-step latent labels, and the reproduction's pieces."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lare_hf.data.refocus_chains import (
+    CELL_SIZE,
+    COLOUR_NAMES,
+    COLOURS,
+    GRID,
+    board_split,
+    chain_step_targets,
+    follow,
+    generate_captions,
+    generate_split,
+    render_board,
+    sample_board,
+    verify_held_out,
+    window_hits,
+    write_refocus_chains,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _board(record):
+    board = json.loads(record["board"])
+    return board["cells"], dict(zip(board["cells"], board["marks"]))
+
+
+def test_records_follow_the_marks_and_name_the_visited_cells():
+    records = generate_split("train", 40, seed=3, hops=(1, 2, 3, 4))
+    assert [r["hops"] for r in records[:8]] == [1, 2, 3, 4, 1, 2, 3, 4]
+    for record in records:
+        cells, marks = _board(record)
+        h = record["hops"]
+        start = record["question"].split("From the ")[1].split(" cell")[0]
+        path = follow(marks, start, h)
+        assert record["question"] == f"From the {start} cell, follow {h} mark{'s' if h > 1 else ''}."
+        assert record["answer"] == f"the {path[-1]} cell"
+        assert record["rationale"] == "path: " + " ".join(path)
+        assert chain_step_targets(record) == path[1:]
+        assert record["category"] == str(h)
+        assert record["visited_cells"] == [list(divmod(cells.index(c), GRID)) for c in path[:-1]]
+        # the marks are one 9-cycle: no cell marks itself, following 9 marks returns to the start, not earlier
+        assert all(marks[c] != c for c in cells)
+        assert [follow(marks, start, n)[-1] == start for n in range(1, 10)] == [False] * 8 + [True]
+
+
+def test_image_shows_each_cell_colour_and_its_mark():
+    records = generate_split("test", 5, seed=0, layout="random")
+    for record in records:
+        cells, marks = _board(record)
+        pixels = np.asarray(record["image"])
+        assert pixels.shape == (GRID * CELL_SIZE, GRID * CELL_SIZE, 3)
+        for index, colour in enumerate(cells):
+            row, col = divmod(index, GRID)
+            y, x = row * CELL_SIZE, col * CELL_SIZE
+            assert tuple(pixels[y, x]) == COLOURS[colour]  # the cell's corner: its name colour
+            centre = pixels[y + CELL_SIZE // 2, x + CELL_SIZE // 2]
+            assert tuple(centre) == COLOURS[marks[colour]]  # its centre: the mark
+    assert sorted(_board(records[0])[0]) == sorted(COLOUR_NAMES)
+
+
+def test_generation_is_deterministic_and_splits_are_held_out(tmp_path):
+    a = generate_split("train", 12, seed=5)
+    b = generate_split("train", 12, seed=5)
+    assert [r["board"] for r in a] == [r["board"] for r in b]
+    assert [r["board"] for r in a] != [r["board"] for r in generate_split("train", 12, seed=6)]
+    paths = write_refocus_chains(tmp_path, 30, 20, seed=1, num_captions=40)
+    assert set(paths) == {"train", "test", "captions"}
+    rows = {name: [json.loads(line) for line in open(path)] for name, path in paths.items()}
+    summary = verify_held_out(rows)
+    assert summary["test_boards"] == 20 and summary["train_boards"] == 30
+    assert all((tmp_path / row["image"]).is_file() for row in rows["train"])
+    for row in rows["test"]:
+        assert board_split(*_board(row)) == "test"
+    # a test board slipped into training is caught
+    with pytest.raises(ValueError, match="train record test-000000 has a test board"):
+        verify_held_out({"train": rows["test"][:1], "test": rows["test"]})
+
+
+def test_captions_read_uniform_boards_and_list_every_cell_once():
+    records = generate_captions(40, seed=2, uniform_fraction=0.5)
+    kinds = {"uniform": 0, "board": 0}
+    for record in records:
+        cells, marks = _board(record)
+        pixels = np.asarray(record["image"])
+        if len(set(cells)) == 1:
+            kinds["uniform"] += 1
+            assert (
+                record["answer"]
+                == f"cells: {cells[0]}, marks: {marks[cells[0]]}"
+                != f"cells: {cells[0]}, marks: {cells[0]}"
+            )
+            assert tuple(pixels[0, 0]) == COLOURS[cells[0]] and tuple(pixels[12, 12]) == COLOURS[marks[cells[0]]]
+            continue
+        kinds["board"] += 1
+        assert board_split(cells, marks) == "train"
+        pairs = record["answer"].removeprefix("cells: ").split(", ")
+        assert sorted(pairs) == sorted(f"{c} {marks[c]}" for c in cells)
+    assert kinds["uniform"] > 5 and kinds["board"] > 5
+    assert all(len(set(_board(r)[0])) == 9 for r in generate_captions(5, uniform_fraction=0.0))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: generate_split("val", 1), "split must be 'train' or 'test', got 'val'"),
+        (lambda: generate_split("train", 1, layout="spiral"), "layout must be one of .*'spiral'"),
+        (lambda: generate_split("train", 1, hops=(0, 2)), r"hops must be .* in 1..8, got \[0, 2\]"),
+        (lambda: generate_split("train", 1, hops=()), "hops must be a non-empty list"),
+        (lambda: generate_split("train", -1), "num must be >= 0, got -1"),
+        (lambda: render_board(list(COLOUR_NAMES), {c: c for c in COLOUR_NAMES}, 3), "cell_size must be an even"),
+        (lambda: chain_step_targets({"id": "x", "rationale": "I think"}), "no RefocusChains rationale"),
+    ],
+)
+def test_bad_settings_are_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_sample_board_respects_the_split():
+    rng = np.random.default_rng(0)
+    assert all(board_split(*sample_board(rng, "test")) == "test" for _ in range(10))
+    assert all(board_split(*sample_board(rng, "train", "random")) == "train" for _ in range(10))
+
+
+def test_window_hits():
+    visited = [[0, 0], [1, 2], [2, 1]]
+    assert window_hits([[0, 0], [1, 2], [0, 0]], visited, 1) == [True, True, False]
+    assert window_hits([[0, 0], [0, 1]], visited, 2) == [True, True, False]  # no third window: a miss
+    assert window_hits([[0, 0], [0, 0], [0, 0]], visited, 3) == [True, True, True]
+
+
+def test_benchmark_reads_the_files_and_judges_the_final_colour(tmp_path):
+    from lare_hf.evaluation.benchmarks import get_benchmark
+
+    paths = write_refocus_chains(tmp_path, 2, 6, seed=0, hops=(2,))
+    bench = get_benchmark("refocus_chains")
+    samples = bench.load(paths["test"])
+    assert len(samples) == 6 and samples[0].image is not None
+    sample = samples[0]
+    assert sample.answer in COLOUR_NAMES and sample.category == "2" and len(sample.meta["visited_cells"]) == 2
+    other = next(c for c in COLOUR_NAMES if c != sample.answer)
+    reasoning = f"path: {other} {other} {sample.answer}\nAnswer: the {sample.answer} cell"
+    predictions = [reasoning, f"the {sample.answer} cell", f"Answer: the {other} cell", "", f"the {other} or blue"]
+    assert [bench.extract(p, sample) for p in predictions] == [sample.answer, sample.answer, other, "", ""]
+    report = bench.score(samples, [reasoning] + ["Answer: nothing"] * 5)
+    assert math.isclose(report["accuracy"], 100 / 6) and report["per_category"] == {"2": report["accuracy"]}
+
+
+def test_collator_labels_each_latent_step_with_its_hop(tmp_path):
+    from lare_hf.data.collator import LaReDataCollator
+    from lare_hf.data.formats import load_records
+    from lare_hf.reproduction import build_chains_model
+
+    _, processor = build_chains_model()
+    paths = write_refocus_chains(tmp_path, 4, 1, seed=0, hops=(1, 3))
+    records = load_records(paths["train"])
+    features = [records[0], records[1]]
+    batch = LaReDataCollator(
+        processor=processor, num_latent_steps=2, response_format="answer", latent_step_targets=chain_step_targets
+    )(features)
+    plain = LaReDataCollator(processor=processor, num_latent_steps=2, response_format="answer")(features)
+    tokenizer = processor.tokenizer
+    for row, feature in enumerate(features):
+        start = batch["input_ids"][row].tolist().index(processor.latent_start_token_id)
+        expected = chain_step_targets(feature)[:2]
+        got = [tokenizer.decode([int(batch["labels"][row, start + k])]) for k in range(1, 1 + len(expected))]
+        assert got == [f" {c}" for c in expected]
+        extra = (batch["labels"][row] != plain["labels"][row]).nonzero().flatten().tolist()
+        assert extra == [start + k for k in range(1, 1 + len(expected))]  # nothing else changed
+    with pytest.raises(ValueError, match="num_latent_steps is 0"):
+        LaReDataCollator(processor=processor, num_latent_steps=0, latent_step_targets=chain_step_targets)(features)
+
+
+def test_variant_names():
+    from lare_hf.reproduction import VARIANTS, variant
+
+    assert {"k0", "cot", "lare", "lare_answer", "lare_steps"} <= set(VARIANTS)
+    assert variant("k0").num_latent_steps == 0 and variant("cot").response_format == "reasoning"
+    assert variant("lare").response_format == "reasoning" and variant("lare").latent_losses
+    no_sym = variant("no_sym", "lare_steps")
+    assert no_sym.overrides == {"sym_loss_weight": 0.0} and no_sym.step_supervision
+    assert variant("lare_answer_k2").num_latent_steps == 2 and variant("lare_steps_k3").step_supervision
+    with pytest.raises(ValueError, match="Unknown variant 'lare_k'"):
+        variant("lare_k")
+    with pytest.raises(ValueError, match="K must be in 1..8, got 9"):
+        variant("lare_k9")
+    with pytest.raises(ValueError, match="ablation_base must be a LaRe variant"):
+        variant("no_img", "k0")
+
+
+@pytest.mark.parametrize("name", ["k0", "cot", "lare", "lare_answer", "lare_steps", "no_extractor", "no_window"])
+def test_every_variant_trains_and_evaluates(tmp_path, name):
+    from lare_hf.reproduction import run_variant, variant
+
+    paths = write_refocus_chains(tmp_path / "data", 8, 4, seed=0, hops=(1, 2))
+    result = run_variant(variant(name), paths, tmp_path / name, steps=2, batch_size=4, learning_rate=1e-3)
+    assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
+    assert 0.0 <= result["accuracy"] <= 100.0 and set(result["accuracy_by_hops"]) == {"1", "2"}
+    assert len(result["rows"]) == 4
+    if variant(name).num_latent_steps:
+        assert set(result["window_hit_rate_by_step"]) <= {1, 2} and 0 <= result["window_hit_rate"] <= 100
+        assert all(len(row["windows"]) == 4 for row in result["rows"])
+    else:
+        assert "window_hit_rate" not in result
+
+
+def test_alignment_initialises_the_variants(tmp_path):
+    import torch
+
+    from lare_hf.reproduction import train_alignment, train_variant, variant
+
+    paths = write_refocus_chains(tmp_path / "data", 8, 2, seed=0, num_captions=8)
+    state, summary = train_alignment(paths["captions"], tmp_path / "align", steps=2, batch_size=4)
+    assert len(summary["losses"]) == 2
+    model, _, _ = train_variant(
+        variant("lare_steps"),
+        paths["train"],
+        tmp_path / "v",
+        steps=1,
+        batch_size=2,
+        learning_rate=0.0,
+        init_state=state,
+    )
+    key = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_mean_std_ci():
+    from lare_hf.reproduction import mean_std_ci
+
+    stats = mean_std_ci([10.0, 20.0, 30.0])
+    assert stats["mean"] == 20.0 and math.isclose(stats["std"], 10.0)
+    assert math.isclose(stats["ci_high"] - 20.0, 10.0 / math.sqrt(3) * 4.302652729911275, rel_tol=1e-6)
+    assert mean_std_ci([5.0])["ci_low"] is None and mean_std_ci([])["mean"] is None
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_reproduce_script_writes_the_results_schema(tmp_path):
+    script = _load_script()
+    argv = ["--output", str(tmp_path), "--seeds", "0", "1", "--variants", "k0", "lare_steps", "no_sym",
+            "--num-train", "12", "--num-test", "6", "--num-captions", "8", "--align-steps", "2", "--steps", "2",
+            "--batch-size", "4", "--hops", "1", "2"]  # fmt: skip
+    assert script.main(argv) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["variants"]) == {"k0", "lare_steps", "no_sym"} and report["seeds"] == [0, 1]
+    for name, entry in report["variants"].items():
+        assert 0 <= entry["accuracy"] <= 100 and set(entry["accuracy_by_hops"]) == {"1", "2"}
+        assert entry["train_seconds"] > 0 and len(entry["accuracy_ci95"]) == 2
+        assert (entry["window_hit_rate"] is None) == (name == "k0")
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert "| lare_steps | 4 | answer |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "seed1" / "predictions_no_sym.jsonl").is_file()
+    assert script.main(argv) == 2  # results are never overwritten without --overwrite
+
+
+def test_cli_writes_refocus_chains(tmp_path, capsys):
+    from lare_hf.cli import main
+
+    out = tmp_path / "chains"
+    argv = ["data", "synth", "--output", str(out), "--num-train", "4", "--num-test", "2", "--hops", "1", "3",
+            "--layout", "random", "--num-captions", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert {p.name for p in out.glob("*.jsonl")} == {"train.jsonl", "test.jsonl", "captions.jsonl"}
+    hops = [json.loads(line)["hops"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert hops == [1, 3, 1, 3]
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # never overwritten without being asked
+
+
+def test_curriculum_trains_one_hop_questions_first(tmp_path):
+    from lare_hf.reproduction import one_hop_file, train_variant, variant
+
+    paths = write_refocus_chains(tmp_path / "data", 8, 2, seed=0, hops=(1, 2))
+    first = one_hop_file(paths["train"])
+    assert [json.loads(line)["hops"] for line in open(first)] == [1] * 4
+    _, _, summary = train_variant(
+        variant("k0"), paths["train"], tmp_path / "k0", steps=2, batch_size=2, curriculum_steps=1
+    )
+    assert len(summary["losses"]) == 2
+    with pytest.raises(ValueError, match=r"curriculum_steps must be in 0..steps \(2\), got 3"):
+        train_variant(variant("k0"), paths["train"], tmp_path / "x", steps=2, curriculum_steps=3)
+    with pytest.raises(ValueError, match="no one-hop record"):
+        one_hop_file(write_refocus_chains(tmp_path / "long", 2, 1, hops=(3,))["train"])
