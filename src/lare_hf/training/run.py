@@ -202,6 +202,8 @@ def run_stage(
             k: final_logs[-1][k] for k in ("loss", *LOSS_COMPONENTS) if final_logs and k in final_logs[-1]
         },
     }
+    if not trainer.is_world_process_zero():  # only the main process saved the model: it writes history and card
+        return record
     history = read_history(model_args.model_name_or_path) + [record]
     Path(training_args.output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2))
     if not model_args.lora:  # the card describes a full checkpoint (a LoRA folder gets one when merged)
