@@ -110,10 +110,8 @@ def test_lmms_eval_runs_the_lare_model_on_a_local_task(tmp_path, tiny_checkpoint
     for row in logged:
         doc = docs[row["doc_id"]]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["input"]}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(
-            text=[prompt], images=[doc["image"].convert("RGB")], num_latent_steps=2, return_tensors="pt"
-        )
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, num_latent_steps=2)
+        inputs = processor(text=[prompt], images=[doc["image"].convert("RGB")], return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
