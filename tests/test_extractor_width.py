@@ -1,0 +1,81 @@
+"""Appendix B: the Extractor is 1536 wide with 12 heads for every backbone; other LM widths are projected in and out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_image
+from lare_hf import LaReConfig
+from lare_hf.build import build_tiny, load_preset
+
+# Qwen2.5-0.5B / 1.5B / 7B hidden sizes (their config.json).
+BACKBONE_WIDTHS = {"lare-0.5b": 896, "lare-1.5b": 1536, "lare-7b": 3584}
+MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}]
+
+
+@pytest.mark.parametrize("preset", sorted(BACKBONE_WIDTHS))
+def test_paper_presets_use_the_appendix_b_extractor(preset):
+    model_fields = load_preset(preset)["model"]
+    assert model_fields["extractor_hidden_size"] == 1536
+    assert model_fields["extractor_num_heads"] == 12
+    assert model_fields["extractor_num_layers"] == 2
+
+
+@pytest.mark.parametrize("preset", sorted(BACKBONE_WIDTHS))
+def test_preset_extractor_validates_against_its_backbone(preset):
+    """The preset's Extractor fields are accepted next to a text config of the backbone's width."""
+    model_fields = load_preset(preset)["model"]
+    width = BACKBONE_WIDTHS[preset]
+    config = LaReConfig(
+        text_config={"model_type": "qwen2", "hidden_size": width, "num_attention_heads": 2, "num_key_value_heads": 2},
+        vision_config={
+            "model_type": "clip_vision_model",
+            "image_size": 64,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+        },
+        image_seq_length=64,
+        window_size=4,
+        extractor_hidden_size=model_fields["extractor_hidden_size"],
+        extractor_num_heads=model_fields["extractor_num_heads"],
+        extractor_num_layers=model_fields["extractor_num_layers"],
+    )
+    assert config.extractor_hidden_size == 1536 and config.extractor_num_heads == 12
+
+
+def test_extractor_width_differs_from_the_lm_width_projects_in_and_out_and_trains():
+    """An Extractor wider than the LM (as 1536 vs Qwen2.5-0.5B's 896): attention runs at its own width, the
+    in / out projections exist and receive gradients, and the latents come back at the LM width."""
+    torch.manual_seed(0)
+    model, processor = build_tiny({"extractor_hidden_size": 96, "extractor_num_heads": 12})
+    extractor = model.model.extractor
+    assert extractor.input_proj.weight.shape == (96, 64)
+    assert extractor.output_proj.weight.shape == (64, 96)
+    assert extractor.layers[0].self_attn.embed_dim == 96 and extractor.layers[0].self_attn.num_heads == 12
+    batch = processor.build_training_inputs(
+        prompts=[MESSAGES] * 2,
+        answers=["red", "blue"],
+        images=[make_image(0), make_image(1)],
+        rationales=["The start cell is red.", "The start cell is blue."],
+    )
+    model.train()
+    out = model(**batch, compute_latent_losses=True)
+    assert out.latent_embeds.shape[-1] == 64
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name in ("input_proj", "output_proj", "state_proj"):
+        grad = getattr(extractor, name).weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_extractor_heads_must_divide_its_width():
+    with pytest.raises(ValueError, match="extractor_num_heads=12"):
+        build_tiny({"extractor_hidden_size": 100, "extractor_num_heads": 12})
+
+
+def test_lm_width_is_the_default_extractor_width():
+    model, _ = build_tiny()
+    assert model.config.extractor_hidden_size is None
+    assert isinstance(model.model.extractor.input_proj, torch.nn.Identity)
