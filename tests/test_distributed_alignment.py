@@ -34,6 +34,7 @@ RATIONALES = ["The square holds a seven.", "The square holds a nine."]
 # Rows of the 4-sample batch per rank: an even split, and an uneven one (1 + 3 rows).
 EVEN_SPLIT = [(0, 2), (2, 4)]
 UNEVEN_SPLIT = [(0, 1), (1, 4)]
+EMPTY_RANK_SPLIT = [(0, 0), (0, 4)]  # rank 0 has no sample (e.g. none with a rationale) but joins the gather
 
 
 class PooledAlignment(nn.Module):
@@ -118,6 +119,7 @@ def worker(rank: int, world_size: int, port: int, checkpoint: str, out_dir: str)
         results["gather"] = (gathered, offset, world)
         results["even"] = run_alignment(DistributedDataParallel(PooledAlignment()), EVEN_SPLIT[rank])
         results["uneven"] = run_alignment(PooledAlignment(), UNEVEN_SPLIT[rank])
+        results["empty_rank"] = run_alignment(PooledAlignment(), EMPTY_RANK_SPLIT[rank])
 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -161,7 +163,9 @@ def test_gather_rows_concatenates_ranks_in_order_with_unequal_sizes(ranks):
     assert gather_rows(torch.ones(3, 2))[1:] == (0, 1)  # no process group: the local rows
 
 
-@pytest.mark.parametrize("split_name, split", [("even", EVEN_SPLIT), ("uneven", UNEVEN_SPLIT)])
+@pytest.mark.parametrize(
+    "split_name, split", [("even", EVEN_SPLIT), ("uneven", UNEVEN_SPLIT), ("empty_rank", EMPTY_RANK_SPLIT)]
+)
 def test_two_processes_give_the_single_process_loss_and_gradients(ranks, split_name, split):
     reference = run_alignment(PooledAlignment())
     results = [result[split_name] for result in ranks]

@@ -133,7 +133,7 @@ def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tens
     this rank's rows are the queries, the keys are the global batch. Each rank returns
     `world_size / global_batch * (sum of its queries' losses)`, so that the mean over the ranks, which is what DDP's
     gradient averaging optimises, is exactly the single-process loss of the concatenated batch, also when ranks hold
-    different numbers of rows. The same holds for the gradients: after DDP's mean, every parameter (and the temperature)
+    different numbers of rows (a rank may hold none). The same holds for the gradients: after DDP's mean, every parameter (and the temperature)
     gets the single-process gradient. (The gradient that reaches this rank's `a` / `b` before that mean is
     `world_size` times the single-process one, as for any loss under DDP.)
 
@@ -149,6 +149,8 @@ def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tens
     both, offset, world_size = gather_rows(torch.cat([a.float(), b.float()], dim=-1))
     global_a, global_b = both.split(a.shape[1], dim=-1)
     global_batch = both.shape[0]
+    if global_batch == 0:  # no sample anywhere: a zero tied to the inputs, so backward and DDP still run
+        return both.sum() * 0.0
     if global_batch == 1:
         logger.warning_once(
             "The symmetric alignment loss L_sym (Eq. 6) is inactive: the global batch holds one sample, so there is "
