@@ -4,6 +4,8 @@ Everything here is pure torch so that it ships as Hub custom code next to `model
 
 - `mean_max_pool`: the "hybrid mean-max pooling" of Appendix B (probing analysis), used to turn a token sequence
   (latents Z, rationale hidden states T, window visual features V) into one vector per sample.
+- `gather_rows`: every process's rows under `torch.distributed` (gradient to the local rows), so that the in-batch
+  negatives of L_sym are those of the global batch.
 - `info_nce` / `symmetric_info_nce`: InfoNCE with in-batch negatives, one direction / both directions (Eq. 6).
 - `LaReAlignmentHead`: holds the temperature tau and computes L_sym = L_{Z<->T} + L_{Z<->V}.
 - `text_prefix_loss`: cross-entropy of the rationale prefix predicted from the latents (Eq. 8), padding ignored.
@@ -16,9 +18,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.nn.functional import all_gather as differentiable_all_gather
 from transformers.initialization import constant_
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # CLIP's clamp: the learned logit scale 1/tau never exceeds 100.
 MAX_LOGIT_SCALE = 100.0
@@ -52,31 +59,108 @@ def mean_max_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return torch.cat([mean, maxed], dim=-1)
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The rows of `tensor` from every process, concatenated in rank order (the global batch).
+
+    Without an initialised `torch.distributed` process group, or with a world size of 1, this is `(tensor, 0, 1)`.
+    Otherwise the per-rank row counts are gathered first, so ranks may hold different numbers of rows (each pads to the
+    largest, the padding is dropped after the gather), and the rows go through
+    `torch.distributed.nn.functional.all_gather`: the gradient flows back to this rank's rows, summed over the losses
+    of all ranks. The default (world) group is used, i.e. every process is taken to hold different samples (data
+    parallelism: DDP, FSDP, DeepSpeed ZeRO).
+
+    Args:
+        tensor: `[batch, ...]`, this rank's rows.
+
+    Returns:
+        `(gathered, offset, world_size)`: `gathered` is `[global_batch, ...]` and `gathered[offset:offset + batch]`
+        are this rank's rows.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0, 1
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(count) for count in sizes]
+    padding = [0, 0] * (tensor.dim() - 1) + [0, max(sizes) - tensor.shape[0]]
+    parts = differentiable_all_gather(F.pad(tensor, padding))
+    gathered = torch.cat([part[:count] for part, count in zip(parts, sizes)])
+    return gathered, sum(sizes[:rank]), world_size
+
+
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: torch.Tensor | float,
+    positive_offset: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """One-directional InfoNCE with in-batch negatives.
 
-    `query[i]` must pick `key[i]` among all keys of the batch: both are L2-normalised, the logits are
-    `query @ key.T / temperature` and the loss is the cross-entropy against the diagonal (mean over the batch).
+    `query[i]` must pick `key[positive_offset + i]` among all keys: both are L2-normalised, the logits are
+    `query @ key.T / temperature` and the loss is the cross-entropy against those positives.
 
     Args:
         query: `[batch, dim]`.
-        key: `[batch, dim]`.
+        key: `[num_keys, dim]` with `num_keys >= positive_offset + batch` (the same batch, or the global batch of
+            which the queries are rows `positive_offset:positive_offset + batch`).
         temperature: tau (float or 0-d tensor; a tensor keeps its gradient).
+        positive_offset: the index of the first query's positive key.
+        reduction: `"mean"` or `"sum"` over the queries.
     """
-    if query.shape != key.shape or query.dim() != 2:
+    if query.dim() != 2 or key.dim() != 2 or query.shape[1] != key.shape[1]:
         raise ValueError(
-            f"info_nce expects two [batch, dim] tensors of the same shape, got {query.shape} / {key.shape}."
+            f"info_nce expects query [batch, dim] and key [num_keys, dim] of the same dim, got {tuple(query.shape)} / "
+            f"{tuple(key.shape)}."
+        )
+    if positive_offset < 0 or positive_offset + query.shape[0] > key.shape[0]:
+        raise ValueError(
+            f"info_nce: positive_offset={positive_offset} with {query.shape[0]} queries needs at least "
+            f"{positive_offset + query.shape[0]} keys, got {key.shape[0]}; the positives must be keys."
         )
     query = F.normalize(query.float(), dim=-1)
     key = F.normalize(key.float(), dim=-1)
     logits = query @ key.T / temperature
-    labels = torch.arange(query.shape[0], device=query.device)
-    return F.cross_entropy(logits, labels)
+    labels = torch.arange(positive_offset, positive_offset + query.shape[0], device=query.device)
+    return F.cross_entropy(logits, labels, reduction=reduction)
 
 
 def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
-    """Eq. 6: the mean of InfoNCE(a -> b) and InfoNCE(b -> a). A batch of one gives exactly 0 (finite)."""
-    return 0.5 * (info_nce(a, b, temperature) + info_nce(b, a, temperature))
+    """Eq. 6: the mean of InfoNCE(a -> b) and InfoNCE(b -> a) over the global batch.
+
+    Under `torch.distributed` (initialised, world size > 1) the negatives come from every process (`gather_rows`):
+    this rank's rows are the queries, the keys are the global batch. Each rank returns
+    `world_size / global_batch * (sum of its queries' losses)`, so that the mean over the ranks, which is what DDP's
+    gradient averaging optimises, is exactly the single-process loss of the concatenated batch, also when ranks hold
+    different numbers of rows (a rank may hold none). The same holds for the gradients: after DDP's mean, every parameter (and the temperature)
+    gets the single-process gradient. (The gradient that reaches this rank's `a` / `b` before that mean is
+    `world_size` times the single-process one, as for any loss under DDP.)
+
+    A global batch of one has no negative: the loss is then exactly 0 (finite, zero gradient) and a warning that L_sym
+    is inactive is logged once per process. A warning rather than an error, so that the last short batch of an epoch
+    or an evaluation at batch 1 still runs.
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(
+            f"symmetric_info_nce expects two [batch, dim] tensors of the same shape, got {tuple(a.shape)} / "
+            f"{tuple(b.shape)}."
+        )
+    both, offset, world_size = gather_rows(torch.cat([a.float(), b.float()], dim=-1))
+    global_a, global_b = both.split(a.shape[1], dim=-1)
+    global_batch = both.shape[0]
+    if global_batch == 0:  # no sample anywhere: a zero tied to the inputs, so backward and DDP still run
+        return both.sum() * 0.0
+    if global_batch == 1:
+        logger.warning_once(
+            "The symmetric alignment loss L_sym (Eq. 6) is inactive: the global batch holds one sample, so there is "
+            "no in-batch negative and the loss is 0 with no gradient. Use a batch of at least 2 samples in total "
+            "(per-device batch x processes; negatives are gathered across processes)."
+        )
+    summed = info_nce(a, global_b, temperature, offset, reduction="sum") + info_nce(
+        b, global_a, temperature, offset, reduction="sum"
+    )
+    return 0.5 * summed * (world_size / global_batch)
 
 
 class LaReAlignmentHead(nn.Module):
@@ -85,6 +169,9 @@ class LaReAlignmentHead(nn.Module):
     The temperature tau comes from `config.alignment_temperature`. With `config.learnable_temperature` it is learned
     CLIP-style: the parameter `logit_scale` stores log(1/tau) and is clamped when used so that 1/tau <= 100. Without
     it the head has no parameters at all and tau is a plain float (nothing in the state dict).
+
+    Under `torch.distributed` the in-batch negatives are those of the global batch (see `symmetric_info_nce`), so
+    a per-device batch of 1 still trains L_sym when several processes run.
 
     The owning `PreTrainedModel` should call `reset_parameters()` from its `_init_weights` (the generic transformers
     initialisation does not know `logit_scale`).
@@ -176,6 +263,7 @@ def text_prefix_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask
 __all__ = [
     "LaReAlignmentHead",
     "MAX_LOGIT_SCALE",
+    "gather_rows",
     "info_nce",
     "mean_max_pool",
     "symmetric_info_nce",
