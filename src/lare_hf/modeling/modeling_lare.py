@@ -1103,6 +1103,9 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         if compute is False or (compute is None and rationale_input_ids is None):
             return {}
         rows = outputs.latent_rows
+        if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
+            hidden = outputs.last_hidden_state
+            rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         if rows is None:
             if compute:
                 raise ValueError(

@@ -297,7 +297,7 @@ class LaReProcessor(ProcessorMixin):
         **kwargs: Unpack[ProcessingKwargs],
     ) -> BatchFeature:
         """Tokenize `text` (expanding `<|image|>` to `image_seq_length` copies, and an unexpanded latent group to
-        K*m slots with the processor's K, or removing it from a prompt without an image) and preprocess `images` (16-bit and palette images are converted to 8-bit
+        K*m slots with the processor's K) and preprocess `images` (16-bit and palette images are converted to 8-bit
         RGB first). Returns a `BatchFeature` with `input_ids`, `attention_mask` and `pixel_values`; padding follows
         the tokenizer's defaults (pass `padding=True` for a batch of prompts of different lengths; the tokenizer
         pads on the left).
@@ -330,8 +330,7 @@ class LaReProcessor(ProcessorMixin):
                         f"`text` entry {index} is empty ({sample!r}); give a prompt (the chat template writes one from "
                         "messages)."
                     )
-            # The latent phase refocuses on the image: a text-only prompt's latent group is removed (K = 0).
-            texts = [self.expand_latent_slots(sample, None if self.image_token in sample else 0) for sample in texts]
+            texts = [self.expand_latent_slots(sample) for sample in texts]
         return self._encode(images, texts, **kwargs)
 
     def _encode(self, images, texts: list[str] | None, **kwargs) -> BatchFeature:
