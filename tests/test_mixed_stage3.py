@@ -16,6 +16,7 @@ from lare_hf.build import build_tiny
 from lare_hf.data.collator import LaReDataCollator
 from lare_hf.data.formats import load_records
 from lare_hf.training.run import run_stage
+from lare_hf.training.trainer import STAGE_TRAINERS
 from test_training import stage_args, weights
 
 IMAGE_QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit is here?"}]}]
@@ -124,6 +125,23 @@ def test_batches_without_what_a_latent_loss_needs_train_on_the_rest(tiny):
     torch.testing.assert_close(one.alignment_loss, alone.alignment_loss)
     torch.testing.assert_close(one.text_reconstruction_loss, alone.text_reconstruction_loss)
     model.zero_grad()
+
+
+def test_text_only_batch_backpropagates_when_only_the_latent_modules_train(tiny):
+    """Stage II freezes the language model: a batch without an image still gives a loss to backpropagate, and the
+    Extractor sees (zero) gradients, as every other step, which DDP needs."""
+    model, processor = tiny
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    STAGE_TRAINERS[2].configure_model(model)
+    try:
+        out = model(**mixed_batch(processor, [1, 4]), compute_latent_losses=True)
+        out.loss.backward()
+        grads = [parameter.grad for parameter in model.model.extractor.parameters()]
+        assert all(grad is not None and not grad.any() for grad in grads)
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+        model.zero_grad()
 
 
 def generate(

@@ -1125,13 +1125,16 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         text_rows = rows
         if rationale_input_ids is not None:
             text_rows = rows & rationale_attention_mask.to(rows.device).bool().any(dim=1)
-        # A term without a valid row: 0, connected to the graph (and to its head's trainable parameters) so that
-        # backward and DDP see the same parameters on every step.
-        tied = [outputs.last_hidden_state]
 
-        def zero(*modules: nn.Module | None) -> torch.Tensor:
-            tensors = tied + [
-                p for module in modules if module is not None for p in module.parameters() if p.requires_grad
+        # A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor and
+        # of its head, so that backward works in any stage and DDP sees those parameters used on every step.
+        def zero(head: nn.Module | None = None) -> torch.Tensor:
+            tensors = [outputs.last_hidden_state] + [
+                parameter
+                for module in (self.model.extractor, head)
+                if module is not None
+                for parameter in module.parameters()
+                if parameter.requires_grad
             ]
             return torch.stack([(tensor.float() * 0).sum() for tensor in tensors]).sum()
 
