@@ -116,9 +116,9 @@ class LaReCausalLMOutputWithPast(ModelOutput):
 
 @dataclass
 class LatentLayout:
-    """Where the latent region sits in a batch: `<|latent_start|>` column, number of steps K, and the rows that run
-    the latent phase (`rows`: those with an image; the latent phase refocuses on an image, so a text-only row skips
-    it and its region is masked out of attention)."""
+    """Where the latent region sits in a batch: `<|latent_start|>` and `<|latent_end|>` columns, number of steps K,
+    and the rows that carry it (`rows`: those with an image; the latent phase refocuses on the image, so a
+    text-only row has no region and runs as with K=0)."""
 
     start: int | None
     num_steps: int
@@ -1290,8 +1290,15 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                 "with LaReProcessor / apply_chat_template(add_generation_prompt=True), which ends the prompt with "
                 "`<|latent_start|><|latent|>...<|latent_end|>`."
             )
+        start_cols, end_cols = starts.int().argmax(dim=1), ends.int().argmax(dim=1)
+        malformed = (starts.sum(dim=1) != 1) | (ends.sum(dim=1) != 1) | (end_cols <= start_cols)
+        if (malformed & with_region).any():
+            raise ValueError(
+                "Each sequence must contain exactly one <|latent_start|> and one <|latent_end|> after it; build "
+                "prompts with LaReProcessor / apply_chat_template(add_generation_prompt=True)."
+            )
         m = config.latent_tokens_per_step
-        region_steps = (ends.int().argmax(dim=1) - starts.int().argmax(dim=1) - 1) // m
+        region_steps = (end_cols - start_cols - 1) // m
         target = region_steps if num_latent_steps is None else torch.full_like(region_steps, num_latent_steps)
         target = torch.where(with_image, target, 0)
         rewrite = with_region & (~with_image | (region_steps != target))
@@ -1301,7 +1308,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         for row in range(input_ids.shape[0]):
             ids, mask = input_ids[row], attention_mask[row]
             if rewrite[row]:
-                start, end = int(starts[row].int().argmax()), int(ends[row].int().argmax())
+                start, end = int(start_cols[row]), int(end_cols[row])
                 steps = int(target[row])
                 region = ids.new_tensor(
                     [config.latent_start_token_id]
