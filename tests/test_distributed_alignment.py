@@ -85,12 +85,18 @@ def run_alignment(module: nn.Module, rows: tuple[int, int] | None = None) -> dic
     }
 
 
-def model_batch(processor, indices: list[int]) -> dict[str, torch.Tensor]:
+def model_batch(processor, indices: list[int], with_rationale: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    with_rationale = with_rationale or [True] * len(indices)
     return processor.build_training_inputs(
         [chat(make_image(index), PROMPTS[index]) for index in indices],
         [ANSWERS[index] for index in indices],
-        rationales=[RATIONALES[index] for index in indices],
+        rationales=[RATIONALES[index] if keep else None for index, keep in zip(indices, with_rationale)],
     )
+
+
+# A mixed global batch: rank 0 holds two samples with rationales, rank 1 one sample without a rationale, so only
+# rank 0 has rows for L_sym's text part (rank 1 must still join its gather, or the ranks' collectives fall out of step).
+MIXED_RANKS = [([0, 1], [True, True]), ([0], [False])]
 
 
 def warnings_at_batch_of_one() -> tuple[list[float], int]:
@@ -135,6 +141,13 @@ def worker(rank: int, world_size: int, port: int, checkpoint: str, out_dir: str)
             "alignment_text_loss": outputs.alignment_text_loss.detach(),
             "alignment_visual_loss": outputs.alignment_visual_loss.detach(),
             "extractor_grad": float(extractor_grad),
+        }
+        model.zero_grad()
+        outputs = model(**model_batch(processor, *MIXED_RANKS[rank]), compute_latent_losses=True)
+        outputs.alignment_loss.backward()
+        results["mixed"] = {
+            name: getattr(outputs, name).detach()
+            for name in ("alignment_loss", "alignment_text_loss", "alignment_visual_loss")
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -200,3 +213,13 @@ def test_model_at_per_device_batch_one_trains_l_sym_across_two_processes(ranks, 
         assert (per_rank > 0).all(), (name, per_rank)
         torch.testing.assert_close(per_rank.mean(), getattr(reference, name).detach(), msg=name)
     assert all(result["model"]["extractor_grad"] > 0 for result in ranks)
+
+
+def test_ranks_without_rationales_join_the_text_gather(ranks, tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    reference = model(**model_batch(processor, [0, 1, 0], [True, True, False]), compute_latent_losses=True)
+    for name in ("alignment_text_loss", "alignment_visual_loss"):
+        per_rank = torch.stack([result["mixed"][name] for result in ranks])
+        torch.testing.assert_close(per_rank.mean(), getattr(reference, name).detach(), msg=name)
+    assert float(ranks[1]["mixed"]["alignment_text_loss"]) == 0.0  # no rationale on rank 1: no text query there
+    assert float(ranks[0]["mixed"]["alignment_text_loss"]) > 0

@@ -277,8 +277,8 @@ def test_build_training_inputs_errors(processor):
         processor.build_training_inputs([prompt, prompt], ["7"])
     with pytest.raises(ValueError, match="2 prompts but 3 rationales"):
         processor.build_training_inputs([prompt, prompt], ["7", "8"], rationales=["a", "b", "c"])
-    with pytest.raises(ValueError, match="Rationale 1 is None"):
-        processor.build_training_inputs([prompt, prompt], ["7", "8"], rationales=["a", None])
+    with pytest.raises(ValueError, match="Rationale 1 is 3; give a non-empty string, or None"):
+        processor.build_training_inputs([prompt, prompt], ["7", "8"], rationales=["a", 3])
     with pytest.raises(ValueError, match="Rationale 0 is ''"):
         processor.build_training_inputs([prompt], ["7"], rationales=[""])
     with pytest.raises(ValueError, match="Prompt 0 has 1 <\\|image\\|> placeholder"):
@@ -286,7 +286,7 @@ def test_build_training_inputs_errors(processor):
             [prompt.replace("Digit?", "<|image|>Digit?"), prompt], ["7", "8"], images=[None, image()]
         )
     with pytest.raises(ValueError, match="does not end with the latent region"):
-        processor.build_training_inputs(["<|im_start|>user\nhi<|im_end|>\n"], ["7"])
+        processor.build_training_inputs(["<|im_start|>user\n<|image|>hi<|im_end|>\n"], ["7"], images=[image()])
     with pytest.raises(ValueError, match="num_latent_steps must be >= 0"):
         processor.build_training_inputs([prompt], ["7"], num_latent_steps=-2)
 
@@ -371,25 +371,30 @@ def test_rationale_truncation_leaves_the_saved_tokenizer_untouched(tmp_path):
 
 
 def test_tokenizer_and_processor_chat_templates_give_the_same_ids(processor, tmp_path):
-    """The chat template writes the K*m latent slots itself, so the tokenizer alone renders the processor's prompt."""
-    messages = user("Which digit?", with_image=False)
+    """The chat template writes the K*m latent slots itself, so the tokenizer alone renders the processor's prompt
+    (the region follows an image; a text-only chat has none)."""
+    text_only = user("Which digit?", with_image=False)
+    by_processor = processor.apply_chat_template(text_only, add_generation_prompt=True, tokenize=True)[0]
+    by_tokenizer = processor.tokenizer.apply_chat_template(text_only, add_generation_prompt=True)["input_ids"]
+    assert by_processor == by_tokenizer and processor.latent_start_token_id not in by_processor
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit?"}]}]
 
     def both(proc, tokenizer, **kwargs):
-        by_processor = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
-        by_tokenizer = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)["input_ids"]
-        return by_processor[0], by_tokenizer
+        by_processor = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        by_tokenizer = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        return by_processor, by_tokenizer
 
-    ids, tokenizer_ids = both(processor, processor.tokenizer)
-    assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 8  # K=4 x m=2
+    text, tokenizer_text = both(processor, processor.tokenizer)
+    assert text == tokenizer_text and text.count(processor.latent_token) == 8  # K=4 x m=2
     for steps in (0, 1, 3):  # one call's K is a template variable, for both
-        ids, tokenizer_ids = both(processor, processor.tokenizer, num_latent_steps=steps)
-        assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 2 * steps
+        text, tokenizer_text = both(processor, processor.tokenizer, num_latent_steps=steps)
+        assert text == tokenizer_text and text.count(processor.latent_token) == 2 * steps
     processor.num_latent_steps = 3  # the template's default K follows the processor's attribute
-    ids, tokenizer_ids = both(processor, processor.tokenizer)
-    assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 6
+    text, tokenizer_text = both(processor, processor.tokenizer)
+    assert text == tokenizer_text and text.count(processor.latent_token) == 6
     processor.save_pretrained(tmp_path)
-    ids, tokenizer_ids = both(LaReProcessor.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path))
-    assert ids == tokenizer_ids and ids.count(processor.latent_token_id) == 6
+    text, tokenizer_text = both(LaReProcessor.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path))
+    assert text == tokenizer_text and text.count(processor.latent_token) == 6
     # a tokenizer that brings its own template keeps it
     own = build_tiny_tokenizer()
     own.chat_template = "{{ messages[0]['content'] }}"

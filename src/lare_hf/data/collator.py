@@ -46,7 +46,9 @@ class LaReDataCollator:
         processor: a `LaReProcessor`.
         num_latent_steps: K latent steps written into each sequence (None: the processor's default; 0: no latent
             slots, stage I / plain baseline).
-        with_rationale: pass the rationales (for the latent losses); an example without one is an error.
+        with_rationale: pass the rationales (for the latent losses); an example without one gets an all-0 row of
+            `rationale_attention_mask`, and the model leaves it out of L_sym-text and L_text (Stage III mixes
+            conversations without rationales with reasoning records).
         max_answer_length, max_rationale_length: truncation lengths in tokens (None: no truncation;
             `max_answer_length` applies to the whole response).
         response_format: what the model learns to generate (`response_text`): "reasoning" (default, the paper's
@@ -58,8 +60,9 @@ class LaReDataCollator:
             chooses step k's window (`<|latent_start|>` for k=1, else step k-1's last latent slot) is trained on the
             first token of " " + target k, for k <= min(K, number of targets). None (default): no such labels.
 
-    Batches are all-image or all-text: a batch mixing examples with and without an image raises (the model takes
-    one image per prompt with an image placeholder); text-only batches are passed with images=None.
+    A batch may mix examples with an image and text-only ones: a text-only prompt has no latent region (the
+    latent phase refocuses on the image) and is left-padded with the others; `pixel_values` holds the images of
+    the examples that have one, in order.
     """
 
     processor: Any
@@ -77,17 +80,13 @@ class LaReDataCollator:
                 "trains on 'rationale + Answer: answer' (the paper), 'answer' on the bare answer."
             )
 
-    def _rationales(self, features: list[dict[str, Any]], why: str) -> list[str]:
+    @staticmethod
+    def _rationales(features: list[dict[str, Any]]) -> list[str | None]:
+        """Each example's rationale, None where it has none (missing or blank)."""
         rationales = []
-        for position, feature in enumerate(features):
+        for feature in features:
             rationale = feature.get("rationale")
-            if not isinstance(rationale, str) or not rationale.strip():
-                raise ValueError(
-                    f"Example {_example_id(feature, position)!r} has no rationale, but {why}. Fix the data (give "
-                    "every record a 'rationale'), or pass with_rationale=False for a stage that does not use "
-                    "rationales."
-                )
-            rationales.append(rationale)
+            rationales.append(rationale if isinstance(rationale, str) and rationale.strip() else None)
         return rationales
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -113,23 +112,10 @@ class LaReDataCollator:
             response_text(str(feature["answer"]), feature.get("rationale"), self.response_format)
             for feature in features
         ]
-        rationales = None
-        if self.with_rationale:
-            rationales = self._rationales(features, "with_rationale=True (this stage's latent losses need it)")
-
-        with_image = [feature.get("image") is not None for feature in features]
-        if all(with_image):
-            images = [feature["image"] for feature in features]
-        elif not any(with_image):
+        rationales = self._rationales(features) if self.with_rationale else None
+        images = [feature.get("image") for feature in features]
+        if all(image is None for image in images):
             images = None
-        else:
-            have = [_example_id(f, i) for i, f in enumerate(features) if f.get("image") is not None]
-            lack = [_example_id(f, i) for i, f in enumerate(features) if f.get("image") is None]
-            raise ValueError(
-                f"Batch mixes examples with an image ({have[:5]}) and text-only examples ({lack[:5]}); the model "
-                "takes one image per prompt with an image placeholder. Keep image and text-only data in separate "
-                "datasets (or stages), or batch them separately."
-            )
 
         batch = self.processor.build_training_inputs(
             prompts=prompts,

@@ -18,7 +18,8 @@ Two record formats are read:
 
   "image", "question" and "answer" are required; "id", "rationale" and "choices" are optional. A missing rationale
   is allowed at load time (`LaReRecords.without_rationale` lists such records and `require_rationales()` checks
-  them up front); `LaReDataCollator(with_rationale=True)` refuses batches without one.
+  them up front for the stages that need one, II and IV); conversation records usually have none. Stage III mixes
+  both kinds: the latent losses are taken over the samples that have a rationale / an image.
 
 Files: JSON (a list of records), JSONL, parquet, or a folder written by `Dataset.save_to_disk` /
 `DatasetDict.save_to_disk`, told apart by the extension (or by being a folder). Images may be paths relative to
@@ -364,8 +365,8 @@ class LaReRecords(Dataset):
     "reasoning"), `source` (file name for messages), `source_indices` (row index in the source of each example),
     `skipped` (list of (source index, reason); for JSON Lines files also ("line N", reason) for lines that are not
     JSON), `num_skipped`, `without_rationale` (positions of examples that have
-    no rationale), `without_image` (positions of text-only examples: a batch must not mix them with image examples,
-    see `LaReDataCollator`).
+    no rationale), `without_image` (positions of text-only examples; they have no latent phase and may be batched with
+    image examples, see `LaReDataCollator`).
     """
 
     def __init__(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -38,7 +39,7 @@ from .components import (
 )
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
-from .losses import LaReAlignmentHead, text_prefix_loss
+from .losses import LaReAlignmentHead, mean_max_pool, symmetric_info_nce, text_prefix_loss
 from .model_card import write_model_card
 from .reconstruction import LaReImageReconstructor, load_image_tokenizer
 from .refocus import SaliencyRecorder, record_saliency, select_windows
@@ -66,6 +67,11 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
         V_s, the visual tokens under each step's window.
     extractor_attentions (`torch.Tensor` of shape `(batch_size, K, m, window_tokens)`, *optional*):
         The Extractor's last cross-attention over V_s (only with `return_extractor_attention=True`).
+    latent_rows (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+        The rows that ran the latent phase: those with an image (and a latent region). A text-only row has no
+        region and runs as its prompt with K=0; its entries of the latent fields are placeholders (its own token
+        embeddings in the region's columns, zero saliency, window at (0, 0), zero window features). None when no
+        row has a latent region.
     """
 
     image_hidden_states: torch.Tensor | None = None
@@ -74,6 +80,7 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
     window_positions: torch.LongTensor | None = None
     window_features: torch.Tensor | None = None
     extractor_attentions: torch.Tensor | None = None
+    latent_rows: torch.BoolTensor | None = None
 
 
 @dataclass
@@ -105,14 +112,19 @@ class LaReCausalLMOutputWithPast(ModelOutput):
     window_positions: torch.LongTensor | None = None
     window_features: torch.Tensor | None = None
     extractor_attentions: torch.Tensor | None = None
+    latent_rows: torch.BoolTensor | None = None
 
 
 @dataclass
 class LatentLayout:
-    """Where the latent region sits in a batch: `<|latent_start|>` column and number of steps K."""
+    """Where the latent region sits in a batch: `<|latent_start|>` and `<|latent_end|>` columns, number of steps K,
+    and the rows that carry it (`rows`: those with an image; the latent phase refocuses on the image, so a
+    text-only row has no region and runs as with K=0)."""
 
     start: int | None
     num_steps: int
+    end: int | None = None
+    rows: torch.BoolTensor | None = None
 
     @property
     def has_region(self) -> bool:
@@ -334,29 +346,43 @@ class LaReModel(LaRePreTrainedModel):
         return placeholder_ids
 
     def latent_layout(self, input_ids: torch.LongTensor) -> LatentLayout:
-        """Find the latent region `<|latent_start|> K*m x <|latent|> <|latent_end|>` and check it is aligned."""
+        """Find the latent region `<|latent_start|> K*m x <|latent|> <|latent_end|>` and check it is aligned.
+
+        The latent phase refocuses on the image, so the rows with an image carry the region (`LatentLayout.rows`)
+        and text-only rows carry none: they are plain prompts (as with K=0), left-padded like the others, whose
+        tokens in the region's columns go through the loop unchanged."""
         config = self.config
         starts = input_ids == config.latent_start_token_id
         ends = input_ids == config.latent_end_token_id
         slots = input_ids == config.latent_token_id
-        rows_with_region = starts.any(dim=1)
-        if not rows_with_region.any():
+        rows = starts.any(dim=1)
+        if not rows.any():
             if ends.any() or slots.any():
                 raise ValueError(
                     "The input has <|latent|> or <|latent_end|> tokens but no <|latent_start|>. Build prompts with "
                     "LaReProcessor so the latent region is `<|latent_start|> <|latent|>... <|latent_end|>`."
                 )
             return LatentLayout(start=None, num_steps=0)
-        if not rows_with_region.all():
-            missing = (~rows_with_region).nonzero().flatten().tolist()
+        with_image = (input_ids == config.image_token_id).any(dim=1)
+        if (with_image & ~rows).any():
+            missing = (with_image & ~rows).nonzero().flatten().tolist()
             raise ValueError(
-                f"Rows {missing} of the batch have no latent region while others do; every sequence in a batch "
-                "must be built with the same number of latent steps."
+                f"Rows {missing} of the batch have an image but no latent region while others have one; every "
+                "prompt with an image in a batch must be built with the same number of latent steps."
             )
-        if (starts.sum(dim=1) != 1).any() or (ends.sum(dim=1) != 1).any():
+        if (rows & ~with_image).any():
+            text_only = (rows & ~with_image).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Rows {text_only} have a latent region but no image: the latent phase refocuses on the image, so a "
+                "text-only prompt carries no region (LaRe's chat template writes none without an image, and "
+                "generate() removes it). Render those prompts with num_latent_steps=0."
+            )
+        if (starts.sum(dim=1)[rows] != 1).any() or (ends.sum(dim=1)[rows] != 1).any():
             raise ValueError("Each sequence must contain exactly one <|latent_start|> and one <|latent_end|>.")
-        start_cols = starts.int().argmax(dim=1)
-        end_cols = ends.int().argmax(dim=1)
+        if (ends.any(dim=1) & ~rows).any() or (slots.any(dim=1) & ~rows).any():
+            raise ValueError("<|latent|> or <|latent_end|> tokens appear in a row without <|latent_start|>.")
+        start_cols = starts.int().argmax(dim=1)[rows]
+        end_cols = ends.int().argmax(dim=1)[rows]
         if (start_cols != start_cols[0]).any() or (end_cols != end_cols[0]).any():
             raise ValueError(
                 f"The latent regions are not aligned across the batch (<|latent_start|> at columns "
@@ -366,12 +392,12 @@ class LaReModel(LaRePreTrainedModel):
         start, end = int(start_cols[0]), int(end_cols[0])
         num_slots = end - start - 1
         m = config.latent_tokens_per_step
-        if num_slots <= 0 or num_slots % m != 0 or not slots[:, start + 1 : end].all():
+        if num_slots <= 0 or num_slots % m != 0 or not slots[rows, start + 1 : end].all():
             raise ValueError(
                 f"The latent region must hold K x {m} <|latent|> slots (m = latent_tokens_per_step) between "
                 f"<|latent_start|> and <|latent_end|>; found {num_slots} positions."
             )
-        if int(slots.sum()) != num_slots * input_ids.shape[0]:
+        if int(slots.sum()) != num_slots * int(rows.sum()):
             raise ValueError("<|latent|> tokens appear outside the latent region.")
         num_steps = num_slots // m
         if num_steps > config.max_latent_steps:
@@ -379,7 +405,7 @@ class LaReModel(LaRePreTrainedModel):
                 f"The prompt asks for K={num_steps} latent steps but this model allows at most "
                 f"max_latent_steps={config.max_latent_steps}."
             )
-        return LatentLayout(start=start, num_steps=num_steps)
+        return LatentLayout(start=start, num_steps=num_steps, end=end, rows=rows)
 
     def embed_multimodal(
         self,
@@ -390,8 +416,9 @@ class LaReModel(LaRePreTrainedModel):
         """Token embeddings (`inputs_embeds` when given, `input_ids` then only locating the placeholders) with the
         visual tokens scattered into the `<|image|>` positions.
 
-        Returns the embeddings, V_T per sample `[batch, tokens, D]` (when every sample has exactly one image) and
-        the columns of the image tokens `[batch, tokens]`.
+        Returns the embeddings, V_T per sample `[batch, tokens, D]` and the columns of the image tokens
+        `[batch, tokens]`, when every sample has one image or none (a row without one gets zero features and the
+        placeholder columns 0..tokens-1); None, None otherwise (no image, or several in a sample).
         """
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -414,10 +441,19 @@ class LaReModel(LaRePreTrainedModel):
             image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1])
         )
         per_row = image_mask.sum(dim=1)
+        batch = input_ids.shape[0]
         if (per_row == seq_len).all():
-            batch = input_ids.shape[0]
             image_positions = image_mask.nonzero()[:, 1].view(batch, seq_len)
             return inputs_embeds, image_features.view(batch, seq_len, -1), image_positions
+        if ((per_row == seq_len) | (per_row == 0)).all():  # image rows and text-only rows
+            rows = (per_row == seq_len)[:, None, None]
+            hidden = image_features.shape[-1]
+            features = image_features.new_zeros(batch, seq_len, hidden).masked_scatter(
+                rows.expand(-1, seq_len, hidden), image_features.reshape(-1, hidden)
+            )
+            image_positions = torch.arange(seq_len, device=input_ids.device).repeat(batch, 1)
+            image_positions[rows[:, 0, 0]] = image_mask.nonzero()[:, 1].view(-1, seq_len)
+            return inputs_embeds, features, image_positions
         return inputs_embeds, None, None
 
     def _language_model_step(
@@ -507,6 +543,10 @@ class LaReModel(LaRePreTrainedModel):
            latents, V_s) into Z^(k), write Z^(k) into its slots and (for k < K) feed only those m positions.
         3. Feed the rest (Z^(K), `<|latent_end|>`, a teacher-forced answer) in one pass.
 
+        Rows without an image (`layout.rows` False) have no latent region: their tokens in the region's columns are
+        fed as they are (in the same chunks, on the same cache, which gives what one pass gives), so they continue
+        exactly as the prompt alone with K=0; the windows and latents the loop computes for them are discarded.
+
         `kwargs` (`output_attentions`, `output_hidden_states`, ...) go to every language-model call; the returned
         `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
         """
@@ -524,9 +564,11 @@ class LaReModel(LaRePreTrainedModel):
             return self._merge_steps({"image_hidden_states": image_features}, [outputs], cache if use_cache else None)
         if image_features is None:
             raise ValueError(
-                "Latent refocusing needs exactly one image per sequence (its <|image|> tokens and pixel_values); "
-                "use num_latent_steps=0 for text-only or multi-image prompts."
+                "Latent refocusing needs one image per prompt with a latent region (its <|image|> tokens and "
+                "pixel_values); use num_latent_steps=0 for multi-image prompts."
             )
+        rows = layout.rows.to(inputs_embeds.device) if layout.rows is not None else None
+        every_row = rows is None or bool(rows.all())
 
         slots_start = layout.start + 1
         num_layers = self.config.text_config.num_hidden_layers
@@ -549,7 +591,13 @@ class LaReModel(LaRePreTrainedModel):
                 embedding_scale,
                 return_extractor_attention,
             )
-            latents.append(step_latents.to(inputs_embeds.dtype))
+            step_latents = step_latents.to(inputs_embeds.dtype)
+            if not every_row:  # rows without an image keep their own tokens in these columns
+                slots = inputs_embeds[:, slots_start + step * m : slots_start + (step + 1) * m]
+                step_latents = torch.where(rows[:, None, None], step_latents, slots)
+                saliency = saliency * rows[:, None]
+                positions = positions * rows[:, None]
+            latents.append(step_latents)
             saliencies.append(saliency)
             windows.append(positions)
             window_feats.append(features)
@@ -579,6 +627,9 @@ class LaReModel(LaRePreTrainedModel):
             "window_positions": torch.stack(windows, dim=1),
             "window_features": torch.stack(window_feats, dim=1),
             "extractor_attentions": torch.stack(attentions, dim=1) if return_extractor_attention else None,
+            "latent_rows": rows
+            if rows is not None
+            else torch.ones(batch, dtype=torch.bool, device=inputs_embeds.device),
         }
         return self._merge_steps(record, step_outputs, cache if use_cache else None)
 
@@ -992,6 +1043,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             window_positions=outputs.window_positions,
             window_features=outputs.window_features,
             extractor_attentions=outputs.extractor_attentions,
+            latent_rows=outputs.latent_rows,
         )
 
     def check_training_inputs(
@@ -1041,11 +1093,21 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         compute: bool | None,
     ) -> dict[str, torch.Tensor]:
         """L_sym (Eq. 6), L_img (Eq. 7) and L_text (Eq. 8) for the latents of this forward; a term whose weight is
-        0 is not computed."""
+        0 is not computed.
+
+        Each term is taken over the samples that have what it needs, and averaged over them (as if they were
+        batched alone): L_img and the visual part of L_sym over the rows that ran the latent phase (an image),
+        L_text and the text part of L_sym over those that also have a rationale (a row whose
+        `rationale_attention_mask` is all 0 has none). A term with no such row is 0, still tied to the graph.
+        """
         config = self.config
         if compute is False or (compute is None and rationale_input_ids is None):
             return {}
-        if outputs.latent_embeds is None:
+        rows = outputs.latent_rows
+        if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
+            hidden = outputs.last_hidden_state
+            rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        if rows is None:
             if compute:
                 raise ValueError(
                     "Latent losses were asked for but the batch has no latent steps; build it with num_latent_steps "
@@ -1061,22 +1123,45 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             )
         if rationale_input_ids is not None and rationale_attention_mask is None:
             rationale_attention_mask = torch.ones_like(rationale_input_ids)
-        batch, num_steps, m, hidden = outputs.latent_embeds.shape
-        latents = outputs.latent_embeds.reshape(batch, num_steps * m, hidden)
+        text_rows = rows
+        if rationale_input_ids is not None:
+            text_rows = rows & rationale_attention_mask.to(rows.device).bool().any(dim=1)
+
+        # A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor and
+        # of its head, so that backward works in any stage and DDP sees those parameters used on every step.
+        def zero(head: nn.Module | None = None) -> torch.Tensor:
+            tensors = [outputs.last_hidden_state] + [
+                parameter
+                for module in (self.model.extractor, head)
+                if module is not None
+                for parameter in module.parameters()
+                if parameter.requires_grad
+            ]
+            return torch.stack([(tensor.float() * 0).sum() for tensor in tensors]).sum()
+
         losses: dict[str, torch.Tensor] = {}
         if config.sym_loss_weight > 0:
-            rationale_hidden = self.model.language_model(
-                input_ids=rationale_input_ids, attention_mask=rationale_attention_mask, use_cache=False
-            ).last_hidden_state
-            visual = outputs.window_features.reshape(batch, -1, hidden)
-            total, text_part, visual_part = self.alignment_head(
-                latents, None, rationale_hidden, rationale_attention_mask, visual, None
+            text_part, visual_part = self._alignment(
+                outputs, rows, text_rows, rationale_input_ids, rationale_attention_mask
             )
-            losses.update(alignment_loss=total, alignment_text_loss=text_part, alignment_visual_loss=visual_part)
+            text_part = text_part + zero(self.alignment_head) if text_part is not None else zero(self.alignment_head)
+            visual_part = (
+                visual_part + zero(self.alignment_head) if visual_part is not None else zero(self.alignment_head)
+            )
+            losses.update(
+                alignment_loss=text_part + visual_part,
+                alignment_text_loss=text_part,
+                alignment_visual_loss=visual_part,
+            )
         if config.text_loss_weight > 0:
-            losses["text_reconstruction_loss"] = self.text_prefix_reconstruction_loss(
-                latents, rationale_input_ids, rationale_attention_mask
-            )
+            if text_rows.any():
+                losses["text_reconstruction_loss"] = self.text_prefix_reconstruction_loss(
+                    self._flat_latents(outputs, text_rows),
+                    rationale_input_ids[text_rows],
+                    rationale_attention_mask[text_rows],
+                )
+            else:
+                losses["text_reconstruction_loss"] = zero()
         if config.image_loss_weight > 0:
             if self.reconstructor is None:
                 if compute:
@@ -1084,16 +1169,65 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                         "image_loss_weight > 0 but this checkpoint has no reconstructor (use_reconstructor=False); "
                         "set image_loss_weight=0 or build the model with use_reconstructor=True."
                     )
-            else:
+            elif rows.any():
+                _, num_steps, m, hidden = outputs.latent_embeds.shape
                 window_size = config.window_size if config.use_sliding_window else config.patch_grid_size
-                positions = outputs.window_positions.reshape(batch * num_steps, 2)
+                positions = outputs.window_positions[rows].reshape(-1, 2)
                 crops = self.reconstructor.crop_windows(
                     pixel_values.repeat_interleave(num_steps, dim=0), positions, window_size
                 )
                 losses["image_reconstruction_loss"] = self.reconstructor(
-                    outputs.latent_embeds.reshape(batch * num_steps, m, hidden), crops
+                    outputs.latent_embeds[rows].reshape(-1, m, hidden), crops
                 )
+            else:
+                losses["image_reconstruction_loss"] = zero(self.reconstructor)
         return losses
+
+    @staticmethod
+    def _flat_latents(outputs: LaReModelOutputWithPast, rows: torch.BoolTensor) -> torch.Tensor:
+        """The latent tokens of `rows`, all K steps concatenated: `[rows, K*m, D]`."""
+        latents = outputs.latent_embeds[rows]
+        return latents.reshape(latents.shape[0], -1, latents.shape[-1])
+
+    def _alignment(
+        self,
+        outputs: LaReModelOutputWithPast,
+        rows: torch.BoolTensor,
+        text_rows: torch.BoolTensor,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Eq. 6 as `(L_Z<->T over text_rows, L_Z<->V over rows)` on mean-max pooled latents, window features and
+        (for the text part) the LM's hidden states of the rationales; a part without rows is None.
+
+        Under `torch.distributed` every rank joins both parts' gathers on every step, with 0 rows when it has none
+        (a text-only batch, no rationale), so that the collectives of all ranks stay in step."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        tau = self.alignment_head.temperature
+        # 0 rows still tied to the graph: every rank must also run the gathers' backward (all-to-all) in step.
+        empty = outputs.last_hidden_state[:0, 0].float().repeat(1, 2)
+        pooled_latents, pooled_visual = empty, empty
+        if rows.any():
+            pooled_latents = mean_max_pool(self._flat_latents(outputs, rows))
+            window_features = outputs.window_features[rows]
+            pooled_visual = mean_max_pool(
+                window_features.reshape(window_features.shape[0], -1, window_features.shape[-1])
+            )
+        visual_part = text_part = None
+        if rows.any() or distributed:
+            visual_part = symmetric_info_nce(pooled_latents, pooled_visual, tau)
+        if rationale_input_ids is None or not (text_rows.any() or distributed):
+            return text_part, visual_part
+        pooled_text, text_latents = empty, empty
+        if text_rows.any():
+            ids, mask = rationale_input_ids[text_rows], rationale_attention_mask[text_rows]
+            rationale_hidden = self.model.language_model(
+                input_ids=ids, attention_mask=mask, use_cache=False
+            ).last_hidden_state
+            pooled_text = mean_max_pool(rationale_hidden, mask)
+            text_latents = pooled_latents[text_rows[rows]]
+        text_part = symmetric_info_nce(text_latents, pooled_text, tau)
+        return text_part, visual_part
 
     def text_prefix_reconstruction_loss(
         self, latents: torch.Tensor, rationale_input_ids: torch.LongTensor, rationale_attention_mask: torch.Tensor
@@ -1146,51 +1280,75 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         return torch.stack(terms).sum() if terms else None
 
     def set_latent_steps(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int | None
     ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Rewrite the latent region of (aligned) prompts to `num_latent_steps` x m slots; K=0 removes it."""
-        if isinstance(num_latent_steps, bool) or not isinstance(num_latent_steps, int):
-            raise ValueError(
-                f"num_latent_steps must be an integer between 0 and max_latent_steps={self.config.max_latent_steps}, "
-                f"got {num_latent_steps!r} ({type(num_latent_steps).__name__})."
-            )
-        if num_latent_steps < 0 or num_latent_steps > self.config.max_latent_steps:
-            raise ValueError(
-                f"num_latent_steps must be between 0 and max_latent_steps={self.config.max_latent_steps}, "
-                f"got {num_latent_steps}."
-            )
-        layout = self.model.latent_layout(input_ids)
-        if not layout.has_region:
-            if num_latent_steps == 0:
-                return input_ids, attention_mask
+        """Rewrite the latent region of each prompt with an image to `num_latent_steps` x m slots (K=0 removes it;
+        None keeps its K) and remove any region from text-only prompts (the latent phase needs an image); rows
+        whose length changed are left-padded again so the regions share columns. Unchanged tensors come back when
+        nothing is rewritten."""
+        config = self.config
+        if num_latent_steps is not None:
+            if isinstance(num_latent_steps, bool) or not isinstance(num_latent_steps, int):
+                raise ValueError(
+                    f"num_latent_steps must be an integer between 0 and max_latent_steps={config.max_latent_steps}, "
+                    f"got {num_latent_steps!r} ({type(num_latent_steps).__name__})."
+                )
+            if num_latent_steps < 0 or num_latent_steps > config.max_latent_steps:
+                raise ValueError(
+                    f"num_latent_steps must be between 0 and max_latent_steps={config.max_latent_steps}, "
+                    f"got {num_latent_steps}."
+                )
+        starts = input_ids == config.latent_start_token_id
+        ends = input_ids == config.latent_end_token_id
+        with_region = starts.any(dim=1)
+        with_image = (input_ids == config.image_token_id).any(dim=1)
+        if num_latent_steps and (with_image & ~with_region).any():
             raise ValueError(
                 f"num_latent_steps={num_latent_steps} was asked for but the prompt has no latent markers. Build it "
                 "with LaReProcessor / apply_chat_template(add_generation_prompt=True), which ends the prompt with "
                 "`<|latent_start|><|latent|>...<|latent_end|>`."
             )
-        if num_latent_steps == layout.num_steps:
-            return input_ids, attention_mask
-        start = layout.start
-        end = start + 1 + layout.num_steps * self.config.latent_tokens_per_step
-        batch = input_ids.shape[0]
-        if num_latent_steps == 0:
-            keep_ids, keep_mask = (
-                [input_ids[:, :start], input_ids[:, end + 1 :]],
-                [
-                    attention_mask[:, :start],
-                    attention_mask[:, end + 1 :],
-                ],
+        start_cols, end_cols = starts.int().argmax(dim=1), ends.int().argmax(dim=1)
+        malformed = (starts.sum(dim=1) != 1) | (ends.sum(dim=1) != 1) | (end_cols <= start_cols)
+        if (malformed & with_region).any():
+            raise ValueError(
+                "Each sequence must contain exactly one <|latent_start|> and one <|latent_end|> after it; build "
+                "prompts with LaReProcessor / apply_chat_template(add_generation_prompt=True)."
             )
-        else:
-            num_slots = num_latent_steps * self.config.latent_tokens_per_step
-            slots = input_ids.new_full((batch, num_slots), self.config.latent_token_id)
-            keep_ids = [input_ids[:, : start + 1], slots, input_ids[:, end:]]
-            keep_mask = [
-                attention_mask[:, : start + 1],
-                attention_mask.new_ones((batch, num_slots)),
-                attention_mask[:, end:],
-            ]
-        return torch.cat(keep_ids, dim=1), torch.cat(keep_mask, dim=1)
+        m = config.latent_tokens_per_step
+        region_steps = (end_cols - start_cols - 1) // m
+        target = region_steps if num_latent_steps is None else torch.full_like(region_steps, num_latent_steps)
+        target = torch.where(with_image, target, 0)
+        rewrite = with_region & (~with_image | (region_steps != target))
+        if not rewrite.any():
+            return input_ids, attention_mask
+        rows_ids, rows_mask = [], []
+        for row in range(input_ids.shape[0]):
+            ids, mask = input_ids[row], attention_mask[row]
+            if rewrite[row]:
+                start, end = int(start_cols[row]), int(end_cols[row])
+                steps = int(target[row])
+                region = ids.new_tensor(
+                    [config.latent_start_token_id]
+                    + [config.latent_token_id] * steps * m
+                    + [config.latent_end_token_id]
+                    if steps
+                    else []
+                )
+                ids = torch.cat([ids[:start], region, ids[end + 1 :]])
+                mask = torch.cat([mask[:start], mask.new_ones(region.shape), mask[end + 1 :]])
+            first = int(mask.nonzero()[0]) if mask.any() else mask.shape[0]
+            rows_ids.append(ids[first:])
+            rows_mask.append(mask[first:])
+        length = max(ids.shape[0] for ids in rows_ids)
+        pad = self.generation_config.pad_token_id if self.generation_config is not None else None
+        pad = pad if isinstance(pad, int) else 0
+        new_ids = input_ids.new_full((len(rows_ids), length), pad)
+        new_mask = attention_mask.new_zeros((len(rows_ids), length))
+        for row, (ids, mask) in enumerate(zip(rows_ids, rows_mask)):
+            new_ids[row, length - ids.shape[0] :] = ids
+            new_mask[row, length - mask.shape[0] :] = mask
+        return new_ids, new_mask
 
     def create_masks_for_generate(
         self, attention_mask: torch.Tensor | None = None, is_first_iteration=False, **kwargs
@@ -1217,9 +1375,11 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
         cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
 
-        `num_latent_steps` rewrites the prompt's latent region to K x m slots first (0 = plain LLaVA baseline); the
-        returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]` is the answer
-        for any K.
+        `num_latent_steps` rewrites the latent region of the prompts with an image to K x m slots first (0 = plain
+        LLaVA baseline). The latent phase refocuses on the image, so a text-only prompt runs without one whatever K
+        is (a latent region it carries is removed): it is answered exactly as with K=0, alone or batched with image
+        prompts. The returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]`
+        is the answer for any K.
         """
         for name in UNSUPPORTED_GENERATION_KWARGS:
             if kwargs.get(name) is not None:
@@ -1242,13 +1402,18 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                     "num_latent_steps cannot be combined with past_key_values: the cache already holds the prompt's "
                     "latent region. Continue without num_latent_steps, or drop past_key_values."
                 )
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            input_ids, attention_mask = self.set_latent_steps(input_ids, attention_mask, num_latent_steps)
+        if input_ids is not None and input_ids.shape[1] > 0 and kwargs.get("past_key_values") is None:
+            rewritten = self.set_latent_steps(
+                input_ids,
+                attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+                num_latent_steps,
+            )
+            if rewritten[0] is not input_ids:
+                input_ids, attention_mask = rewritten
         outputs = super().generate(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
         )
-        if prompt_ids is None or input_ids.shape[1] == prompt_ids.shape[1]:
+        if prompt_ids is None or input_ids is prompt_ids:
             return outputs
         # K changed the prompt's length: hand back the caller's prompt followed by the new tokens.
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences

@@ -59,13 +59,17 @@ def lare_chat_template(num_latent_steps: int = 4, latent_tokens_per_step: int = 
     """ChatML, as Qwen2.5-Instruct (no default system message), with LaRe's latent region.
 
     Content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts; an image part renders
-    `<|image|>` (expanded to `image_seq_length` copies by the processor). The generation prompt ends with the latent
-    region `<|latent_start|>` + K*m `<|latent|>` + `<|latent_end|>`, so the tokenizer and the processor give the
-    same ids. K and m are the template variables `num_latent_steps` / `latent_tokens_per_step` (defaults: the
-    arguments, baked into the template); K = 0 writes no region. Unknown roles and content types raise.
+    `<|image|>` (expanded to `image_seq_length` copies by the processor). The generation prompt of a conversation
+    with an image ends with the latent region `<|latent_start|>` + K*m `<|latent|>` + `<|latent_end|>`, so the
+    tokenizer and the processor give the same ids. K and m are the template variables `num_latent_steps` /
+    `latent_tokens_per_step` (defaults: the arguments, baked into the template); K = 0 writes no region, and
+    neither does a text-only conversation (the latent phase refocuses on the image; the model answers a text-only
+    prompt as with K = 0). Unknown roles and content types raise.
     """
     return (
-        _LATENT_DEFAULTS.format(int(num_latent_steps), int(latent_tokens_per_step)) + "{%- for message in messages -%}"
+        _LATENT_DEFAULTS.format(int(num_latent_steps), int(latent_tokens_per_step))
+        + "{%- set state = namespace(has_image=false) -%}"
+        "{%- for message in messages -%}"
         "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
         "{{- raise_exception('Unknown chat role ' + message['role'] + \"; use 'system', 'user' or 'assistant'.\") -}}"
         "{%- endif -%}"
@@ -76,6 +80,7 @@ def lare_chat_template(num_latent_steps: int = 4, latent_tokens_per_step: int = 
         "{%- for part in message['content'] -%}"
         "{%- if part['type'] == 'image' -%}"
         "{{- '<|image|>' -}}"
+        "{%- set state.has_image = true -%}"
         "{%- elif part['type'] == 'text' -%}"
         "{{- part['text'] -}}"
         "{%- else -%}"
@@ -91,7 +96,7 @@ def lare_chat_template(num_latent_steps: int = 4, latent_tokens_per_step: int = 
         "else default_num_latent_steps -%}"
         "{%- set per_step = latent_tokens_per_step if latent_tokens_per_step is defined and latent_tokens_per_step "
         "is not none else default_latent_tokens_per_step -%}"
-        "{%- if steps > 0 -%}"
+        "{%- if steps > 0 and state.has_image -%}"
         "{{- '<|latent_start|>' + '<|latent|>' * (steps * per_step) + '<|latent_end|>' -}}"
         "{%- endif -%}"
         "{%- endif -%}"
@@ -445,8 +450,12 @@ class LaReProcessor(ProcessorMixin):
             answers: per sample, the answer text; tokenized as `answer + "<|im_end|>"` without other special tokens.
             images: per sample, an image, a list of images or None (matched to the sample's `<|image|>`
                 placeholders); or a flat list of all images in order. Default: the images inside chat messages.
-            rationales: per sample, the explicit rationale text (tokenized plain, right-padded).
-            num_latent_steps: K (default: `self.num_latent_steps`); 0 gives prompts without a latent region.
+            rationales: per sample, the explicit rationale text (tokenized plain, right-padded), or None for a sample
+                without one (its row of `rationale_attention_mask` is all 0; the model leaves it out of the losses
+                that need a rationale).
+            num_latent_steps: K (default: `self.num_latent_steps`); 0 gives prompts without a latent region. A
+                prompt without an image never has one (the latent phase refocuses on the image): text-only samples
+                are plain prompts, left-padded with the others.
             max_answer_length: keep at most this many answer tokens, counting the closing `<|im_end|>` (a truncated
                 answer loses its `<|im_end|>`, so the model is never taught to stop early).
             max_rationale_length: truncate rationales to this many tokens.
@@ -471,10 +480,10 @@ class LaReProcessor(ProcessorMixin):
                     "(or rationales=None)."
                 )
             for index, rationale in enumerate(rationales):
-                if not isinstance(rationale, str) or not rationale.strip():
+                if rationale is not None and (not isinstance(rationale, str) or not rationale.strip()):
                     raise ValueError(
-                        f"Rationale {index} is {rationale!r}; when `rationales` is given every sample needs a "
-                        "non-empty rationale."
+                        f"Rationale {index} is {rationale!r}; give a non-empty string, or None for a sample without "
+                        "a rationale."
                     )
         for index, answer in enumerate(answers):
             if not isinstance(answer, str):
@@ -502,10 +511,11 @@ class LaReProcessor(ProcessorMixin):
             images = message_images
         flat_images = self._images_per_prompt(texts, images)
 
-        expanded = [self.set_latent_slots(text, steps) for text in texts]
+        with_image = [text.count(self.image_token) > 0 for text in texts]
+        expanded = [self.set_latent_slots(text, steps if image else 0) for text, image in zip(texts, with_image)]
         if steps > 0:
             for index, text in enumerate(expanded):
-                if not text.endswith(self.latent_end_token):
+                if with_image[index] and not text.endswith(self.latent_end_token):
                     raise ValueError(
                         f"Prompt {index} does not end with the latent region: it must end with "
                         f"{self.latent_placeholder!r} (the chat template with add_generation_prompt=True writes it), "
@@ -547,14 +557,23 @@ class LaReProcessor(ProcessorMixin):
         if "pixel_values" in prompt_inputs:
             data["pixel_values"] = prompt_inputs["pixel_values"]
         if rationales is not None:
-            # Truncate by slicing the right-padded tensors: asking the tokenizer to truncate would leave its
+            # Truncate by slicing the token lists: asking the tokenizer to truncate would leave its
             # truncation setting in the fast backend, and a checkpoint saved after training would carry it.
-            rationale_inputs = self.tokenizer(
-                rationales, add_special_tokens=False, padding="longest", padding_side="right", return_tensors="pt"
-            )
-            width = rationale_inputs["input_ids"].shape[1] if max_rationale_length is None else max_rationale_length
-            data["rationale_input_ids"] = rationale_inputs["input_ids"][:, :width]
-            data["rationale_attention_mask"] = rationale_inputs["attention_mask"][:, :width]
+            rationale_ids = [
+                [] if rationale is None else self.tokenizer.encode(rationale, add_special_tokens=False)
+                for rationale in rationales
+            ]
+            width = max(1, max(len(ids) for ids in rationale_ids))
+            if max_rationale_length is not None:
+                width = min(width, max_rationale_length)
+            rationale_tensor = torch.full((batch, width), pad_id, dtype=prompt_ids.dtype)
+            rationale_mask = torch.zeros((batch, width), dtype=prompt_mask.dtype)
+            for row, ids in enumerate(rationale_ids):
+                ids = ids[:width]
+                rationale_tensor[row, : len(ids)] = torch.tensor(ids, dtype=prompt_ids.dtype)
+                rationale_mask[row, : len(ids)] = 1
+            data["rationale_input_ids"] = rationale_tensor
+            data["rationale_attention_mask"] = rationale_mask
         return BatchFeature(data)
 
     def _images_per_prompt(self, texts: list[str], images) -> list:

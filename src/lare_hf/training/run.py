@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+from transformers.utils import logging
 
 from ..data.collator import LaReDataCollator
 from ..data.formats import load_records
@@ -21,6 +22,8 @@ from ..destinations import (
 from ..modeling.model_card import HISTORY_FILE, read_history, write_model_card
 from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
 from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
+
+logger = logging.get_logger(__name__)
 
 # LaReConfig fields a recipe may change on an existing checkpoint (they do not change the architecture).
 RUNTIME_CONFIG_FIELDS = {
@@ -136,8 +139,13 @@ def run_stage(
         on_error=data_args.on_error,
         allow_images_outside_root=data_args.allow_images_outside_root,
     )
-    if trainer_cls.latent_losses:
+    if trainer_cls.requires_rationales:
         records.require_rationales()  # fail before training, not at a random step
+    elif trainer_cls.latent_losses and len(records.without_rationale) == len(records):
+        logger.warning(
+            f"{data_args.train_file}: no record has a rationale, so the latent losses that need one (L_sym's text "
+            "part, L_text) stay 0 in this stage; L_img and L_sym's visual part train on the image records."
+        )
 
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
@@ -149,11 +157,6 @@ def run_stage(
         model = _wrap_lora(model, model_args)
     counts = trainer_cls.configure_model(model, lora=model_args.lora)
 
-    if 0 < len(records.without_image) < len(records) and training_args.per_device_train_batch_size > 1:
-        raise ValueError(
-            f"{data_args.train_file} mixes {len(records.without_image)} text-only records with image records; a "
-            "batch must be all-image or all-text. Use per_device_train_batch_size 1 or split the data by modality."
-        )
     train_dataset = records
     if data_args.max_train_samples is not None:
         from torch.utils.data import Subset

@@ -51,12 +51,15 @@ class LaReTrainer(Trainer):
     Subclasses (one per stage) set:
         stage: the stage number (1-4).
         trainable_groups: MODULE_GROUPS keys whose parameters train; every other parameter is frozen.
-        latent_losses: whether the semantic-augmentation losses (Eq. 6-8) are on (the batch then needs rationales).
+        latent_losses: whether the semantic-augmentation losses (Eq. 6-8) are on; each is taken over the samples
+            that have what it needs (an image; a rationale for L_sym's text part and L_text).
+        requires_rationales: whether every record must carry a rationale (checked before training).
     """
 
     stage: int = 0
     trainable_groups: tuple[str, ...] = ("projector", "latent", "language_model")
     latent_losses: bool = True
+    requires_rationales: bool = True
 
     def __init__(self, *args, module_learning_rates: dict[str, float] | None = None, **kwargs):
         self.module_learning_rates = dict(module_learning_rates or {})
@@ -201,6 +204,7 @@ class StageIAlignmentTrainer(LaReTrainer):
     stage = 1
     trainable_groups = ("projector",)
     latent_losses = False
+    requires_rationales = False
 
 
 class StageIILatentAlignmentTrainer(LaReTrainer):
@@ -212,11 +216,15 @@ class StageIILatentAlignmentTrainer(LaReTrainer):
 
 
 class StageIIIInstructionTrainer(LaReTrainer):
-    """Stage III, instruction tuning: everything but the vision tower, all losses."""
+    """Stage III, instruction tuning: everything but the vision tower, all losses. The data is LLaVA-665K-like: image
+    and text-only conversations (single- and multi-turn) mixed with reasoning records, so a record may lack a
+    rationale or an image; each latent loss is averaged over the samples that have what it needs, and a batch
+    with none of them trains on L_ntp alone."""
 
     stage = 3
     trainable_groups = ("projector", "latent", "language_model")
     latent_losses = True
+    requires_rationales = False
 
 
 class StageIVReasoningTrainer(LaReTrainer):
