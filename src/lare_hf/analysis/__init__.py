@@ -9,6 +9,7 @@ from .figures import plot_window_hits, reconstruction_figure, refocus_figure, re
 from .halting import default_thresholds, halting_analysis, latent_step_distances, plot_halting
 from .probing import (
     build_probe_pairs,
+    plot_probing,
     probe_features,
     probing_analysis,
     records_for_probing,
@@ -29,6 +30,7 @@ __all__ = [
     "load_samples",
     "plot_attention",
     "plot_halting",
+    "plot_probing",
     "plot_steps_sweep",
     "plot_window_hits",
     "probe_features",

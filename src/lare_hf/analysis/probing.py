@@ -334,6 +334,7 @@ __all__ = [
     "build_probe_pairs",
     "image_key",
     "mlp_probe",
+    "plot_probing",
     "probe_features",
     "probing_analysis",
     "records_for_probing",
@@ -341,3 +342,28 @@ __all__ = [
     "run_probes",
     "svm_probe",
 ]
+
+
+def plot_probing(reports: dict[str, dict[str, Any]], path: str | Path) -> str:
+    """Grouped bars (Table 6): test accuracy of the SVM and MLP probes, latent-vision and latent-text, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(modality, probe) for modality in ("vision", "text") for probe in ("svm", "mlp")]
+    fig, axis = plt.subplots(figsize=(5.4, 3.4))
+    width = 0.8 / max(1, len(reports))
+    for n, (name, report) in enumerate(reports.items()):
+        values = [report[modality][probe]["accuracy"] for modality, probe in groups]
+        axis.bar(np.arange(len(groups)) + n * width, values, width, label=name)
+    axis.axhline(50, color="grey", linestyle=":", linewidth=1)
+    axis.set_xticks(np.arange(len(groups)) + width * (len(reports) - 1) / 2, [f"{m}\n{p.upper()}" for m, p in groups])
+    axis.set_ylim(0, 100)
+    axis.set_ylabel("probe test accuracy (%)")
+    axis.set_title("Probing the latents (chance = 50%)", fontsize=9)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
