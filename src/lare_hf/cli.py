@@ -262,7 +262,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             )
             report = {
                 "analysis": "attention_to_image",
-                "baseline": str(args.baseline),
+                "baseline_model": str(args.baseline),
+                "num_latent_steps": processor.num_latent_steps
+                if args.num_latent_steps is None
+                else args.num_latent_steps,
+                "baseline_num_latent_steps": args.baseline_num_latent_steps,
                 **analysis.compare_attention(lare, plain),
             }
             report["figure"] = analysis.plot_attention(lare, plain, output / "attention.png")
