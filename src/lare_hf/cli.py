@@ -304,7 +304,7 @@ def _analyze_probing(args: argparse.Namespace, output: Path) -> dict:
 
     records = _probe_records(args)
     reports = {}
-    for name, model_dir in (("model", args.model), ("baseline", args.baseline)):
+    for name, model_dir in (("lare", args.model), ("baseline", args.baseline)):
         if model_dir is None:
             continue
         model, processor = analysis.load_model(model_dir, args.device)
@@ -319,7 +319,14 @@ def _analyze_probing(args: argparse.Namespace, output: Path) -> dict:
         },
         output / "probing.png",
     )
-    return {"analysis": "probing", "data": str(args.data), **reports, "figure": figure}
+    return {
+        "analysis": "probing",
+        "model": str(args.model),
+        "baseline_model": None if args.baseline is None else str(args.baseline),
+        "data": str(args.data),
+        **reports,
+        "figure": figure,
+    }
 
 
 def _analyze_figures(args: argparse.Namespace, model, processor, samples, output: Path) -> dict:

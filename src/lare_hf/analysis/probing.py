@@ -138,8 +138,8 @@ def build_probe_pairs(
         raise ValueError(
             f"Probing needs image_ids and question_ids for the same >= 4 samples, got {count} / {len(question_ids)}."
         )
-    if num_pairs < 4:
-        raise ValueError(f"num_pairs must be >= 4, got {num_pairs}.")
+    if num_pairs < 20:
+        raise ValueError(f"num_pairs must be >= 20 (the SVM's 5-fold cross-validation needs it), got {num_pairs}.")
     rng = np.random.default_rng(seed)
     images, questions = np.asarray([str(v) for v in image_ids]), np.asarray([str(v) for v in question_ids])
     num_positive = min(num_pairs // 2, count)
@@ -272,6 +272,12 @@ def run_probes(
         labels = np.random.default_rng(seed + 1).permutation(labels)
     index = np.arange(len(labels))
     train, test = train_test_split(index, test_size=0.3, stratify=pairs["kind"], random_state=seed)
+    fewest = min(int((labels[train] == value).sum()) for value in (0, 1))
+    if fewest < 5:
+        raise ValueError(
+            f"The training pairs hold only {fewest} of one label; 5-fold cross-validation needs >= 5 of each. Use "
+            f"more samples or a larger num_pairs (got {num_pairs} pairs over {len(latents)} samples)."
+        )
     latents_t = torch.tensor(np.asarray(latents), dtype=torch.float32)
     partners_t = torch.tensor(np.asarray(partners), dtype=torch.float32)
     positives = train[labels[train] == 1]
