@@ -242,3 +242,24 @@ def test_stage3_recipe_runs_on_llava_shaped_data(tiny_checkpoint, llava_file, tm
     assert any(name.startswith("model.extractor.") for name in changed)
     assert any(name.startswith("model.language_model.") for name in changed)
     assert Path(output, "config.json").is_file()
+
+
+def test_adaptive_halting_leaves_text_only_rows_alone(tiny):
+    """A text-only row has prompt tokens where image rows have latent slots: halting never masks them."""
+    model, processor = tiny
+    rows = [chat(make_image(5), "Which digit?"), chat(None, "Say something long about the weather.")]
+    texts = [processor.apply_chat_template(row, add_generation_prompt=True, tokenize=False) for row in rows]
+    inputs = processor(text=texts, images=[make_image(5)], padding=True, return_tensors="pt")
+    halted = model.generate(
+        **inputs,
+        num_latent_steps=4,
+        latent_halting="l1",
+        latent_halting_threshold=1e6,  # every image row stops after step 2
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+    )
+    assert halted.latent_steps.tolist() == [2, 0]
+    answers = halted.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+    assert answers[0] == generate(model, processor, [rows[0]], num_latent_steps=2)[0]
+    assert answers[1] == generate(model, processor, [rows[1]], num_latent_steps=0)[0]

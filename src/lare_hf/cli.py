@@ -211,6 +211,153 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_thresholds(items: list[str] | None) -> dict[str, list[float]] | None:
+    """`criterion=t1,t2` items (`--thresholds cosine=0.9,0.95 l2=0.01`) -> {criterion: [t1, t2]}."""
+    if not items:
+        return None
+    thresholds: dict[str, list[float]] = {}
+    for item in items:
+        criterion, _, values = item.partition("=")
+        try:
+            thresholds[criterion.strip()] = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--thresholds expects criterion=t1,t2 (e.g. cosine=0.9,0.95 l2=0.01), got {item!r}."
+            ) from None
+        if not values.strip():
+            raise ValueError(f"--thresholds {item!r} gives no threshold; write e.g. {criterion or 'cosine'}=0.9.")
+    return thresholds
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from . import analysis
+    from .analysis.common import write_report
+
+    output = refuse_non_empty(args.output, f"lare analyze {args.analysis} --output", args.overwrite)
+    output.mkdir(parents=True, exist_ok=True)
+    kind = args.analysis
+    if kind == "probing":
+        report = _analyze_probing(args, output)
+    else:
+        bench, samples = analysis.load_samples(args.benchmark, args.data, args.limit, args.split, args.image_folder)
+        attn = "eager" if kind == "attention" else None
+        model, processor = analysis.load_model(args.model, args.device, attn_implementation=attn)
+        common = {"model": str(args.model), "data": str(args.data)}
+        if kind == "steps":
+            report = analysis.latent_steps_sweep(
+                model, processor, bench, samples, args.steps, args.batch_size, args.max_new_tokens
+            )
+            report["figure"] = analysis.plot_steps_sweep(report, output / "steps.png")
+        elif kind == "halting":
+            report = analysis.halting_analysis(
+                model, processor, bench, samples, args.num_latent_steps, _parse_thresholds(args.thresholds),
+                args.batch_size, args.max_new_tokens,
+            )  # fmt: skip
+            report["figure"] = analysis.plot_halting(report, output / "halting.png")
+        elif kind == "attention":
+            baseline, baseline_processor = analysis.load_model(args.baseline, args.device, attn_implementation="eager")
+            lare = analysis.attention_to_image(model, processor, samples, args.num_latent_steps, args.batch_size)
+            plain = analysis.attention_to_image(
+                baseline, baseline_processor, samples, args.baseline_num_latent_steps, args.batch_size
+            )
+            report = {
+                "analysis": "attention_to_image",
+                "baseline_model": str(args.baseline),
+                "num_latent_steps": processor.num_latent_steps
+                if args.num_latent_steps is None
+                else args.num_latent_steps,
+                "baseline_num_latent_steps": args.baseline_num_latent_steps,
+                **analysis.compare_attention(lare, plain),
+            }
+            report["figure"] = analysis.plot_attention(lare, plain, output / "attention.png")
+        else:
+            report = _analyze_figures(args, model, processor, samples, output)
+        report = {**common, **report}
+    path = write_report(report, output / f"{kind}.json")
+    print(f"Wrote {path}")
+    return 0
+
+
+def _probe_records(args: argparse.Namespace) -> list[dict]:
+    """RefocusChains JSONL (rows with a `board`): every board asked with each of --hops; otherwise reasoning records
+    (`load_records`) with their rationales."""
+    from . import analysis
+    from .data.formats import load_records
+
+    path = Path(args.data)
+    if path.is_file() and path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "board" in row and "rationale" in row:
+            return analysis.refocus_chains_probe_records(path, args.hops, args.limit)
+    loaded = load_records(args.data, kind="reasoning", image_folder=args.image_folder)
+    count = len(loaded) if args.limit is None else min(len(loaded), args.limit)
+    return analysis.records_for_probing([loaded[i] for i in range(count)])
+
+
+def _analyze_probing(args: argparse.Namespace, output: Path) -> dict:
+    from . import analysis
+
+    records = _probe_records(args)
+    reports = {}
+    for name, model_dir in (("lare", args.model), ("baseline", args.baseline)):
+        if model_dir is None:
+            continue
+        model, processor = analysis.load_model(model_dir, args.device)
+        reports[name] = analysis.probing_analysis(
+            model, processor, records, args.num_latent_steps, args.num_pairs, args.seed, args.batch_size
+        )
+        reports[name]["model"] = str(model_dir)
+    figure = analysis.plot_probing(
+        {
+            f"{Path(r['model']).name} ({'with' if r['use_extractor'] else 'w/o'} Extractor)": r
+            for r in reports.values()
+        },
+        output / "probing.png",
+    )
+    return {
+        "analysis": "probing",
+        "model": str(args.model),
+        "baseline_model": None if args.baseline is None else str(args.baseline),
+        "data": str(args.data),
+        **reports,
+        "figure": figure,
+    }
+
+
+def _analyze_figures(args: argparse.Namespace, model, processor, samples, output: Path) -> dict:
+    from . import analysis
+
+    shown = samples[: args.num_samples]
+    report: dict = {"analysis": "figures", "figures": {}}
+    report["figures"]["refocus"] = analysis.refocus_figure(
+        model, processor, shown, output / "fig3_refocus.png", args.num_latent_steps
+    )
+    if model.reconstructor is not None:
+        report["figures"]["reconstruction"] = analysis.reconstruction_figure(
+            model, processor, shown, output / "fig4_reconstruction.png", args.num_latent_steps,
+            args.num_inference_steps, args.seed,
+        )  # fmt: skip
+    else:
+        report["reconstruction_skipped"] = "the checkpoint has no reconstructor (use_reconstructor=False)"
+    if args.benchmark.replace("-", "_").lower() == "refocus_chains":
+        try:
+            hits = analysis.window_hit_rates(model, processor, samples, args.num_latent_steps, args.batch_size)
+        except ValueError as error:
+            report["window_hits_skipped"] = str(error)
+        else:
+            report["window_hits"] = hits
+            report["figures"]["window_hits"] = analysis.plot_window_hits(hits, output / "window_hits.png")
+    if args.sweep is not None:
+        sweep = json.loads(Path(args.sweep).read_text())
+        report["figures"]["steps"] = analysis.plot_steps_sweep(sweep, output / "steps.png")
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -301,6 +448,58 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="refocus_shapes image size")
     synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
+
+    analyze = sub.add_parser("analyze", help="the paper's analyses (JSON report + PNG figures in --output)")
+    analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
+    helps = {
+        "steps": "latent steps sweep (Fig. 5): accuracy and generated tokens for each K",
+        "halting": "adaptive halting (Table 4): average steps, accuracy, tokens per criterion and threshold",
+        "probing": "probing (Table 6): SVM / MLP accuracy of latent-vision and latent-text pairs",
+        "attention": "attention of the first generated token to the image (Table 5): LaRe vs the K=0 model",
+        "figures": "Fig. 3 refocus grid, Fig. 4 reconstructions, RefocusChains window-hit rate per step",
+    }
+    for name, text in helps.items():
+        command = analyze_sub.add_parser(name, help=text)
+        command.add_argument("--model", required=True, help="the LaRe checkpoint folder")
+        command.add_argument(
+            "--data", required=True, help="benchmark file (probing: reasoning records with rationales)"
+        )
+        command.add_argument("--output", required=True, help="folder for the JSON report and the PNG figures")
+        command.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+        command.add_argument("--benchmark", default="refocus_chains", help="benchmark of --data (see lare eval)")
+        command.add_argument("--num-latent-steps", type=int, default=None, help="K (default: the processor's)")
+        command.add_argument("--batch-size", type=int, default=16)
+        command.add_argument("--limit", type=int, default=None, help="use the first N samples")
+        command.add_argument("--split", default=None)
+        command.add_argument("--image-folder", default=None)
+        command.add_argument("--device", default=None)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--max-new-tokens", type=int, default=None)
+        if name == "steps":
+            command.add_argument("--steps", type=int, nargs="+", default=None, help="the Ks (default 0..max)")
+        if name == "halting":
+            command.add_argument(
+                "--thresholds", nargs="+", default=None,
+                help="criterion=t1,t2 ... (cosine, l1, l2); default: quartiles of the model's own step distances",
+            )  # fmt: skip
+        if name in ("probing", "attention"):
+            command.add_argument(
+                "--baseline", required=name == "attention", default=None,
+                help="the model to compare with: the K=0 model (attention), the model w/o Extractor (probing)",
+            )  # fmt: skip
+        if name == "attention":
+            command.add_argument("--baseline-num-latent-steps", type=int, default=0)
+        if name == "probing":
+            command.add_argument("--num-pairs", type=int, default=1000)
+            command.add_argument("--hops", type=int, nargs="+", default=[1, 2, 3, 4],
+                                 help="RefocusChains: the chain lengths each board is asked with")  # fmt: skip
+        if name == "figures":
+            command.add_argument("--num-samples", type=int, default=4, help="samples in Fig. 3 / Fig. 4")
+            command.add_argument(
+                "--num-inference-steps", type=int, default=50, help="reverse diffusion steps (Fig. 4)"
+            )
+            command.add_argument("--sweep", default=None, help="a steps.json of `lare analyze steps` to plot again")
+        command.set_defaults(func=cmd_analyze)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
     demo.add_argument("--output", default="lare-demo")

@@ -36,7 +36,7 @@ def count_new_tokens(new_tokens: torch.Tensor, eos_token_ids: set[int], pad_toke
 
 
 @torch.no_grad()
-def generate_answers(
+def generate_batched(
     model,
     processor,
     samples: list[BenchmarkSample],
@@ -44,12 +44,17 @@ def generate_answers(
     batch_size: int,
     max_new_tokens: int,
     progress: bool = True,
-) -> tuple[list[str], list[int], float]:
-    """Greedy answers for `samples` in batches; returns texts, generated-token counts and seconds spent."""
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """Greedy answers for `samples` in batches; `generate_kwargs` go to `model.generate` (e.g. `latent_halting`).
+
+    Returns ``{"texts", "counts"`` (generated tokens per sample), ``"latent_steps"`` (per sample: the steps it used;
+    K for every sample unless adaptive halting stopped it earlier) ``, "seconds"}``."""
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     pad_id = model.generation_config.pad_token_id
-    texts, counts = [], []
+    fixed_steps = processor.num_latent_steps if num_latent_steps is None else num_latent_steps
+    texts, counts, latent_steps = [], [], []
     started = time.perf_counter()
     for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not progress):
         batch = samples[start : start + batch_size]
@@ -62,11 +67,34 @@ def generate_answers(
         inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt").to(
             model.device
         )
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **generate_kwargs
+        )
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         texts += processor.batch_decode(new_tokens, skip_special_tokens=True)
         counts += count_new_tokens(new_tokens, eos_ids, pad_id)
-    return [text.strip() for text in texts], counts, time.perf_counter() - started
+        steps = output.get("latent_steps")
+        latent_steps += steps.tolist() if steps is not None else [fixed_steps] * len(batch)
+    return {
+        "texts": [text.strip() for text in texts],
+        "counts": counts,
+        "latent_steps": latent_steps,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def generate_answers(
+    model,
+    processor,
+    samples: list[BenchmarkSample],
+    num_latent_steps: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool = True,
+) -> tuple[list[str], list[int], float]:
+    """Greedy answers for `samples` in batches; returns texts, generated-token counts and seconds spent."""
+    result = generate_batched(model, processor, samples, num_latent_steps, batch_size, max_new_tokens, progress)
+    return result["texts"], result["counts"], result["seconds"]
 
 
 def evaluate(
@@ -123,4 +151,4 @@ def evaluate(
     return report
 
 
-__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers"]
+__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers", "generate_batched"]

@@ -42,7 +42,13 @@ from .extractor import LaReExtractor
 from .losses import LaReAlignmentHead, mean_max_pool, symmetric_info_nce, text_prefix_loss
 from .model_card import write_model_card
 from .reconstruction import LaReImageReconstructor, load_image_tokenizer
-from .refocus import SaliencyRecorder, record_saliency, select_windows
+from .refocus import (
+    SaliencyRecorder,
+    check_latent_halting,
+    latent_steps_converged,
+    record_saliency,
+    select_windows,
+)
 from .validation import check_forward_kwargs, check_pixel_values, check_tensor, check_token_ids
 
 logger = logging.get_logger(__name__)
@@ -72,6 +78,16 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
         region and runs as its prompt with K=0; its entries of the latent fields are placeholders (its own token
         embeddings in the region's columns, zero saliency, window at (0, 0), zero window features). None when no
         row has a latent region.
+    latent_steps (`torch.LongTensor` of shape `(batch_size,)`):
+        The number of latent steps each sample used: K, or fewer where adaptive halting (`latent_halting`) stopped
+        it; 0 for a text-only row (no latent phase). Entries of the per-step fields past a sample's count belong to
+        slots it masked out.
+    halted_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        With adaptive halting: the attention mask with each halted sample's unused latent slots set to 0 (what the
+        decoding steps of `generate()` continue with).
+    halted_position_ids (`torch.LongTensor`, *optional*):
+        With adaptive halting: the position ids the sequence was run with (a halted sample's positions after its
+        last step count on as if its unused slots were not there).
     """
 
     image_hidden_states: torch.Tensor | None = None
@@ -81,6 +97,9 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
     window_features: torch.Tensor | None = None
     extractor_attentions: torch.Tensor | None = None
     latent_rows: torch.BoolTensor | None = None
+    latent_steps: torch.LongTensor | None = None
+    halted_attention_mask: torch.LongTensor | None = None
+    halted_position_ids: torch.LongTensor | None = None
 
 
 @dataclass
@@ -113,6 +132,9 @@ class LaReCausalLMOutputWithPast(ModelOutput):
     window_features: torch.Tensor | None = None
     extractor_attentions: torch.Tensor | None = None
     latent_rows: torch.BoolTensor | None = None
+    latent_steps: torch.LongTensor | None = None
+    halted_attention_mask: torch.LongTensor | None = None
+    halted_position_ids: torch.LongTensor | None = None
 
 
 @dataclass
@@ -533,6 +555,8 @@ class LaReModel(LaRePreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         use_cache: bool = True,
         return_extractor_attention: bool = False,
+        latent_halting: str | None = None,
+        latent_halting_threshold: float | None = None,
         **kwargs,
     ) -> LaReModelOutputWithPast:
         """The latent refocusing loop (Eq. 1-2), run by `forward()` for a fresh sequence (also the prefill step of
@@ -546,10 +570,22 @@ class LaReModel(LaRePreTrainedModel):
         Rows without an image (`layout.rows` False) have no latent region: their tokens in the region's columns are
         fed as they are (in the same chunks, on the same cache, which gives what one pass gives), so they continue
         exactly as the prompt alone with K=0; the windows and latents the loop computes for them are discarded.
+        Adaptive halting (Table 4; `latent_halting` = "cosine" | "l1" | "l2" with `latent_halting_threshold`): after
+        each step k >= 2 a sample whose Z^(k) has converged to Z^(k-1) (`latent_steps_converged`) stops; Z^(k) is its
+        last step. Its later slots are masked out of attention and the positions after them shift down by their
+        number, so the sample continues exactly as a run with K = k slots would; once every sample has halted the
+        remaining steps are not computed.
 
         `kwargs` (`output_attentions`, `output_hidden_states`, ...) go to every language-model call; the returned
         `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
         """
+        check_latent_halting(latent_halting, latent_halting_threshold)
+        if latent_halting is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            raise ValueError(
+                "Adaptive halting (latent_halting) masks each halted sample's unused latent slots in a 2D "
+                f"attention_mask [batch, length], got {type(attention_mask).__name__}. Pass the processor's 2D mask "
+                "(and no static cache)."
+            )
         batch, length, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -580,6 +616,12 @@ class LaReModel(LaRePreTrainedModel):
         ]
         embedding_scale = self.embedding_scale().to(inputs_embeds.dtype)
         latents, saliencies, windows, window_feats, attentions = [], [], [], [], []
+        slots_end = slots_start + num_steps * m
+        steps_used = torch.full((batch,), num_steps, dtype=torch.long, device=inputs_embeds.device)
+        # text-only rows neither halt (their columns hold prompt tokens) nor count latent steps
+        running = torch.ones(batch, dtype=torch.bool, device=inputs_embeds.device) if every_row else rows.clone()
+        steps_used[~running] = 0
+        halted_any = False
         for step in range(num_steps):
             saliency = recorder.saliency()
             positions, features = self._window_features(saliency, image_features)
@@ -602,6 +644,21 @@ class LaReModel(LaRePreTrainedModel):
             windows.append(positions)
             window_feats.append(features)
             attentions.append(attention)
+            if latent_halting is not None and step >= 1:
+                halts = running & latent_steps_converged(
+                    latents[-1], latents[-2], latent_halting, latent_halting_threshold
+                )
+                if halts.any():
+                    if not halted_any:  # the caller's tensors are left as they were
+                        position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length).clone()
+                        attention_mask, halted_any = attention_mask.clone(), True
+                    steps_used[halts] = step + 1
+                    running &= ~halts
+                    attention_mask, position_ids = self._mask_unused_slots(
+                        attention_mask, position_ids, halts, slots_start + (step + 1) * m, slots_end
+                    )
+                if not running.any():
+                    break
             if step < num_steps - 1:
                 start = slots_start + step * m
                 recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
@@ -611,9 +668,9 @@ class LaReModel(LaRePreTrainedModel):
                     )
                 )
 
-        slots_end = slots_start + num_steps * m
-        tail_start = slots_end - m
-        tail_embeds = torch.cat([latents[-1], inputs_embeds[:, slots_end:]], dim=1)
+        # the last computed step's latents, then (after an early stop: masked, unused slots) <|latent_end|> and the rest
+        tail_start = slots_start + (len(latents) - 1) * m
+        tail_embeds = torch.cat([latents[-1], inputs_embeds[:, tail_start + m :]], dim=1)
         step_outputs.append(
             self._language_model_step(
                 tail_embeds, attention_mask, position_ids, tail_start, length, cache, None, **kwargs
@@ -623,15 +680,35 @@ class LaReModel(LaRePreTrainedModel):
         record = {
             "image_hidden_states": image_features,
             "latent_embeds": torch.stack(latents, dim=1),
-            "saliency_maps": torch.stack(saliencies, dim=1).view(batch, num_steps, grid, grid),
+            "saliency_maps": torch.stack(saliencies, dim=1).view(batch, len(latents), grid, grid),
             "window_positions": torch.stack(windows, dim=1),
             "window_features": torch.stack(window_feats, dim=1),
             "extractor_attentions": torch.stack(attentions, dim=1) if return_extractor_attention else None,
             "latent_rows": rows
             if rows is not None
             else torch.ones(batch, dtype=torch.bool, device=inputs_embeds.device),
+            "latent_steps": steps_used,
         }
+        if latent_halting is not None:
+            record.update(halted_attention_mask=attention_mask, halted_position_ids=position_ids)
         return self._merge_steps(record, step_outputs, cache if use_cache else None)
+
+    @staticmethod
+    def _mask_unused_slots(
+        attention_mask: torch.Tensor,
+        position_ids: torch.LongTensor,
+        halts: torch.BoolTensor,
+        unused_start: int,
+        slots_end: int,
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Adaptive halting: mask the slots [unused_start, slots_end) of the halted rows out of attention and shift
+        the positions after them down by the number of slots that were still attended, so the rest of the sequence
+        sits where a run with fewer slots puts it (a slot already masked, e.g. when the caller passes back this
+        mask, shifts nothing twice)."""
+        removed = attention_mask[:, unused_start:slots_end].long().sum(-1) * halts.long()
+        attention_mask[halts, unused_start:slots_end] = 0
+        position_ids[..., slots_end:] -= removed.view(*([1] * (position_ids.dim() - 2)), -1, 1).to(position_ids.dtype)
+        return attention_mask, position_ids
 
     @staticmethod
     def _merge_steps(
@@ -675,10 +752,15 @@ class LaReModel(LaRePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_extractor_attention: bool = False,
+        latent_halting: str | None = None,
+        latent_halting_threshold: float | None = None,
         **kwargs,
     ) -> LaReModelOutputWithPast:
         """A fresh sequence (no cache, or an empty one) runs the refocusing loop and the teacher-forced tail; with a
         filled cache (decoding) the new positions go through the language model on top of it.
+
+        `latent_halting` / `latent_halting_threshold`: adaptive halting of the latent phase (see `latent_refocus`);
+        they concern a fresh sequence only.
 
         The image and latent placeholders are located in `input_ids`, or in `inputs_embeds` by comparing with their
         token embeddings. `output_attentions` / `output_hidden_states` give one entry per language-model layer over
@@ -733,6 +815,8 @@ class LaReModel(LaRePreTrainedModel):
             position_ids=position_ids,
             use_cache=use_cache,
             return_extractor_attention=return_extractor_attention,
+            latent_halting=latent_halting,
+            latent_halting_threshold=latent_halting_threshold,
             **kwargs,
         )
 
@@ -979,6 +1063,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_extractor_attention: bool = False,
+        latent_halting: str | None = None,
+        latent_halting_threshold: float | None = None,
         **kwargs,
     ) -> LaReCausalLMOutputWithPast:
         r"""
@@ -990,10 +1076,19 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             L_Z<->T (Eq. 6) and L_text (Eq. 8).
         compute_latent_losses: True (a training stage) computes every latent loss with a non-zero weight and raises
             if its inputs are missing; False computes none; None computes them when a rationale is given.
+        latent_halting / latent_halting_threshold: adaptive halting of the latent phase (Table 4), an inference
+            option: "cosine" | "l1" | "l2" and the threshold at which a sample's latent steps have converged.
         kwargs: go to the language model, and to `loss_function` (`num_items_in_batch`, `shift_labels`, ...).
         """
         check_forward_kwargs(f"{type(self).__name__}.forward", kwargs, inspect.signature(self.forward).parameters)
         self.check_training_inputs(input_ids, inputs_embeds, labels, rationale_input_ids, rationale_attention_mask)
+        if latent_halting is not None and (
+            labels is not None or rationale_input_ids is not None or compute_latent_losses
+        ):
+            raise ValueError(
+                f"latent_halting={latent_halting!r} is an inference option (generate() or a forward without labels): "
+                "training runs every sample through all K latent steps. Drop latent_halting, or labels / rationale."
+            )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1005,6 +1100,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_extractor_attention=return_extractor_attention,
+            latent_halting=latent_halting,
+            latent_halting_threshold=latent_halting_threshold,
             return_dict=True,
             **kwargs,
         )
@@ -1044,6 +1141,9 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             window_features=outputs.window_features,
             extractor_attentions=outputs.extractor_attentions,
             latent_rows=outputs.latent_rows,
+            latent_steps=outputs.latent_steps,
+            halted_attention_mask=outputs.halted_attention_mask,
+            halted_position_ids=outputs.halted_position_ids,
         )
 
     def check_training_inputs(
@@ -1361,6 +1461,25 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
         )
 
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: ModelOutput,
+        model_kwargs: dict,
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict:
+        """As GenerationMixin's; after a pass that halted samples early (adaptive halting), decoding continues with
+        the mask and positions in which their unused latent slots are gone, and `generate()` reports the step
+        counts."""
+        if getattr(outputs, "halted_attention_mask", None) is not None:
+            model_kwargs["attention_mask"] = outputs.halted_attention_mask
+            if model_kwargs.get("position_ids") is not None:
+                model_kwargs["position_ids"] = outputs.halted_position_ids
+            self._halted_latent_steps = outputs.latent_steps
+        return super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -1368,19 +1487,42 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         num_latent_steps: int | None = None,
+        latent_halting: str | None = None,
+        latent_halting_threshold: float | None = None,
         **kwargs,
     ):
         """`GenerationMixin.generate`, whose prefill step (`forward()` on the fresh prompt) runs the latent loop;
-        decoding then continues from the latent-filled cache. Every decoding mode and output option of
-        GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
-        cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
+                decoding then continues from the latent-filled cache. Every decoding mode and output option of
+                GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
+                cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
 
-        `num_latent_steps` rewrites the latent region of the prompts with an image to K x m slots first (0 = plain
-        LLaVA baseline). The latent phase refocuses on the image, so a text-only prompt runs without one whatever K
-        is (a latent region it carries is removed): it is answered exactly as with K=0, alone or batched with image
-        prompts. The returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]`
-        is the answer for any K.
+                `num_latent_steps` rewrites the latent region of the prompts with an image to K x m slots first (0 = plain
+                LLaVA baseline). The latent phase refocuses on the image, so a text-only prompt runs without one whatever K
+                is (a latent region it carries is removed): it is answered exactly as with K=0, alone or batched with image
+                prompts. The returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]`
+                is the answer for any K.
+
+        `latent_halting` ("cosine" | "l1" | "l2") with `latent_halting_threshold`: adaptive halting (Table 4). Each
+                sample stops its latent phase after the first step k >= 2 whose latents Z^(k) have converged to Z^(k-1)
+                (cosine similarity >= threshold, or L1 / L2 distance <= threshold, see `latent_step_distance`), at the latest
+                after K; its answer is then the one `num_latent_steps=k` gives it. With `return_dict_in_generate=True` the
+                output's `latent_steps` (`[batch]`) holds each sample's step count.
         """
+        check_latent_halting(latent_halting, latent_halting_threshold)
+        if latent_halting is not None:
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError(
+                    "latent_halting cannot be combined with past_key_values: the latent phase is run by the prefill of a "
+                    "fresh prompt. Drop past_key_values."
+                )
+            cache_implementation = getattr(kwargs.get("generation_config"), "cache_implementation", None)
+            cache_implementation = kwargs.get("cache_implementation", cache_implementation)
+            if cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"latent_halting needs the default dynamic cache, got cache_implementation={cache_implementation!r}: "
+                    "a static cache's prebuilt masks cannot drop the latent slots a sample no longer uses."
+                )
+            kwargs.update(latent_halting=latent_halting, latent_halting_threshold=latent_halting_threshold)
         for name in UNSUPPORTED_GENERATION_KWARGS:
             if kwargs.get(name) is not None:
                 raise ValueError(
@@ -1410,9 +1552,13 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             )
             if rewritten[0] is not input_ids:
                 input_ids, attention_mask = rewritten
+        self._halted_latent_steps = None
         outputs = super().generate(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
         )
+        latent_steps, self._halted_latent_steps = self._halted_latent_steps, None
+        if latent_steps is not None and not isinstance(outputs, torch.Tensor):
+            outputs["latent_steps"] = latent_steps
         if prompt_ids is None or input_ids is prompt_ids:
             return outputs
         # K changed the prompt's length: hand back the caller's prompt followed by the new tokens.

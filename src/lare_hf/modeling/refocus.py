@@ -188,4 +188,72 @@ def select_windows(
     return torch.stack([rows, cols], dim=-1), token_indices
 
 
-__all__ = ["LARE_ATTENTION", "SaliencyRecorder", "record_saliency", "saliency_attention_name", "select_windows"]
+# Adaptive halting (Table 4): how consecutive latent steps Z^(k), Z^(k-1) are compared.
+HALTING_CRITERIA = ("cosine", "l1", "l2")
+
+
+def check_latent_halting(criterion: str | None, threshold: float | None) -> None:
+    """`latent_halting` is None or one of `HALTING_CRITERIA`; `latent_halting_threshold` is a finite number (a
+    cosine similarity in [-1, 1], or a distance >= 0) given exactly when a criterion is."""
+    if criterion is None:
+        if threshold is not None:
+            raise ValueError(
+                f"latent_halting_threshold={threshold!r} was given without latent_halting; pass "
+                f"latent_halting='cosine', 'l1' or 'l2' with it, or drop the threshold."
+            )
+        return
+    if criterion not in HALTING_CRITERIA:
+        raise ValueError(
+            f"latent_halting must be one of {', '.join(map(repr, HALTING_CRITERIA))} (or None for a fixed K), "
+            f"got {criterion!r}."
+        )
+    if threshold is None:
+        raise ValueError(
+            f"latent_halting={criterion!r} needs latent_halting_threshold: the cosine similarity (>=) or the distance "
+            "(<=) between consecutive latent steps at which a sample stops."
+        )
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+        raise ValueError(f"latent_halting_threshold must be a number, got {threshold!r} ({type(threshold).__name__}).")
+    if criterion == "cosine" and not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"latent_halting_threshold is a cosine similarity for 'cosine': in [-1, 1], got {threshold}.")
+    if criterion != "cosine" and not 0.0 <= threshold < float("inf"):
+        raise ValueError(
+            f"latent_halting_threshold is a distance for {criterion!r}: finite and >= 0, got {threshold}."
+        )
+
+
+def latent_step_distance(current: torch.Tensor, previous: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Per sample, how far latent step Z^(k) `[batch, m, D]` moved from Z^(k-1) (float32, `[batch]`): the cosine
+    similarity of the flattened m x D tokens ("cosine"), or the mean absolute ("l1") / root-mean-square ("l2")
+    element of their difference. The distances are per element (our choice; the paper gives no normalisation) so
+    that one threshold carries across model widths: latents are normalised to the token embeddings' RMS scale."""
+    current, previous = current.flatten(1).float(), previous.flatten(1).float()
+    if criterion == "cosine":
+        return F.cosine_similarity(current, previous, dim=-1)
+    difference = current - previous
+    if criterion == "l1":
+        return difference.abs().mean(-1)
+    if criterion == "l2":
+        return difference.pow(2).mean(-1).sqrt()
+    raise ValueError(f"criterion must be one of {HALTING_CRITERIA}, got {criterion!r}.")
+
+
+def latent_steps_converged(
+    current: torch.Tensor, previous: torch.Tensor, criterion: str, threshold: float
+) -> torch.BoolTensor:
+    """`[batch]`: cosine similarity >= threshold, or L1 / L2 distance <= threshold (`latent_step_distance`)."""
+    value = latent_step_distance(current, previous, criterion)
+    return value >= threshold if criterion == "cosine" else value <= threshold
+
+
+__all__ = [
+    "HALTING_CRITERIA",
+    "LARE_ATTENTION",
+    "SaliencyRecorder",
+    "check_latent_halting",
+    "latent_step_distance",
+    "latent_steps_converged",
+    "record_saliency",
+    "saliency_attention_name",
+    "select_windows",
+]

@@ -1,0 +1,100 @@
+"""What every analysis shares: loading a checkpoint and a benchmark, prompts with K latent steps, reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..destinations import check_lare_checkpoint
+from ..evaluation.benchmarks import Benchmark, BenchmarkSample, get_benchmark
+from ..evaluation.runner import chat_messages
+
+
+def load_model(model_dir: str, device: str | None = None, attn_implementation: str | None = None):
+    """(model, processor) of a LaRe checkpoint folder, in eval mode (on `device` when given)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
+
+    check_lare_checkpoint(model_dir, "--model")
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs).eval()
+    if device is not None:
+        model = model.to(device)
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def load_samples(
+    benchmark: str, data: str, limit: int | None = None, split: str | None = None, image_folder: str | None = None
+) -> tuple[Benchmark, list[BenchmarkSample]]:
+    """The benchmark (its loader, answer extraction and scoring) and its samples from `data`."""
+    bench = get_benchmark(benchmark)
+    samples = bench.load(data, split=split, image_folder=image_folder, limit=limit)
+    if not samples:
+        raise ValueError(f"{data} holds no {bench.name} sample to analyse.")
+    return bench, samples
+
+
+def check_steps(model, num_latent_steps: int, name: str = "num_latent_steps") -> int:
+    """K within 0..max_latent_steps of the model."""
+    maximum = model.config.max_latent_steps
+    if isinstance(num_latent_steps, bool) or not isinstance(num_latent_steps, int):
+        raise ValueError(f"{name} must be an integer in 0..{maximum}, got {num_latent_steps!r}.")
+    if not 0 <= num_latent_steps <= maximum:
+        raise ValueError(f"{name} must be in 0..max_latent_steps={maximum} of this model, got {num_latent_steps}.")
+    return num_latent_steps
+
+
+def prompt_inputs(model, processor, samples: list[BenchmarkSample], num_latent_steps: int) -> dict[str, torch.Tensor]:
+    """Processor inputs (left-padded) of the samples' generation prompts with K latent steps, on the model's device."""
+    prompts = [
+        processor.apply_chat_template(chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps)
+        for s in samples
+    ]
+    inputs = processor(text=prompts, images=[s.image for s in samples], padding=True, return_tensors="pt")
+    return inputs.to(model.device)
+
+
+def model_view(model, image) -> Any:
+    """The image as the model saw it: RGB at the vision tower's input size."""
+    from PIL import Image
+
+    size = model.config.vision_config.image_size
+    return image.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """The report as indented JSON (tensors, numpy values converted; NaN / inf written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(report), indent=2))
+    return path
+
+
+__all__ = ["check_steps", "load_model", "load_samples", "model_view", "prompt_inputs", "write_report"]

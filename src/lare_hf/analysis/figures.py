@@ -1,0 +1,166 @@
+"""Figures of the paper's analyses: Fig. 3 (where each latent step refocused), Fig. 4 (what the latents hold, as
+images), and, on RefocusChains, the window-hit rate per latent step."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.refocus_chains import GRID, window_hits
+from ..evaluation.benchmarks import BenchmarkSample
+from ..visualization import plot_refocus_grid
+from .common import check_steps, model_view, prompt_inputs
+
+
+def _window_size(model) -> int:
+    config = model.config
+    return config.window_size if config.use_sliding_window else config.patch_grid_size
+
+
+def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
+    steps = processor.num_latent_steps if num_latent_steps is None else num_latent_steps
+    check_steps(model, steps)
+    if steps == 0:
+        raise ValueError("This figure shows latent steps: num_latent_steps must be >= 1.")
+    return steps
+
+
+@torch.no_grad()
+def refocus_record(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
+    `[N, K, grid, grid]`, window positions `[N, K, 2]`, latents `[N, K, m, D]` and the pixel values."""
+    found: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for start in range(0, len(samples), batch_size):
+        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
+        outputs = model(**inputs)
+        found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
+        found["window_positions"].append(outputs.window_positions.cpu())
+        found["latent_embeds"].append(outputs.latent_embeds)
+        found["pixel_values"].append(inputs["pixel_values"])
+    return {name: torch.cat(values) for name, values in found.items()}
+
+
+def refocus_figure(
+    model, processor, samples: list[BenchmarkSample], path: str | Path, num_latent_steps: int | None = None
+) -> str:
+    """Fig. 3: one row per sample, one panel per latent step k with the saliency that chose step k's window and the
+    window (`lare_hf.visualization.plot_refocus_grid`); RefocusChains samples also show the cell step k needs."""
+    steps = _check_latent_steps(model, processor, num_latent_steps)
+    record = refocus_record(model, processor, samples, steps)
+    needed = [s.meta.get("visited_cells") for s in samples]
+    titles = [f"{s.prompt}\ngold: {s.answer}" for s in samples]
+    return plot_refocus_grid(
+        [model_view(model, s.image) for s in samples],
+        record["saliency_maps"],
+        record["window_positions"],
+        _window_size(model),
+        str(path),
+        titles=titles,
+        needed_cells=needed if all(needed) else None,
+    )
+
+
+@torch.no_grad()
+def reconstruction_figure(
+    model,
+    processor,
+    samples: list[BenchmarkSample],
+    path: str | Path,
+    num_latent_steps: int | None = None,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+) -> str:
+    """Fig. 4: per sample two rows, the crop under each step's window (what L_img, Eq. 7, reconstructs) and the image
+    the reconstructor draws from that step's latents alone (`reconstruct_images`, seeded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if model.reconstructor is None:
+        raise ValueError("This checkpoint has no reconstructor (use_reconstructor=False); Fig. 4 needs one.")
+    steps = _check_latent_steps(model, processor, num_latent_steps)
+    record = refocus_record(model, processor, samples, steps)
+    count = len(samples)
+    positions = record["window_positions"].to(model.device).reshape(count * steps, 2)
+    crops = model.reconstructor.crop_windows(
+        record["pixel_values"].repeat_interleave(steps, dim=0), positions, _window_size(model)
+    )
+    crops = ((crops.float() + 1) / 2).clamp(0, 1).view(count, steps, *crops.shape[1:]).cpu()
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    images = model.reconstruct_images(record["latent_embeds"], num_inference_steps, generator).float().cpu()
+    fig, axes = plt.subplots(2 * count, steps, figsize=(1.7 * steps + 0.6, 1.8 * 2 * count), squeeze=False)
+    for i in range(count):
+        for k in range(steps):
+            for row, (picture, label) in enumerate(((crops[i, k], "window crop"), (images[i, k], "from latents"))):
+                axis = axes[2 * i + row][k]
+                axis.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if i == 0 and row == 0:
+                    axis.set_title(f"latent step {k + 1}", fontsize=8)
+                if k == 0:
+                    axis.set_ylabel(f"#{i + 1} {label}", fontsize=7)
+    fig.suptitle("Latent-to-image reconstructions next to the crops they came from", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def window_hit_rates(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int | None = None, batch_size: int = 16
+) -> dict[str, Any]:
+    """On RefocusChains: how often latent step k's window covers the cell reasoning step k reads
+    (`lare_hf.data.refocus_chains.window_hits`), overall and per step. The model's patch grid must be the board's
+    (one patch per cell, as `lare_hf.reproduction.CHAINS_MODEL_CONFIG`), so windows and cells share coordinates."""
+    steps = _check_latent_steps(model, processor, num_latent_steps)
+    grid = model.config.patch_grid_size
+    if grid != GRID:
+        raise ValueError(
+            f"Window hits compare windows (patch grid {grid}x{grid}) with RefocusChains cells ({GRID}x{GRID}); they "
+            "need one patch per cell (e.g. the reproduction's CHAINS_MODEL_CONFIG: 24-px images, 8-px patches)."
+        )
+    if not all(s.meta.get("visited_cells") for s in samples):
+        raise ValueError("Window hits need RefocusChains samples (each with meta['visited_cells']).")
+    windows = refocus_record(model, processor, samples, steps, batch_size)["window_positions"]
+    by_step: dict[int, list[bool]] = defaultdict(list)
+    for sample, sample_windows in zip(samples, windows.tolist()):
+        for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], _window_size(model))):
+            by_step[k + 1].append(hit)
+    hits = [hit for values in by_step.values() for hit in values]
+    return {
+        "num_latent_steps": steps,
+        "window_hit_rate": 100.0 * float(np.mean(hits)),
+        "window_hit_rate_by_step": {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_step.items())},
+        "num_samples_by_step": {k: len(v) for k, v in sorted(by_step.items())},
+    }
+
+
+def plot_window_hits(report: dict[str, Any], path: str | Path) -> str:
+    """Bar chart of the window-hit rate per reasoning step (steps beyond K count as misses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = report["window_hit_rate_by_step"]
+    fig, axis = plt.subplots(figsize=(4.6, 3.2))
+    axis.bar([str(k) for k in rates], list(rates.values()), color="tab:green")
+    axis.set_ylim(0, 100)
+    axis.set_xlabel("reasoning step k")
+    axis.set_ylabel("window covers the needed cell (%)")
+    axis.set_title(f"Window-hit rate per step (K = {report['num_latent_steps']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+__all__ = ["plot_window_hits", "reconstruction_figure", "refocus_figure", "refocus_record", "window_hit_rates"]

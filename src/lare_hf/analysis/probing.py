@@ -1,0 +1,376 @@
+"""Probing (Table 6): do the latent tokens encode the visual evidence and the reasoning text?
+
+The paper's protocol (Appendix, "Settings of Probing Analysis"):
+
+* pooled latents Z, pooled rationale representations T (the LM's hidden states of the rationale text) and pooled
+  window features V (the visual tokens under the steps' windows), all with the training's mean-max pooling
+  (`mean_max_pool`, as in L_sym, Eq. 6);
+* each projected to 256 dimensions by a trainable linear layer and L2-normalised;
+* 1,000 labelled pairs (latent of sample i, partner of sample j), 500 positive (j = i) and 500 negative, the
+  negatives balanced over three kinds: (i) same image, different question; (ii) same question, different image;
+  (iii) random;
+* a 70/30 train/test split stratified by pair kind;
+* a linear SVM (C chosen by 5-fold cross-validation on the training pairs) and a one-hidden-layer MLP (Adam, early
+  stopping on validation loss); the reported figure is test accuracy, for latent-vision and latent-text pairs.
+
+Decisions the paper leaves open (ours): the two projections are trained with the symmetric InfoNCE of Eq. 6 on the
+positive training pairs only, then frozen; a pair is classified from ``[z * p, |z - p|]`` of its two projected
+vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..modeling.losses import mean_max_pool, symmetric_info_nce
+from .common import check_steps
+
+PROJECTION_DIM = 256
+NEGATIVE_KINDS = ("same_image", "same_question", "random")
+PAIR_KINDS = ("positive",) + NEGATIVE_KINDS
+
+
+def image_key(image: Image.Image) -> str:
+    """A content hash of an image: samples that share an image share the key."""
+    rgb = image.convert("RGB")
+    return hashlib.sha1(rgb.tobytes() + str(rgb.size).encode()).hexdigest()
+
+
+def records_for_probing(records) -> list[dict[str, Any]]:
+    """`{"image", "question", "rationale"}` per record of `lare_hf.data.formats.load_records` (reasoning records
+    with a rationale)."""
+    found = []
+    for record in records:
+        if not record.get("rationale"):
+            raise ValueError(f"Record {record.get('id')!r} has no rationale; probing pairs latents with rationales.")
+        texts = [part["text"] for part in record["messages"][0]["content"] if part.get("type") == "text"]
+        found.append({"image": record["image"], "question": " ".join(texts), "rationale": record["rationale"]})
+    return found
+
+
+def refocus_chains_probe_records(path: str | Path, hops: Sequence[int] = (1, 2, 3, 4), limit: int | None = None):
+    """RefocusChains boards of a JSONL file (`write_refocus_chains`), each asked with every chain length in `hops`
+    from its question's start cell: one image with several questions, so that "same image, different question"
+    negatives exist (each test record has its own board)."""
+    from ..data.refocus_chains import QUESTION_TEMPLATE, follow
+
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    for row in rows[:limit]:
+        board = json.loads(row["board"]) if isinstance(row["board"], str) else row["board"]
+        marks = dict(zip(board["cells"], board["marks"]))
+        start = row["rationale"].removeprefix("path:").split()[0]
+        with Image.open(path.parent / row["image"]) as opened:
+            image = opened.convert("RGB")
+        for h in hops:
+            records.append(
+                {
+                    "image": image,
+                    "question": QUESTION_TEMPLATE.format(start=start, hops=h, marks="mark" if h == 1 else "marks"),
+                    "rationale": "path: " + " ".join(follow(marks, start, h)),
+                }
+            )
+    if not records:
+        raise ValueError(f"{path} holds no RefocusChains record.")
+    return records
+
+
+@torch.no_grad()
+def probe_features(
+    model, processor, records: list[dict[str, Any]], num_latent_steps: int | None = None, batch_size: int = 16
+) -> dict[str, Any]:
+    """Mean-max pooled latents, window features and rationale hidden states `[N, 2 D]` of `records`
+    (`{"image", "question", "rationale"}`), as the symmetric alignment loss (Eq. 6) pools them, plus each record's
+    image key and question (for the negative kinds)."""
+    steps = processor.num_latent_steps if num_latent_steps is None else num_latent_steps
+    check_steps(model, steps)
+    if steps == 0:
+        raise ValueError("Probing needs latent tokens: num_latent_steps must be >= 1.")
+    latents, windows, rationales = [], [], []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        messages = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in batch
+        ]
+        inputs = processor.build_training_inputs(
+            prompts=messages,
+            answers=[""] * len(batch),
+            images=[r["image"] for r in batch],
+            rationales=[r["rationale"] for r in batch],
+            num_latent_steps=steps,
+        ).to(model.device)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        pixel_values=inputs["pixel_values"])  # fmt: skip
+        size = len(batch)
+        latents.append(mean_max_pool(outputs.latent_embeds.reshape(size, -1, outputs.latent_embeds.shape[-1])))
+        windows.append(mean_max_pool(outputs.window_features.reshape(size, -1, outputs.window_features.shape[-1])))
+        hidden = model.model.language_model(
+            input_ids=inputs["rationale_input_ids"], attention_mask=inputs["rationale_attention_mask"], use_cache=False
+        ).last_hidden_state
+        rationales.append(mean_max_pool(hidden, inputs["rationale_attention_mask"]))
+    return {
+        "latents": torch.cat(latents).cpu().numpy(),
+        "vision": torch.cat(windows).cpu().numpy(),
+        "text": torch.cat(rationales).cpu().numpy(),
+        "image_ids": [image_key(r["image"]) for r in records],
+        "question_ids": [r["question"] for r in records],
+    }
+
+
+def build_probe_pairs(
+    image_ids: Sequence[Any], question_ids: Sequence[Any], num_pairs: int = 1000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Half positive pairs (i, i) over distinct samples, half negatives (i, j) balanced over `NEGATIVE_KINDS`; a kind
+    with no candidate j for a drawn sample is drawn as "random" instead. Returns `latent`, `partner` (indices),
+    `label` (1 / 0) and `kind` arrays."""
+    count = len(image_ids)
+    if len(question_ids) != count or count < 4:
+        raise ValueError(
+            f"Probing needs image_ids and question_ids for the same >= 4 samples, got {count} / {len(question_ids)}."
+        )
+    if num_pairs < 20:
+        raise ValueError(f"num_pairs must be >= 20 (the SVM's 5-fold cross-validation needs it), got {num_pairs}.")
+    rng = np.random.default_rng(seed)
+    images, questions = np.asarray([str(v) for v in image_ids]), np.asarray([str(v) for v in question_ids])
+    num_positive = min(num_pairs // 2, count)
+    pairs = [(int(i), int(i), 1, "positive") for i in rng.permutation(count)[:num_positive]]
+    seen = {(i, j) for i, j, _, _ in pairs}
+    candidates = {
+        "same_image": lambda i: np.flatnonzero((images == images[i]) & (questions != questions[i])),
+        "same_question": lambda i: np.flatnonzero((questions == questions[i]) & (images != images[i])),
+        "random": lambda i: np.flatnonzero(np.arange(count) != i),
+    }
+    wanted = [NEGATIVE_KINDS[n % len(NEGATIVE_KINDS)] for n in range(num_positive)]
+    for kind in wanted:
+        for _ in range(100):  # a few draws to find a new pair; then fall back to a random negative
+            i = int(rng.integers(count))
+            options = candidates[kind](i)
+            options = [int(j) for j in options if (i, int(j)) not in seen]
+            if options:
+                j = options[int(rng.integers(len(options)))]
+                break
+        else:
+            kind = "random"
+            i = int(rng.integers(count))
+            options = [int(j) for j in candidates["random"](i) if (i, int(j)) not in seen]
+            if not options:
+                continue
+            j = options[int(rng.integers(len(options)))]
+        seen.add((i, j))
+        pairs.append((i, j, 0, kind))
+    latent, partner, label, kind = zip(*pairs)
+    return {"latent": np.array(latent), "partner": np.array(partner), "label": np.array(label), "kind": np.array(kind)}
+
+
+def _train_projections(latents: torch.Tensor, partners: torch.Tensor, seed: int, epochs: int = 200):
+    """The two trainable 256-d linear projections (+ L2 norm), fitted with symmetric InfoNCE on matching rows."""
+    torch.manual_seed(seed)
+    latent_projection = torch.nn.Linear(latents.shape[1], PROJECTION_DIM)
+    partner_projection = torch.nn.Linear(partners.shape[1], PROJECTION_DIM)
+    parameters = list(latent_projection.parameters()) + list(partner_projection.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = symmetric_info_nce(latent_projection(latents), partner_projection(partners), 0.07)
+        loss.backward()
+        optimizer.step()
+
+    def project(layer, values):
+        with torch.no_grad():
+            return torch.nn.functional.normalize(layer(values), dim=-1)
+
+    return lambda values: project(latent_projection, values), lambda values: project(partner_projection, values)
+
+
+def mlp_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0, hidden: int = 256,
+    max_epochs: int = 500, patience: int = 20,
+) -> np.ndarray:  # fmt: skip
+    """One-hidden-layer MLP (PyTorch, Adam), early stopping on the loss of a stratified 15% validation part of the
+    training pairs (the weights of the best validation loss are kept); returns the predicted labels of `test_x`."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    fit_x, val_x, fit_y, val_y = train_test_split(
+        train_x, train_y, test_size=0.15, stratify=train_y, random_state=seed
+    )
+    scaler = StandardScaler().fit(fit_x)
+    fit_x, val_x, test_x = (torch.tensor(scaler.transform(x), dtype=torch.float32) for x in (fit_x, val_x, test_x))
+    fit_y, val_y = torch.tensor(fit_y, dtype=torch.float32), torch.tensor(val_y, dtype=torch.float32)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(fit_x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    best, best_state, waited = float("inf"), None, 0
+    for _ in range(max_epochs):
+        optimizer.zero_grad()
+        loss_fn(net(fit_x).squeeze(-1), fit_y).backward()
+        optimizer.step()
+        with torch.no_grad():
+            val_loss = float(loss_fn(net(val_x).squeeze(-1), val_y))
+        if val_loss < best - 1e-5:
+            best, best_state, waited = val_loss, {k: v.clone() for k, v in net.state_dict().items()}, 0
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    net.load_state_dict(best_state)
+    with torch.no_grad():
+        return (net(test_x).squeeze(-1) > 0).long().numpy()
+
+
+def svm_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Linear SVM (standardised features), C chosen by stratified 5-fold cross-validation on the training pairs;
+    returns the predicted labels of `test_x` and the chosen C with its cross-validation accuracy (on the pairs the
+    projections were fitted on, so optimistic: the test accuracy is the probe's figure)."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    search = GridSearchCV(
+        make_pipeline(StandardScaler(), LinearSVC(dual="auto", max_iter=5000, random_state=seed)),
+        {"linearsvc__C": [0.01, 0.1, 1.0, 10.0]},
+        cv=StratifiedKFold(5, shuffle=True, random_state=seed),
+    )
+    search.fit(train_x, train_y)
+    return search.predict(test_x), {
+        "C": search.best_params_["linearsvc__C"],
+        "cv_accuracy": 100.0 * float(search.best_score_),
+    }
+
+
+def run_probes(
+    latents: np.ndarray,
+    partners: np.ndarray,
+    image_ids: Sequence[Any],
+    question_ids: Sequence[Any],
+    num_pairs: int = 1000,
+    seed: int = 0,
+    shuffle_labels: bool = False,
+) -> dict[str, Any]:
+    """The protocol above for one partner modality: pairs, stratified 70/30 split, projections, SVM and MLP test
+    accuracy (percent, overall and per pair kind). `shuffle_labels` permutes the pair labels first (a control: the
+    probes must then be at chance)."""
+    from sklearn.model_selection import train_test_split
+
+    if len(latents) != len(partners):
+        raise ValueError(f"latents ({len(latents)}) and partners ({len(partners)}) must have one row per sample.")
+    pairs = build_probe_pairs(image_ids, question_ids, num_pairs, seed)
+    labels = pairs["label"].copy()
+    if shuffle_labels:
+        labels = np.random.default_rng(seed + 1).permutation(labels)
+    index = np.arange(len(labels))
+    train, test = train_test_split(index, test_size=0.3, stratify=pairs["kind"], random_state=seed)
+    fewest = min(int((labels[train] == value).sum()) for value in (0, 1))
+    if fewest < 5:
+        raise ValueError(
+            f"The training pairs hold only {fewest} of one label; 5-fold cross-validation needs >= 5 of each. Use "
+            f"more samples or a larger num_pairs (got {num_pairs} pairs over {len(latents)} samples)."
+        )
+    latents_t = torch.tensor(np.asarray(latents), dtype=torch.float32)
+    partners_t = torch.tensor(np.asarray(partners), dtype=torch.float32)
+    positives = train[labels[train] == 1]
+    project_latent, project_partner = _train_projections(
+        latents_t[pairs["latent"][positives]], partners_t[pairs["partner"][positives]], seed
+    )
+    z, p = project_latent(latents_t[pairs["latent"]]), project_partner(partners_t[pairs["partner"]])
+    features = torch.cat([z * p, (z - p).abs()], dim=-1).numpy()
+    svm_predicted, svm_search = svm_probe(features[train], labels[train], features[test], seed)
+    mlp_predicted = mlp_probe(features[train], labels[train], features[test], seed)
+
+    def accuracy(predicted: np.ndarray) -> dict[str, Any]:
+        correct = predicted == labels[test]
+        by_kind = {
+            k: 100.0 * float(correct[pairs["kind"][test] == k].mean())
+            for k in PAIR_KINDS
+            if (pairs["kind"][test] == k).any()
+        }
+        return {"accuracy": 100.0 * float(correct.mean()), "by_kind": by_kind}
+
+    kinds, counts = np.unique(pairs["kind"], return_counts=True)
+    return {
+        "svm": {**accuracy(svm_predicted), **svm_search},
+        "mlp": accuracy(mlp_predicted),
+        "num_pairs": len(labels),
+        "num_train": len(train),
+        "num_test": len(test),
+        "pair_kinds": dict(zip(kinds.tolist(), counts.tolist())),
+        "shuffled_labels": shuffle_labels,
+    }
+
+
+def probing_analysis(
+    model,
+    processor,
+    records: list[dict[str, Any]],
+    num_latent_steps: int | None = None,
+    num_pairs: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Table 6 for one model: latent-vision and latent-text probing accuracy of the SVM and the MLP."""
+    features = probe_features(model, processor, records, num_latent_steps, batch_size)
+    report: dict[str, Any] = {
+        "analysis": "probing",
+        "num_records": len(records),
+        "num_latent_steps": processor.num_latent_steps if num_latent_steps is None else num_latent_steps,
+        "use_extractor": bool(model.config.use_extractor),
+    }
+    for modality in ("vision", "text"):
+        report[modality] = run_probes(
+            features["latents"], features[modality], features["image_ids"], features["question_ids"], num_pairs, seed
+        )
+    return report
+
+
+__all__ = [
+    "NEGATIVE_KINDS",
+    "PROJECTION_DIM",
+    "build_probe_pairs",
+    "image_key",
+    "mlp_probe",
+    "plot_probing",
+    "probe_features",
+    "probing_analysis",
+    "records_for_probing",
+    "refocus_chains_probe_records",
+    "run_probes",
+    "svm_probe",
+]
+
+
+def plot_probing(reports: dict[str, dict[str, Any]], path: str | Path) -> str:
+    """Grouped bars (Table 6): test accuracy of the SVM and MLP probes, latent-vision and latent-text, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(modality, probe) for modality in ("vision", "text") for probe in ("svm", "mlp")]
+    fig, axis = plt.subplots(figsize=(5.4, 3.4))
+    width = 0.8 / max(1, len(reports))
+    for n, (name, report) in enumerate(reports.items()):
+        values = [report[modality][probe]["accuracy"] for modality, probe in groups]
+        axis.bar(np.arange(len(groups)) + n * width, values, width, label=name)
+    axis.axhline(50, color="grey", linestyle=":", linewidth=1)
+    axis.set_xticks(np.arange(len(groups)) + width * (len(reports) - 1) / 2, [f"{m}\n{p.upper()}" for m, p in groups])
+    axis.set_ylim(0, 118)
+    axis.set_yticks(range(0, 101, 20))
+    axis.set_ylabel("probe test accuracy (%)")
+    axis.set_title("Probing the latents (chance = 50%)", fontsize=9)
+    axis.legend(fontsize=7, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,82 @@
+"""Latent steps sweep (Fig. 5): accuracy and generated tokens of one trained model for K = 0..max."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..evaluation.benchmarks import Benchmark, BenchmarkSample
+from ..evaluation.runner import generate_batched
+from .common import check_steps, mean_or_none
+
+
+def score_generations(bench: Benchmark, samples: list[BenchmarkSample], generations: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy (the benchmark's answer extraction and scoring), generated tokens (all answers, and the correct
+    ones: the paper's "# tokens") and the average number of latent steps of one batched generation run."""
+    rows = bench.judge(samples, generations["texts"])
+    report = bench.score(samples, generations["texts"])
+    counts = generations["counts"]
+    return {
+        "accuracy": report["accuracy"],
+        "per_category": report["per_category"],
+        "num_samples": len(samples),
+        "avg_tokens": mean_or_none(counts),
+        "avg_tokens_correct": mean_or_none([c for c, row in zip(counts, rows) if row["correct"]]),
+        "avg_latent_steps": mean_or_none(generations["latent_steps"]),
+        "seconds": generations["seconds"],
+    }
+
+
+def latent_steps_sweep(
+    model,
+    processor,
+    bench: Benchmark,
+    samples: list[BenchmarkSample],
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Generate on `samples` with each K in `steps` (default 0..max_latent_steps), batched and greedy; one row per
+    K with accuracy, tokens and seconds (Fig. 5)."""
+    steps = list(range(model.config.max_latent_steps + 1)) if steps is None else list(steps)
+    if not steps:
+        raise ValueError("steps must name at least one K, e.g. steps=[0, 1, 2, 4].")
+    for k in steps:
+        check_steps(model, k, "steps")
+    rows = []
+    for k in steps:
+        generations = generate_batched(
+            model, processor, samples, k, batch_size, max_new_tokens or bench.max_new_tokens, progress
+        )
+        rows.append({"num_latent_steps": k, **score_generations(bench, samples, generations)})
+    return {"analysis": "latent_steps_sweep", "benchmark": bench.name, "rows": rows}
+
+
+def plot_steps_sweep(report: dict[str, Any], path: str | Path, title: str | None = None) -> str:
+    """Fig. 5-style PNG: accuracy (left axis) and average generated tokens (right axis) against K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    ks = [row["num_latent_steps"] for row in rows]
+    fig, accuracy_axis = plt.subplots(figsize=(5.0, 3.4))
+    accuracy_axis.plot(ks, [row["accuracy"] for row in rows], "o-", color="tab:blue", label="accuracy")
+    accuracy_axis.set_xlabel("latent steps K")
+    accuracy_axis.set_ylabel("accuracy (%)", color="tab:blue")
+    accuracy_axis.set_xticks(ks)
+    token_axis = accuracy_axis.twinx()
+    tokens = [row["avg_tokens"] for row in rows]
+    token_axis.plot(ks, tokens, "s--", color="tab:orange", label="generated tokens")
+    token_axis.set_ylabel("generated tokens (mean)", color="tab:orange")
+    accuracy_axis.set_title(title or f"Latent steps sweep ({report.get('benchmark', '')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+__all__ = ["latent_steps_sweep", "plot_steps_sweep", "score_generations"]
