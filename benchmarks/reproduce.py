@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lare_hf.data.refocus_chains import write_refocus_chains
+from lare_hf.data.refocus_chains import CAPTION_LOOKUP_FRACTION, write_refocus_chains
 from lare_hf.reproduction import ABLATIONS, VARIANTS, mean_std_ci, run_variant, train_alignment, variant
 
 QUICK = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1500, steps=400, hops=[1, 2, 3])
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--num-test", type=int, default=None)
     parser.add_argument("--num-captions", type=int, default=None)
+    parser.add_argument("--caption-lookup-fraction", type=float, default=CAPTION_LOOKUP_FRACTION,
+                        help="share of one-cell lookup captions in the alignment data")  # fmt: skip
     parser.add_argument("--align-steps", type=int, default=None, help="alignment-stage steps (0: none)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every variant")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -72,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict:
     data = write_refocus_chains(
-        root / "data", args.num_train, args.num_test, seed=seed, hops=args.hops, num_captions=args.num_captions
-    )
+        root / "data", args.num_train, args.num_test, seed=seed, hops=args.hops, num_captions=args.num_captions,
+        caption_lookup_fraction=args.caption_lookup_fraction,
+    )  # fmt: skip
     init_state, alignment = None, None
     if args.align_steps > 0:
         init_state, summary = train_alignment(
@@ -143,7 +146,7 @@ def markdown_table(results: dict, args: argparse.Namespace, wall_seconds: float)
     hops = [str(h) for h in args.hops]
     lines = [
         f"RefocusChains held-out boards ({args.num_test} questions per seed, hops {', '.join(hops)}); seeds "
-        f"{args.seeds}; alignment {args.align_steps} steps, then {args.steps} steps x batch {args.batch_size} per "
+        f"{args.seeds}; alignment {args.align_steps} steps ({args.caption_lookup_fraction:.0%} lookup captions), then {args.steps} steps x batch {args.batch_size} per "
         f"variant, lr {args.learning_rate}. Mean over seeds [95% CI]. Wall time {wall_seconds / 60:.1f} min.",
         "",
         "| variant | K | target | accuracy (%) | " + " | ".join(f"h={h}" for h in hops)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     results = aggregate(per_seed)
     config = {key: getattr(args, key) for key in ("seeds", "variants", "ablation_base", "hops", "num_train",
-              "num_test", "num_captions", "align_steps", "steps", "batch_size", "learning_rate", "threads")}  # fmt: skip
+              "num_test", "num_captions", "caption_lookup_fraction", "align_steps", "steps", "batch_size", "learning_rate", "threads")}  # fmt: skip
     report = {"variants": results, "config": config, "seeds": args.seeds, "wall_seconds": wall,
               "command": " ".join(["python", "benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip
     (root / "results.json").write_text(json.dumps(report, indent=2))

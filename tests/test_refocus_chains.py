@@ -110,6 +110,21 @@ def test_captions_read_uniform_boards_and_list_every_cell_once():
     assert all(len(set(_board(r)[0])) == 9 for r in generate_captions(5, uniform_fraction=0.0))
 
 
+def test_lookup_captions_ask_one_cell_and_answer_its_mark():
+    records = generate_captions(60, seed=3, uniform_fraction=0.2, lookup_fraction=0.5)
+    lookups = [r for r in records if r["question"].startswith("What is the mark of the ")]
+    assert 15 < len(lookups) < 45
+    for record in lookups:
+        cells, marks = _board(record)
+        colour = record["question"].removeprefix("What is the mark of the ").removesuffix(" cell?")
+        assert colour in cells and record["answer"] == marks[colour] != colour
+        assert board_split(cells, marks) == "train"
+        row, col = divmod(cells.index(colour), 3)
+        assert tuple(np.asarray(record["image"])[row * 8 + 4, col * 8 + 4]) == COLOURS[marks[colour]]
+    with pytest.raises(ValueError, match="uniform_fraction \\+ lookup_fraction must be <= 1"):
+        generate_captions(4, uniform_fraction=0.6, lookup_fraction=0.6)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

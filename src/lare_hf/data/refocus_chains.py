@@ -59,6 +59,9 @@ HELD_OUT_MODULUS = 5
 QUESTION_TEMPLATE = "From the {start} cell, follow {hops} {marks}."
 CAPTION_QUESTION = "List the mark of every cell."
 UNIFORM_CAPTION_QUESTION = "What colour are the cells and their marks?"
+LOOKUP_CAPTION_QUESTION = "What is the mark of the {colour} cell?"
+# share of one-cell lookups among the alignment captions that `write_refocus_chains` writes (see docs/refocus_chains.md)
+CAPTION_LOOKUP_FRACTION = 0.0
 
 
 def board_key(cells: Sequence[str], marks: Mapping[str, str]) -> str:
@@ -178,27 +181,46 @@ def generate_split(
 
 
 def generate_captions(
-    num: int, seed: int = 0, layout: str = "fixed", cell_size: int = CELL_SIZE, uniform_fraction: float = 0.5
+    num: int,
+    seed: int = 0,
+    layout: str = "fixed",
+    cell_size: int = CELL_SIZE,
+    uniform_fraction: float = 0.5,
+    lookup_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """`num` alignment records (the Stage I analogue), on train boards only.
+    """`num` alignment records (the Stage I analogue), on train boards only, of three kinds:
 
-    A `uniform_fraction` of them shows nine identical cells ("What colour are the cells and their marks?" ->
-    "cells: red, marks: green"): naming colours there needs no selective attention, so the model learns to read
-    a cell's colour and its mark first. The others list every cell of a real board with its mark in a random
-    order ("List the mark of every cell." -> "cells: pink cyan, brown blue, ..."): one lookup per pair.
+    - a `uniform_fraction` shows nine identical cells ("What colour are the cells and their marks?" ->
+      "cells: red, marks: green"): naming colours there needs no selective attention, so the model learns to read
+      a cell's colour and its mark first;
+    - a `lookup_fraction` asks for one cell's mark ("What is the mark of the pink cell?" -> "cyan"), a grounding
+      question like the paper's Stage I region data: one lookup with its own answer;
+    - the others list every cell of a real board with its mark in a random order ("List the mark of every cell."
+      -> "cells: pink cyan, brown blue, ..."): one lookup per pair.
     """
     _check_layout(layout)
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}.")
-    if not 0.0 <= uniform_fraction <= 1.0:
-        raise ValueError(f"uniform_fraction must be in [0, 1], got {uniform_fraction}.")
+    for name, value in (("uniform_fraction", uniform_fraction), ("lookup_fraction", lookup_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    if uniform_fraction + lookup_fraction > 1.0:
+        raise ValueError(
+            f"uniform_fraction + lookup_fraction must be <= 1, got {uniform_fraction} + {lookup_fraction}; the rest "
+            "are board listings."
+        )
     rng = np.random.default_rng([seed, 2])
     records = []
     for index in range(num):
-        if rng.random() < uniform_fraction:
+        kind = rng.random()
+        if kind < uniform_fraction:
             colour, mark = (COLOUR_NAMES[i] for i in rng.choice(len(COLOUR_NAMES), 2, replace=False))
             cells, marks = [colour] * len(COLOUR_NAMES), {colour: mark}
             question, answer = UNIFORM_CAPTION_QUESTION, f"cells: {colour}, marks: {mark}"
+        elif kind < uniform_fraction + lookup_fraction:
+            cells, marks = sample_board(rng, "train", layout)
+            colour = cells[int(rng.integers(len(cells)))]
+            question, answer = LOOKUP_CAPTION_QUESTION.format(colour=colour), marks[colour]
         else:
             cells, marks = sample_board(rng, "train", layout)
             order = [cells[i] for i in rng.permutation(len(cells))]
@@ -246,9 +268,11 @@ def write_refocus_chains(
     num_captions: int = 0,
     cell_size: int = CELL_SIZE,
     start: str = "top_left",
+    caption_lookup_fraction: float = CAPTION_LOOKUP_FRACTION,
 ) -> dict[str, str]:
     """Write ``output_dir/{train,test}.jsonl`` (and ``captions.jsonl`` when `num_captions` > 0) with PNGs in
-    ``output_dir/images/``; returns split -> JSONL path. Images are referenced relative to `output_dir`, so the
+    ``output_dir/images/``; returns split -> JSONL path. A `caption_lookup_fraction` of the captions are one-cell
+    lookups, the rest split evenly between uniform boards and board listings (`generate_captions`). Images are referenced relative to `output_dir`, so the
     files load with `lare_hf.data.formats.load_records`, ``datasets.load_dataset("json", ...)`` and the
     "refocus_chains" evaluation benchmark."""
     root = Path(output_dir)
@@ -258,7 +282,9 @@ def write_refocus_chains(
         "test": _write_jsonl(root, "test", generate_split("test", num_test, seed, hops, layout, cell_size, start)),
     }
     if num_captions:
-        paths["captions"] = _write_jsonl(root, "captions", generate_captions(num_captions, seed, layout, cell_size))
+        uniform = (1.0 - caption_lookup_fraction) / 2
+        captions = generate_captions(num_captions, seed, layout, cell_size, uniform, caption_lookup_fraction)
+        paths["captions"] = _write_jsonl(root, "captions", captions)
     return paths
 
 
