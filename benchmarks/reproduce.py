@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from lare_hf.data.refocus_chains import CAPTION_LOOKUP_FRACTION, write_refocus_chains
-from lare_hf.reproduction import ABLATIONS, VARIANTS, mean_std_ci, run_variant, train_alignment, variant
+from lare_hf.reproduction import (
+    ABLATIONS,
+    ALIGN_LEARNING_RATE,
+    VARIANTS,
+    mean_std_ci,
+    run_variant,
+    train_alignment,
+    variant,
+)
 
 QUICK = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1500, steps=400, hops=[1, 2, 3])
 QUICK_VARIANTS = ["k0", "cot", "lare", "lare_answer", "lare_steps"]
@@ -53,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--align-steps", type=int, default=None, help="alignment-stage steps (0: none)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every variant")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW peak learning rate of every variant")
+    parser.add_argument("--align-learning-rate", type=float, default=ALIGN_LEARNING_RATE,
+                        help="peak learning rate of the alignment stage")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is fastest next to other jobs)")
     parser.add_argument("--save-models", action="store_true", help="keep each trained variant in seed{S}/{name}/model")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output that holds results")
@@ -80,7 +90,7 @@ def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict:
     init_state, alignment = None, None
     if args.align_steps > 0:
         init_state, summary = train_alignment(
-            data["captions"], root / "alignment", args.align_steps, args.batch_size, args.learning_rate, seed
+            data["captions"], root / "alignment", args.align_steps, args.batch_size, args.align_learning_rate, seed
         )
         alignment = {"steps": args.align_steps, "train_seconds": summary["seconds"], "losses": summary["losses"]}
         print(f"[seed {seed}] alignment: {args.align_steps} steps in {summary['seconds']:.0f}s, "
@@ -146,7 +156,8 @@ def markdown_table(results: dict, args: argparse.Namespace, wall_seconds: float)
     hops = [str(h) for h in args.hops]
     lines = [
         f"RefocusChains held-out boards ({args.num_test} questions per seed, hops {', '.join(hops)}); seeds "
-        f"{args.seeds}; alignment {args.align_steps} steps ({args.caption_lookup_fraction:.0%} lookup captions), then {args.steps} steps x batch {args.batch_size} per "
+        f"{args.seeds}; alignment {args.align_steps} steps at lr {args.align_learning_rate} "
+        f"({args.caption_lookup_fraction:.0%} lookup captions), then {args.steps} steps x batch {args.batch_size} per "
         f"variant, lr {args.learning_rate}. Mean over seeds [95% CI]. Wall time {wall_seconds / 60:.1f} min.",
         "",
         "| variant | K | target | accuracy (%) | " + " | ".join(f"h={h}" for h in hops)
@@ -219,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     results = aggregate(per_seed)
     config = {key: getattr(args, key) for key in ("seeds", "variants", "ablation_base", "hops", "num_train",
-              "num_test", "num_captions", "caption_lookup_fraction", "align_steps", "steps", "batch_size", "learning_rate", "threads")}  # fmt: skip
+              "num_test", "num_captions", "caption_lookup_fraction", "align_steps", "align_learning_rate", "steps", "batch_size", "learning_rate",
+              "threads")}  # fmt: skip
     report = {"variants": results, "config": config, "seeds": args.seeds, "wall_seconds": wall,
               "command": " ".join(["python", "benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip
     (root / "results.json").write_text(json.dumps(report, indent=2))

@@ -291,9 +291,11 @@ def test_cli_writes_refocus_chains(tmp_path, capsys):
 
     out = tmp_path / "chains"
     argv = ["data", "synth", "--output", str(out), "--num-train", "4", "--num-test", "2", "--hops", "1", "3",
-            "--layout", "random", "--num-captions", "2"]  # fmt: skip
+            "--layout", "random", "--num-captions", "6", "--caption-lookup-fraction", "1"]  # fmt: skip
     assert main(argv) == 0
     assert {p.name for p in out.glob("*.jsonl")} == {"train.jsonl", "test.jsonl", "captions.jsonl"}
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 6 and all(c["question"].startswith("What is the mark of the ") for c in captions)
     hops = [json.loads(line)["hops"] for line in (out / "train.jsonl").read_text().splitlines()]
     assert hops == [1, 3, 1, 3]
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # never overwritten without being asked

@@ -54,7 +54,7 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False) -> dict:
           f"held-out questions, {settings['num_captions']} captions in {root / 'data'}")  # fmt: skip
 
     state, summary = train_alignment(data["captions"], root / "alignment", settings["align_steps"],
-                                     settings["batch_size"], 3e-3, seed=0)  # fmt: skip
+                                     settings["batch_size"], seed=0)  # fmt: skip
     print(f"[demo] 3/6 alignment stage: {settings['align_steps']} steps, caption loss {summary['losses'][0]:.2f} -> "
           f"{summary['losses'][-1]:.2f} ({summary['seconds']:.0f}s)")  # fmt: skip
 
