@@ -2,7 +2,7 @@
 
     python benchmarks/reproduce.py --quick --seed 0 --output outputs/reproduce-quick
     python benchmarks/reproduce.py --seeds 0 1 2 --variants k0 cot lare lare_answer lare_steps \\
-        no_extractor no_window no_sym no_img no_text lare_steps_k1 lare_steps_k2 --output outputs/reproduce
+        no_extractor no_window no_sym no_img no_text lare_k1 lare_k2 --output outputs/reproduce
 
 Per seed: writes the data (train / held-out test / alignment captions), runs the alignment stage once, trains every
 variant from its weights with one budget, evaluates on the held-out boards, and writes ``seed{S}/results.json``
@@ -36,7 +36,7 @@ from lare_hf.reproduction import (
     variant,
 )
 
-QUICK = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1500, steps=400, hops=[1, 2, 3])
+QUICK = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1000, steps=400, hops=[1, 2, 3])
 QUICK_VARIANTS = ["k0", "cot", "lare", "lare_answer", "lare_steps"]
 METRICS = ("accuracy", "tokens_correct", "window_hit_rate", "train_seconds")
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds (mean, std, 95%% CI)")
     parser.add_argument("--variants", nargs="+", default=None, help=f"{sorted(VARIANTS)}, {sorted(ABLATIONS)}, "
                         "lare_k{K}, lare_answer_k{K}, lare_steps_k{K}")  # fmt: skip
-    parser.add_argument("--ablation-base", default="lare_steps", help="the LaRe variant the ablations modify")
+    parser.add_argument("--ablation-base", default="lare", help="the LaRe variant the ablations modify")
     parser.add_argument("--hops", type=int, nargs="+", default=None, help="chain lengths (default 1 2 3)")
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--num-test", type=int, default=None)
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--align-steps", type=int, default=None, help="alignment-stage steps (0: none)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every variant")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW peak learning rate of every variant")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW peak learning rate of every variant")
     parser.add_argument("--align-learning-rate", type=float, default=ALIGN_LEARNING_RATE,
                         help="peak learning rate of the alignment stage")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is fastest next to other jobs)")
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seed is not None and args.seeds is not None:
         parser.error("give --seed or --seeds, not both")
     args.seeds = args.seeds or [0 if args.seed is None else args.seed]
-    full = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1500, steps=500, hops=[1, 2, 3])
+    full = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1000, steps=500, hops=[1, 2, 3])
     for key, value in (QUICK if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -260,8 +260,8 @@ def test_mean_std_ci():
     assert mean_std_ci([5.0])["ci_low"] is None and mean_std_ci([])["mean"] is None
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+def _load_script(name: str = "reproduce"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -284,6 +284,18 @@ def test_reproduce_script_writes_the_results_schema(tmp_path):
     assert "| lare_steps | 4 | answer |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "seed1" / "predictions_no_sym.jsonl").is_file()
     assert script.main(argv) == 2  # results are never overwritten without --overwrite
+
+
+def test_alignment_stage_script_reports_each_run(tmp_path, capsys):
+    script = _load_script("alignment_stage")
+    argv = ["--seeds", "0", "--learning-rates", "1e-3", "3e-3", "--steps", "2", "--num-captions", "8",
+            "--output", str(tmp_path)]  # fmt: skip
+    assert script.main(argv) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"seed"')]
+    assert [run["learning_rate"] for run in runs] == [1e-3, 3e-3]
+    for run in runs:
+        assert [step for step, _ in run["loss_curve"]] == [1, 2] and run["break_through_step"] is None
+        assert 0 <= run["held_out_mark_accuracy"] <= 100
 
 
 def test_cli_writes_refocus_chains(tmp_path, capsys):

@@ -62,7 +62,7 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False) -> dict:
     for name in (DEMO_VARIANT, "k0"):
         spec = variant(name)
         trained, trained_processor, summary = train_variant(
-            spec, data["train"], root / name / "trainer", settings["steps"], settings["batch_size"], 3e-3, 0, state
+            spec, data["train"], root / name / "trainer", settings["steps"], settings["batch_size"], 1e-3, 0, state
         )
         checkpoints[name] = save_checkpoint(trained, trained_processor, str(root / name))
         results[name] = evaluate_variant(trained, trained_processor, spec, data["test"])
