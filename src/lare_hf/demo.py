@@ -20,7 +20,7 @@ from .destinations import refuse_non_empty
 
 DEMO_VARIANT = "lare_k2"  # the paper's LaRe (reasoning text after the latents), K = the longest chain
 DEMO_HOPS = (1, 2)
-FULL = dict(num_train=2000, num_test=200, num_captions=3000, align_steps=1000, steps=400, batch_size=32)
+FULL = dict(num_train=2000, num_test=200, num_captions=3000, align_steps=600, steps=300, batch_size=32)
 QUICK = dict(num_train=16, num_test=8, num_captions=16, align_steps=2, steps=2, batch_size=4)
 
 
