@@ -199,7 +199,7 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> None:
     left.set_ylabel("held-out accuracy (%)")
     left.set_ylim(0, 105)
     left.set_title("Accuracy by chain length (mean over seeds, 95% CI)")
-    left.legend(fontsize=7, ncol=2)
+    left.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below the bars, never over them
     for name, entry in results.items():
         by_step = entry.get("window_hit_rate_by_step")
         if by_step:
@@ -213,7 +213,7 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> None:
     right.set_title("Window-hit rate by latent step")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
