@@ -29,6 +29,7 @@ from lare_hf.data.refocus_chains import CAPTION_LOOKUP_FRACTION, write_refocus_c
 from lare_hf.reproduction import (
     ABLATIONS,
     ALIGN_LEARNING_RATE,
+    VARIANT_LEARNING_RATE,
     VARIANTS,
     mean_std_ci,
     run_variant,
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--align-steps", type=int, default=None, help="alignment-stage steps (0: none)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every variant")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW peak learning rate of every variant")
+    parser.add_argument("--learning-rate", type=float, default=VARIANT_LEARNING_RATE,
+                        help="AdamW peak learning rate of every variant")  # fmt: skip
     parser.add_argument("--align-learning-rate", type=float, default=ALIGN_LEARNING_RATE,
                         help="peak learning rate of the alignment stage")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is fastest next to other jobs)")

@@ -141,7 +141,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
         paths = write_refocus_chains(
             args.output, args.num_train, args.num_test, seed=args.seed, hops=args.hops, layout=args.layout,
-            num_captions=args.num_captions, caption_lookup_fraction=args.caption_lookup_fraction,
+            num_captions=args.num_captions,
+            **({} if args.caption_lookup_fraction is None else {"caption_lookup_fraction": args.caption_lookup_fraction}),
         )  # fmt: skip
     else:
         from .data.refocus_shapes import write_refocus_shapes
@@ -442,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--hops", type=int, nargs="+", default=[1, 2, 3, 4], help="refocus_chains chain lengths")
     synth.add_argument("--layout", choices=("fixed", "random"), default="fixed", help="refocus_chains cell layout")
     synth.add_argument("--num-captions", type=int, default=0, help="refocus_chains alignment captions to write")
-    synth.add_argument("--caption-lookup-fraction", type=float, default=0.0,
-                       help="refocus_chains: share of one-cell lookup captions ('What is the mark of the pink cell?')")  # fmt: skip
+    synth.add_argument("--caption-lookup-fraction", type=float, default=None,
+                       help="refocus_chains: share of one-cell lookup captions ('What is the mark of the pink cell?'); "
+                       "default: write_refocus_chains' CAPTION_LOOKUP_FRACTION")  # fmt: skip
     synth.add_argument("--num-train", type=int, default=2000)
     synth.add_argument("--num-test", type=int, default=500)
     synth.add_argument("--seed", type=int, default=0)

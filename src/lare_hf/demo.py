@@ -30,6 +30,7 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False) -> dict:
     from .build import save_checkpoint
     from .data.refocus_chains import write_refocus_chains
     from .reproduction import (
+        VARIANT_LEARNING_RATE,
         build_chains_model,
         evaluate_variant,
         refocus_windows,
@@ -62,8 +63,9 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False) -> dict:
     for name in (DEMO_VARIANT, "k0"):
         spec = variant(name)
         trained, trained_processor, summary = train_variant(
-            spec, data["train"], root / name / "trainer", settings["steps"], settings["batch_size"], 1e-3, 0, state
-        )
+            spec, data["train"], root / name / "trainer", settings["steps"], settings["batch_size"],
+            learning_rate=VARIANT_LEARNING_RATE, seed=0, init_state=state,
+        )  # fmt: skip
         checkpoints[name] = save_checkpoint(trained, trained_processor, str(root / name))
         results[name] = evaluate_variant(trained, trained_processor, spec, data["test"])
         results[name]["train_seconds"] = summary["seconds"]

@@ -196,6 +196,9 @@ ALIGNMENT = Variant("alignment", 0, "answer", False, description="alignment stag
 # most of 1,500 steps and broke through on some seeds only; at 1e-3 it broke through within ~300-500 steps
 # (README, "Reproduction").
 ALIGN_LEARNING_RATE = 1e-3
+# The peak learning rate `benchmarks/reproduce.py` and `lare demo` train every variant with: at 3e-3, K=0 did not
+# learn the one-hop question on an aligned model within 300 steps (20% against 86% at 1e-3; README, "Reproduction").
+VARIANT_LEARNING_RATE = 1e-3
 
 
 def train_alignment(
@@ -414,6 +417,7 @@ __all__ = [
     "ABLATIONS",
     "ALIGNMENT",
     "ALIGN_LEARNING_RATE",
+    "VARIANT_LEARNING_RATE",
     "CHAINS_MODEL_CONFIG",
     "VARIANTS",
     "FromScratchTrainer",

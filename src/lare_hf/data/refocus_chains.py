@@ -272,9 +272,9 @@ def write_refocus_chains(
 ) -> dict[str, str]:
     """Write ``output_dir/{train,test}.jsonl`` (and ``captions.jsonl`` when `num_captions` > 0) with PNGs in
     ``output_dir/images/``; returns split -> JSONL path. A `caption_lookup_fraction` of the captions are one-cell
-    lookups, the rest split evenly between uniform boards and board listings (`generate_captions`). Images are referenced relative to `output_dir`, so the
-    files load with `lare_hf.data.formats.load_records`, ``datasets.load_dataset("json", ...)`` and the
-    "refocus_chains" evaluation benchmark."""
+    lookups, the rest split evenly between uniform boards and board listings (`generate_captions`). Images are
+    referenced relative to `output_dir`, so the files load with `lare_hf.data.formats.load_records`,
+    ``datasets.load_dataset("json", ...)`` and the "refocus_chains" evaluation benchmark."""
     root = Path(output_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     paths = {

@@ -570,6 +570,7 @@ class LaReModel(LaRePreTrainedModel):
         Rows without an image (`layout.rows` False) have no latent region: their tokens in the region's columns are
         fed as they are (in the same chunks, on the same cache, which gives what one pass gives), so they continue
         exactly as the prompt alone with K=0; the windows and latents the loop computes for them are discarded.
+
         Adaptive halting (Table 4; `latent_halting` = "cosine" | "l1" | "l2" with `latent_halting_threshold`): after
         each step k >= 2 a sample whose Z^(k) has converged to Z^(k-1) (`latent_steps_converged`) stops; Z^(k) is its
         last step. Its later slots are masked out of attention and the positions after them shift down by their
@@ -1244,10 +1245,10 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             text_part, visual_part = self._alignment(
                 outputs, rows, text_rows, rationale_input_ids, rationale_attention_mask
             )
-            text_part = text_part + zero(self.alignment_head) if text_part is not None else zero(self.alignment_head)
-            visual_part = (
-                visual_part + zero(self.alignment_head) if visual_part is not None else zero(self.alignment_head)
-            )
+            # tied to the head and the Extractor also where a part has rows only on other ranks (DDP sees them used)
+            tie = zero(self.alignment_head)
+            text_part = tie if text_part is None else text_part + tie
+            visual_part = tie if visual_part is None else visual_part + tie
             losses.update(
                 alignment_loss=text_part + visual_part,
                 alignment_text_loss=text_part,
@@ -1492,21 +1493,21 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """`GenerationMixin.generate`, whose prefill step (`forward()` on the fresh prompt) runs the latent loop;
-                decoding then continues from the latent-filled cache. Every decoding mode and output option of
-                GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
-                cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
+        decoding then continues from the latent-filled cache. Every decoding mode and output option of
+        GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
+        cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
 
-                `num_latent_steps` rewrites the latent region of the prompts with an image to K x m slots first (0 = plain
-                LLaVA baseline). The latent phase refocuses on the image, so a text-only prompt runs without one whatever K
-                is (a latent region it carries is removed): it is answered exactly as with K=0, alone or batched with image
-                prompts. The returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]`
-                is the answer for any K.
+        `num_latent_steps` rewrites the latent region of the prompts with an image to K x m slots first (0 = plain
+        LLaVA baseline). The latent phase refocuses on the image, so a text-only prompt runs without one whatever K
+        is (a latent region it carries is removed): it is answered exactly as with K=0, alone or batched with image
+        prompts. The returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]`
+        is the answer for any K.
 
         `latent_halting` ("cosine" | "l1" | "l2") with `latent_halting_threshold`: adaptive halting (Table 4). Each
-                sample stops its latent phase after the first step k >= 2 whose latents Z^(k) have converged to Z^(k-1)
-                (cosine similarity >= threshold, or L1 / L2 distance <= threshold, see `latent_step_distance`), at the latest
-                after K; its answer is then the one `num_latent_steps=k` gives it. With `return_dict_in_generate=True` the
-                output's `latent_steps` (`[batch]`) holds each sample's step count.
+        sample stops its latent phase after the first step k >= 2 whose latents Z^(k) have converged to Z^(k-1)
+        (cosine similarity >= threshold, or L1 / L2 distance <= threshold, see `latent_step_distance`), at the latest
+        after K; its answer is then the one `num_latent_steps=k` gives it. With `return_dict_in_generate=True` the
+        output's `latent_steps` (`[batch]`) holds each sample's step count.
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
         if latent_halting is not None:
