@@ -73,11 +73,12 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
         V_s, the visual tokens under each step's window.
     extractor_attentions (`torch.Tensor` of shape `(batch_size, K, m, window_tokens)`, *optional*):
         The Extractor's last cross-attention over V_s (only with `return_extractor_attention=True`).
-    latent_rows (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
-        The rows that ran the latent phase: those with an image (and a latent region). A text-only row has no
-        region and runs as its prompt with K=0; its entries of the latent fields are placeholders (its own token
-        embeddings in the region's columns, zero saliency, window at (0, 0), zero window features). None when no
-        row has a latent region.
+    latent_rows (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        1 for the rows that ran the latent phase: those with an image (and a latent region); a 0/1 mask like
+        `attention_mask` (not bool, so outputs stay comparable by subtraction as transformers' tests compare them).
+        A text-only row has no region and runs as its prompt with K=0; its entries of the latent fields are
+        placeholders (its own token embeddings in the region's columns, zero saliency, window at (0, 0), zero window
+        features). None when no row has a latent region.
     latent_steps (`torch.LongTensor` of shape `(batch_size,)`):
         The number of latent steps each sample used: K, or fewer where adaptive halting (`latent_halting`) stopped
         it; 0 for a text-only row (no latent phase). Entries of the per-step fields past a sample's count belong to
@@ -96,7 +97,7 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
     window_positions: torch.LongTensor | None = None
     window_features: torch.Tensor | None = None
     extractor_attentions: torch.Tensor | None = None
-    latent_rows: torch.BoolTensor | None = None
+    latent_rows: torch.LongTensor | None = None
     latent_steps: torch.LongTensor | None = None
     halted_attention_mask: torch.LongTensor | None = None
     halted_position_ids: torch.LongTensor | None = None
@@ -131,7 +132,7 @@ class LaReCausalLMOutputWithPast(ModelOutput):
     window_positions: torch.LongTensor | None = None
     window_features: torch.Tensor | None = None
     extractor_attentions: torch.Tensor | None = None
-    latent_rows: torch.BoolTensor | None = None
+    latent_rows: torch.LongTensor | None = None
     latent_steps: torch.LongTensor | None = None
     halted_attention_mask: torch.LongTensor | None = None
     halted_position_ids: torch.LongTensor | None = None
@@ -685,9 +686,9 @@ class LaReModel(LaRePreTrainedModel):
             "window_positions": torch.stack(windows, dim=1),
             "window_features": torch.stack(window_feats, dim=1),
             "extractor_attentions": torch.stack(attentions, dim=1) if return_extractor_attention else None,
-            "latent_rows": rows
+            "latent_rows": rows.long()
             if rows is not None
-            else torch.ones(batch, dtype=torch.bool, device=inputs_embeds.device),
+            else torch.ones(batch, dtype=torch.long, device=inputs_embeds.device),
             "latent_steps": steps_used,
         }
         if latent_halting is not None:
@@ -1204,7 +1205,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         config = self.config
         if compute is False or (compute is None and rationale_input_ids is None):
             return {}
-        rows = outputs.latent_rows
+        rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
         if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
             hidden = outputs.last_hidden_state
             rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
