@@ -286,3 +286,53 @@ def test_headless_auto_model_loads_a_full_checkpoint_quietly(tiny_checkpoint, ca
         hf_logging.disable_propagation()
     assert type(model).__name__ == "LaReModel"
     assert "unexpected" not in caplog.text.lower() and "alignment_head" not in caplog.text
+
+
+def test_without_pixel_values_the_prompt_is_read_as_text(tiny_model_and_processor, caplog):
+    """As LLaVA reads its image token without pixels: placeholders embed as ordinary tokens, no latent phase runs,
+    the output is the language model's own, and a warning (once) points at the forgotten pixel_values."""
+    model, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="lare_hf"), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        alone = model.model.language_model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        )
+    torch.testing.assert_close(out.logits, model.lm_head(alone.last_hidden_state))
+    assert out.latent_embeds is None and out.window_positions is None
+    assert "no pixel_values" in caplog.text and "read as text" in caplog.text
+    with torch.no_grad():  # with the image, the same ids run the latent loop
+        assert model(**inputs).latent_embeds is not None
+
+
+@torch.no_grad()
+def test_packed_text_sequences_with_position_ids_match_padded_rows(tiny_model_and_processor):
+    """Padding-free batches (one row, position_ids restarting at 0 per sequence, no attention_mask) give each
+    sequence the logits it gets alone, as transformers' decoders do."""
+    model, processor = tiny_model_and_processor
+    sequences = [processor.tokenizer(text)["input_ids"] for text in ("what digit is it", "a blue circle on the left")]
+    packed = torch.tensor([sum(sequences, [])])
+    position_ids = torch.cat([torch.arange(len(ids)) for ids in sequences])[None]
+    logits = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits[0]
+    offset = 0
+    for ids in sequences:
+        alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        torch.testing.assert_close(logits[offset : offset + len(ids)], alone, rtol=1e-4, atol=1e-5)
+        offset += len(ids)
+
+
+@torch.no_grad()
+def test_output_hidden_states_selects_layers_through_the_latent_loop(eager_model, tiny_model_and_processor):
+    """`output_hidden_states=[indices]` (transformers 5) keeps only those entries, each over every position."""
+    _, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    every = eager_model(**inputs, output_hidden_states=True).hidden_states
+    some = eager_model(**inputs, output_hidden_states=[0, len(every) - 1]).hidden_states
+    assert len(some) == len(every)
+    for index, states in enumerate(some):
+        if index in (0, len(every) - 1):
+            torch.testing.assert_close(states, every[index])
+        else:
+            assert states is None

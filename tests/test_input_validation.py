@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -625,12 +626,6 @@ def _rationale(ids_rows: int, mask_columns: int | None = None):
     return case
 
 
-def _too_long_for_the_model(model, processor):
-    limit = model.config.text_config.max_position_embeddings
-    with torch.no_grad():
-        model(input_ids=torch.full((1, limit + 1), 10))
-
-
 def _generate(**kwargs):
     def case(model, processor):
         model.generate(**_inputs(processor), max_new_tokens=2, **kwargs)
@@ -671,8 +666,6 @@ MODEL_CASES = [
      ("rationale_input_ids has 1 rows but the batch has 2",)),
     ("rationale-mask-shape", _rationale(2, mask_columns=4), ValueError,
      ("rationale_attention_mask has shape (2, 4)", "(2, 6)")),
-    ("prompt-longer-than-the-model", _too_long_for_the_model, ValueError,
-     ("max_position_embeddings=1024", "1025 positions", "Shorten the prompt")),
     ("generate-unknown-kwarg", _generate(windw=3), ValueError, ("['windw']", "not used by the model")),
     ("generate-fractional-K", _generate(num_latent_steps=2.5), ValueError,
      ("num_latent_steps must be an integer", "2.5")),
@@ -684,6 +677,19 @@ MODEL_CASES = [
 def test_model_errors(case, error, words, tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     run_case(lambda _: case(model, processor), None, error, words)
+
+
+def test_a_prompt_longer_than_the_model_runs_and_warns(tiny_model_and_processor, caplog):
+    """As transformers' decoders do, positions past max_position_embeddings run (RoPE extrapolates; RoPE-scaling
+    configs go there on purpose), with a warning that names the limit and the fix."""
+    model, _ = tiny_model_and_processor
+    limit = model.config.text_config.max_position_embeddings
+    logging.Logger.warning_once.cache_clear()  # said once per process
+    with caplog.at_level(logging.WARNING, logger="lare_hf"), torch.no_grad():
+        logits = model(input_ids=torch.full((1, limit + 1), 10)).logits
+    assert logits.shape[1] == limit + 1 and torch.isfinite(logits).all()
+    for words in ("max_position_embeddings=1024", "1025 positions", "Shorten the prompt"):
+        assert words in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -160,14 +160,26 @@ def test_text_only_generation_at_the_default_k_is_the_k0_answer(tiny):
     default = generate(model, processor, [text_chat])
     assert default == generate(model, processor, [text_chat], num_latent_steps=0)
     assert default == generate(model, processor, [text_chat], num_latent_steps=3)
-    # a text-only prompt that carries a latent region anyway: generate() removes it, forward() says why it cannot
+    # a text-only prompt that carries a latent region anyway: generate() removes it; forward() without pixel_values
+    # reads it as text (as LLaVA reads its image token); in a batch with an image it says why it cannot run it
     text = processor.apply_chat_template(text_chat, add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text + processor.latent_placeholder], return_tensors="pt")
     assert processor.latent_token_id in inputs["input_ids"]
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out[:, inputs["input_ids"].shape[1] :].tolist() == default
-    with pytest.raises(ValueError, match=r"Rows \[0\] have a latent region but no image"):
-        model(**inputs)
+    with torch.no_grad():
+        assert model(**inputs).latent_embeds is None
+    image_text = processor.apply_chat_template(
+        chat(make_image(1), "Which digit?"), add_generation_prompt=True, tokenize=False
+    )
+    batch = processor(
+        text=[image_text, text + processor.latent_placeholder],
+        images=[make_image(1)],
+        padding=True,
+        return_tensors="pt",
+    )
+    with pytest.raises(ValueError, match=r"Rows \[1\] have a latent region but no image"):
+        model(**batch)
 
 
 def test_mixed_batch_generation_equals_each_row_alone(tiny):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import unittest.mock
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import chat, make_image
 from lare_hf.build import build_tiny
@@ -134,3 +136,31 @@ def test_trainer_with_gradient_checkpointing_reaches_the_same_weights(tiny_check
         )  # fmt: skip
         for name in moved:
             torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpointing_a_layer_through_any_callable(tiny_training_model):
+    """Layers without a KV cache (the vision tower's, the U-Net's) may hand the checkpoint function any callable,
+    not only the decoder layers' `functools.partial`: it is checkpointed as it is (run again during backward), and
+    the loss and gradients stay those of the plain step."""
+    model, processor = tiny_training_model
+    batch = training_batch(processor, 2, size=2)
+    reference_loss, reference = loss_and_gradients(model, batch)
+    layer = next(
+        module for module in model.model.vision_tower.modules() if isinstance(module, GradientCheckpointingLayer)
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_function = layer._gradient_checkpointing_func
+    counter = unittest.mock.Mock()  # a call counter around the layer's forward (any attribute reads as a Mock)
+
+    def checkpoint_a_counted_forward(function, *args):
+        counter.side_effect = function
+        return checkpoint_function(counter, *args)
+
+    layer._gradient_checkpointing_func = checkpoint_a_counted_forward
+    try:
+        loss, gradients = loss_and_gradients(model, batch)
+    finally:
+        model.gradient_checkpointing_disable()
+    assert counter.call_count == 2  # the forward and its replay during backward
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=0)
+    assert_same_gradients(reference, gradients)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -215,7 +216,9 @@ def checkpoint_through_cache(checkpoint_function: Callable) -> Callable:
     """
 
     def checkpoint_layer(function: Callable, *args):
-        keywords = getattr(function, "keywords", None) or {}
+        # GradientCheckpointingLayer hands over `partial(forward, layer, **kwargs)`; anything else (a wrapper that
+        # counts calls, say) is checkpointed as it is
+        keywords = function.keywords if isinstance(function, functools.partial) else {}
         cache_name = "past_key_values" if "past_key_values" in keywords else "cache"
         cache = keywords.get(cache_name)
         if cache is None or not torch.is_grad_enabled():
@@ -447,9 +450,7 @@ class LaReModel(LaRePreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
         num_placeholders = int(image_mask.sum())
-        if pixel_values is None:
-            if num_placeholders:
-                raise ValueError(f"The input has {num_placeholders} <|image|> tokens but no pixel_values were given.")
+        if pixel_values is None:  # text only: placeholders are ordinary tokens (see `forward`)
             return inputs_embeds, None, None
         seq_len = self.config.image_seq_length
         num_images = pixel_values.shape[0]
@@ -498,7 +499,7 @@ class LaReModel(LaRePreTrainedModel):
             return self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask[:, :end],
-                position_ids=position_ids[:, start:end],
+                position_ids=position_ids[..., start:end],
                 past_key_values=cache,
                 use_cache=True,
                 **kwargs,
@@ -548,7 +549,7 @@ class LaReModel(LaRePreTrainedModel):
     def latent_refocus(
         self,
         inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         layout: LatentLayout,
         image_features: torch.Tensor | None,
         image_positions: torch.LongTensor | None,
@@ -589,17 +590,23 @@ class LaReModel(LaRePreTrainedModel):
                 "(and no static cache)."
             )
         batch, length, _ = inputs_embeds.shape
-        if position_ids is None:
+        if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if cache is None:
-            cache = DynamicCache(config=self.config.text_config)
         num_steps = layout.num_steps
         m = self.config.latent_tokens_per_step
-        if num_steps == 0:
-            outputs = self._language_model_step(
-                inputs_embeds, attention_mask, position_ids, 0, length, cache, None, **kwargs
+        if num_steps == 0:  # one pass of the language model alone (packed sequences included: no mask, no cache)
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=use_cache,
+                **kwargs,
             )
-            return self._merge_steps({"image_hidden_states": image_features}, [outputs], cache if use_cache else None)
+            past = outputs.past_key_values if use_cache else None
+            return self._merge_steps({"image_hidden_states": image_features}, [outputs], past)
+        if cache is None:
+            cache = DynamicCache(config=self.config.text_config)
         if image_features is None:
             raise ValueError(
                 "Latent refocusing needs one image per prompt with a latent region (its <|image|> tokens and "
@@ -721,13 +728,17 @@ class LaReModel(LaRePreTrainedModel):
         single pass gives to future positions)."""
         hidden_states = attentions = None
         if step_outputs[0].hidden_states is not None:
+            # layers left out of `output_hidden_states=[indices]` are None in every call
             hidden_states = tuple(
-                torch.cat(layer_states, dim=1)
+                torch.cat(layer_states, dim=1) if layer_states[0] is not None else None
                 for layer_states in zip(*(outputs.hidden_states for outputs in step_outputs))
             )
         if step_outputs[0].attentions:
             merged = []
             for layer_maps in zip(*(outputs.attentions for outputs in step_outputs)):
+                if layer_maps[0] is None:
+                    merged.append(None)
+                    continue
                 key_length = max(attention.shape[-1] for attention in layer_maps)
                 merged.append(
                     torch.cat([F.pad(attention, (0, key_length - attention.shape[-1])) for attention in layer_maps], 2)
@@ -765,7 +776,8 @@ class LaReModel(LaRePreTrainedModel):
         they concern a fresh sequence only.
 
         The image and latent placeholders are located in `input_ids`, or in `inputs_embeds` by comparing with their
-        token embeddings. `output_attentions` / `output_hidden_states` give one entry per language-model layer over
+        token embeddings. Without `pixel_values` the input is read as text: placeholders embed as ordinary tokens and
+        no latent phase runs (as LLaVA reads its image token without pixels; a warning says so once). `output_attentions` / `output_hidden_states` give one entry per language-model layer over
         every fed position (prompt, latent slots, tail); `use_cache` defaults to the text config's.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -801,9 +813,13 @@ class LaReModel(LaRePreTrainedModel):
                 attentions=outputs.attentions,
             )
 
-        if attention_mask is None:
+        if pixel_values is None:
+            layout = LatentLayout(start=None, num_steps=0)
+            self._warn_placeholders_without_pixels(placeholder_ids)
+        else:
+            layout = self.latent_layout(placeholder_ids)
+        if attention_mask is None and layout.num_steps:
             attention_mask = torch.ones(placeholder_ids.shape, dtype=torch.long, device=placeholder_ids.device)
-        layout = self.latent_layout(placeholder_ids)
         inputs_embeds, image_features, image_positions = self.embed_multimodal(
             placeholder_ids, pixel_values, inputs_embeds
         )
@@ -866,11 +882,26 @@ class LaReModel(LaRePreTrainedModel):
         max_positions = getattr(text_config, "max_position_embeddings", None)
         rope = getattr(text_config, "rope_parameters", None) or {}
         if max_positions and length > max_positions and rope.get("rope_type", "default") == "default":
-            raise ValueError(
+            # RoPE still computes positions past the limit (and RoPE-scaling configs run there on purpose), so, as
+            # transformers' decoders do, this runs; the quality past the trained context is the caller's call.
+            logger.warning_once(
                 f"The sequence has {length} positions (text, {self.config.image_seq_length} per image, and the "
                 f"latent slots) but the language model was trained for at most max_position_embeddings="
-                f"{max_positions}. Shorten the prompt, use fewer latent steps (num_latent_steps), or a language "
-                "model with a longer context."
+                f"{max_positions}: positions past it are extrapolated. Shorten the prompt, use fewer latent steps "
+                "(num_latent_steps), or a language model with a longer context (or RoPE scaling)."
+            )
+
+    def _warn_placeholders_without_pixels(self, placeholder_ids: torch.LongTensor) -> None:
+        """Without pixel_values the input is read as text, as transformers' VLMs read it (LLaVA embeds its image
+        token like any other): `<|image|>` and latent placeholders go through the language model as ordinary
+        tokens and no latent phase runs. Said once, since a forgotten `pixel_values` is the usual cause."""
+        config = self.config
+        special = (config.image_token_id, config.latent_start_token_id, config.latent_token_id)
+        if any(bool((placeholder_ids == token_id).any()) for token_id in special):
+            logger.warning_once(
+                "The input holds <|image|> or latent placeholders but no pixel_values: it is read as text (the "
+                "placeholders embed as ordinary tokens) and no latent refocusing runs. Pass the processor's "
+                "pixel_values to see the image and run the latent phase."
             )
 
     def _check_continuation(self, placeholder_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> None:
