@@ -336,3 +336,57 @@ def test_output_hidden_states_selects_layers_through_the_latent_loop(eager_model
             torch.testing.assert_close(states, every[index])
         else:
             assert states is None
+
+
+def test_plain_labels_training_reaches_every_trainable_parameter(tiny_checkpoint, tiny_model_and_processor):
+    """transformers' training convention: one step on `labels` gives every parameter that requires grad a gradient.
+    In training mode without a rationale the terms of Eq. 10 that need none (L_img, the visual part of L_sym) are
+    computed; the vision layers after `vision_feature_layer` and the tower's heads, which no output reaches, are
+    frozen (also after `from_pretrained`), like the frozen image tokenizer."""
+    _, processor = tiny_model_and_processor
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).train()
+    unused = {f"model.vision_tower.{name}" for name in model.model.unused_vision_parameter_names()}
+    last_layer = model.config.vision_config.num_hidden_layers - 1
+    assert any(f"layers.{last_layer}." in name for name in unused) and any("post_layernorm" in n for n in unused)
+    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    assert frozen == unused | {name for name in frozen if ".image_tokenizer." in name}
+    inputs = prompts(processor)
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.image_reconstruction_loss > 0 and out.alignment_visual_loss > 0
+    assert out.text_reconstruction_loss == 0 and out.alignment_text_loss == 0
+    out.loss.backward()
+    assert [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with torch.no_grad():  # evaluation on labels stays the language-modeling loss alone (no diffusion noise)
+        evaluated = model.eval()(**inputs, labels=inputs["input_ids"])
+    assert evaluated.image_reconstruction_loss is None and torch.equal(evaluated.loss, evaluated.lm_loss)
+
+
+def test_retain_grad_on_attentions_and_hidden_states_of_a_fresh_sequence(eager_model, tiny_model_and_processor):
+    """Through the latent loop too: with autograd on, the per-layer outputs are tensors the logits depend on, so
+    `retain_grad()` sees their gradient; values and parameter gradients are those of the plain forward."""
+    _, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    with torch.no_grad():
+        reference = eager_model(**inputs, output_attentions=True, output_hidden_states=True)
+    eager_model.zero_grad(set_to_none=True)  # (the module's model: earlier tests may have left gradients)
+    out = eager_model(**inputs, output_attentions=True, output_hidden_states=True)
+    first_hidden, first_attention, last_hidden = out.hidden_states[0], out.attentions[0], out.hidden_states[-1]
+    for tensor in (first_hidden, first_attention, last_hidden):
+        tensor.retain_grad()
+    out.logits[:, -1].sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (first_hidden, first_attention, last_hidden))
+    real = inputs["attention_mask"].bool()  # padding positions attend to nothing; their outputs are arbitrary
+    torch.testing.assert_close(out.logits[real], reference.logits[real], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(out.hidden_states, reference.hidden_states):
+        torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(out.attentions, reference.attentions):  # [batch, heads, query, key]
+        torch.testing.assert_close(ours.transpose(1, 2)[real], theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
+    with_outputs = {name: p.grad.clone() for name, p in eager_model.named_parameters() if p.grad is not None}
+    eager_model.zero_grad(set_to_none=True)
+    eager_model(**inputs).logits[:, -1].sum().backward()
+    plain = {name: p.grad.clone() for name, p in eager_model.named_parameters() if p.grad is not None}
+    eager_model.zero_grad(set_to_none=True)
+    assert plain.keys() == with_outputs.keys()
+    for name, gradient in plain.items():
+        scale = float(gradient.abs().max())  # float noise of a sum over many positions is relative to the largest
+        torch.testing.assert_close(with_outputs[name], gradient, rtol=1e-4, atol=1e-6 * max(scale, 1.0), msg=name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -325,6 +326,34 @@ class LaReModel(LaRePreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.extractor = LaReExtractor(config) if config.use_extractor else None
         self.post_init()
+        self.freeze_unused_vision_parameters()
+
+    def unused_vision_parameter_names(self) -> list[str]:
+        """The vision tower's parameters that no output of LaRe depends on: V_T is read from
+        `hidden_states[vision_feature_layer]`, so the encoder layers after it and the tower's own output heads
+        (`post_layernorm`, a pooling `head`) are never reached (LLaVA keeps them the same way)."""
+        num_layers = self.config.vision_config.num_hidden_layers
+        layers_used = self.config.vision_feature_layer % (num_layers + 1)  # hidden_states[j] = after j layers
+        unused = []
+        for name, _ in self.vision_tower.named_parameters():
+            layer = re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", name)
+            head = re.search(r"(?:^|\.)(post_layernorm|head)\.", name)
+            if (layer is not None and int(layer.group(1)) >= layers_used) or head is not None:
+                unused.append(name)
+        return unused
+
+    def freeze_unused_vision_parameters(self) -> None:
+        """Set `requires_grad=False` on `unused_vision_parameter_names()`: no loss can give them a gradient, so an
+        optimizer or DDP (which otherwise needs `find_unused_parameters=True`) should not expect one. Re-applied by
+        `train()`, since `from_pretrained` recreates loaded parameters with `requires_grad=True`."""
+        parameters = dict(self.vision_tower.named_parameters())
+        for name in self.unused_vision_parameter_names():
+            parameters[name].requires_grad_(False)
+
+    def train(self, mode: bool = True) -> LaReModel:
+        super().train(mode)
+        self.freeze_unused_vision_parameters()
+        return self
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -605,7 +634,8 @@ class LaReModel(LaRePreTrainedModel):
             )
             past = outputs.past_key_values if use_cache else None
             return self._merge_steps({"image_hidden_states": image_features}, [outputs], past)
-        if cache is None:
+        own_cache = cache is None
+        if own_cache:
             cache = DynamicCache(config=self.config.text_config)
         if image_features is None:
             raise ValueError(
@@ -700,6 +730,28 @@ class LaReModel(LaRePreTrainedModel):
         }
         if latent_halting is not None:
             record.update(halted_attention_mask=attention_mask, halted_position_ids=position_ids)
+        if (
+            own_cache
+            and torch.is_grad_enabled()
+            and (kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+        ):
+            # The per-layer outputs of the calls above are joined after the fact, so no later computation reads the
+            # joined tensors and `retain_grad()` on them would see no gradient. With autograd on, the finished
+            # sequence (prompt, latents, tail) is replayed in one pass instead: the same values (causal attention
+            # over the same embeddings) and the same gradients, now through tensors the outputs depend on.
+            final_embeds = torch.cat(
+                [inputs_embeds[:, :slots_start], *latents, inputs_embeds[:, slots_start + len(latents) * m :]], dim=1
+            )
+            cache = DynamicCache(config=self.config.text_config) if use_cache else None
+            replay = self.language_model(
+                inputs_embeds=final_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            step_outputs = [replay]
         return self._merge_steps(record, step_outputs, cache if use_cache else None)
 
     @staticmethod
@@ -726,6 +778,15 @@ class LaReModel(LaRePreTrainedModel):
         """Join the language-model calls of the loop along the sequence: last hidden state, per-layer hidden
         states, and per-layer attention maps (each call's keys padded to the longest with zeros, the weight a causal
         single pass gives to future positions)."""
+        if len(step_outputs) == 1:  # one pass: its own tensors (a copy would cut them off the graph of the outputs)
+            (outputs,) = step_outputs
+            return LaReModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=cache,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                **record,
+            )
         hidden_states = attentions = None
         if step_outputs[0].hidden_states is not None:
             # layers left out of `output_hidden_states=[indices]` are None in every call
@@ -1108,7 +1169,9 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         rationale_input_ids / rationale_attention_mask: the tokenized explicit rationale (right-padded), needed by
             L_Z<->T (Eq. 6) and L_text (Eq. 8).
         compute_latent_losses: True (a training stage) computes every latent loss with a non-zero weight and raises
-            if its inputs are missing; False computes none; None computes them when a rationale is given.
+            if its inputs are missing; False computes none; None computes them when a rationale is given, and in
+            training mode without one computes those that need no rationale (L_img, the visual part of L_sym), so
+            that plain `labels` training (PEFT, transformers' Trainer) reaches every module of Eq. 10.
         latent_halting / latent_halting_threshold: adaptive halting of the latent phase (Table 4), an inference
             option: "cosine" | "l1" | "l2" and the threshold at which a sample's latent steps have converged.
         kwargs: go to the language model, and to `loss_function` (`num_items_in_batch`, `shift_labels`, ...).
@@ -1234,8 +1297,16 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         `rationale_attention_mask` is all 0 has none). A term with no such row is 0, still tied to the graph.
         """
         config = self.config
-        if compute is False or (compute is None and rationale_input_ids is None):
+        if compute is False:
             return {}
+        if compute is None and rationale_input_ids is None:
+            if not self.training or outputs.latent_embeds is None:
+                return {}
+            # training without a rationale: no row has one, so L_text and L_Z<->T are 0 (tied to the graph) and the
+            # terms that need only the image and the latents, L_img and L_Z<->V, train
+            batch = outputs.last_hidden_state.shape[0]
+            rationale_input_ids = torch.zeros(batch, 1, dtype=torch.long, device=outputs.last_hidden_state.device)
+            rationale_attention_mask = torch.zeros_like(rationale_input_ids)
         rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
         if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
             hidden = outputs.last_hidden_state
