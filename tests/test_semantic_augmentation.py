@@ -81,8 +81,21 @@ def test_zero_weight_terms_are_not_computed_and_missing_inputs_raise(tiny):
     no_rationale = {k: v for k, v in batch.items() if not k.startswith("rationale")}
     with pytest.raises(ValueError, match="need the explicit rationale"):
         model(**no_rationale, compute_latent_losses=True)
-    plain = model(**no_rationale)  # plain inference: latent losses skipped, next-token loss only
+    was_training = model.training
+    plain = model.eval()(**no_rationale)  # plain evaluation on labels: latent losses skipped, next-token loss only
     assert plain.alignment_loss is None and torch.allclose(plain.loss, plain.lm_loss)
+    # plain training on labels: the terms that need no rationale (L_img, L_sym's visual part); the text ones are 0
+    trained = model.train()(**no_rationale)
+    model.train(was_training)
+    assert trained.image_reconstruction_loss > 0 and trained.alignment_visual_loss > 0
+    assert trained.alignment_text_loss == 0 and trained.text_reconstruction_loss == 0
+    config = model.config
+    expected = (
+        trained.lm_loss
+        + config.sym_loss_weight * trained.alignment_loss
+        + config.image_loss_weight * trained.image_reconstruction_loss
+    )
+    torch.testing.assert_close(trained.loss, expected)
     no_latents = processor.build_training_inputs([MESSAGES], ["1"], [make_image(0)], ["r"], num_latent_steps=0)
     with pytest.raises(ValueError, match="no latent steps"):
         model(**no_latents, compute_latent_losses=True)
