@@ -17,6 +17,7 @@ from lare_hf.data.refocus_chains import (
     GRID,
     board_split,
     chain_step_targets,
+    chain_window_targets,
     follow,
     generate_captions,
     generate_split,
@@ -197,6 +198,64 @@ def test_collator_labels_each_latent_step_with_its_hop(tmp_path):
         LaReDataCollator(processor=processor, num_latent_steps=0, latent_step_targets=chain_step_targets)(features)
 
 
+def test_collator_adds_the_cell_each_hop_reads_as_window_targets(tmp_path):
+    from lare_hf.data.collator import LaReDataCollator
+    from lare_hf.data.formats import load_records
+    from lare_hf.reproduction import build_chains_model
+
+    _, processor = build_chains_model()
+    paths = write_refocus_chains(tmp_path, 6, 1, seed=0, hops=(1, 3))
+    raw = [json.loads(line) for line in Path(paths["train"]).read_text().splitlines()]
+    records = [load_records(paths["train"])[index] for index in range(4)]
+    batch = LaReDataCollator(
+        processor=processor, num_latent_steps=2, response_format="answer", window_targets=chain_window_targets
+    )(records)
+    for row, record in enumerate(raw[:4]):
+        cells = [r * GRID + c for r, c in record["visited_cells"]]  # the generator's own account of the chain
+        assert chain_window_targets(records[row]) == cells
+        assert batch["window_targets"][row].tolist() == (cells + [-100, -100])[:2]
+    with pytest.raises(ValueError, match="num_latent_steps is 0"):
+        LaReDataCollator(processor=processor, num_latent_steps=0, window_targets=chain_window_targets)(records)
+
+
+def test_window_grounding_loss_moves_the_saliency_onto_the_needed_cell(tmp_path):
+    """The loss is -log of step k's saliency share at the needed cell; optimising it raises that share (the argmax
+    window alone passes no gradient). Off (None) at weight 0; bad targets are named."""
+    import torch
+
+    from lare_hf.data.collator import LaReDataCollator
+    from lare_hf.data.formats import load_records
+    from lare_hf.reproduction import build_chains_model
+
+    torch.manual_seed(0)
+    model, processor = build_chains_model({"window_loss_weight": 1.0})
+    paths = write_refocus_chains(tmp_path, 8, 1, seed=0, hops=(2, 3))
+    collate = LaReDataCollator(
+        processor=processor, num_latent_steps=3, response_format="answer", window_targets=chain_window_targets
+    )
+    records = load_records(paths["train"])
+    batch = collate([records[index] for index in range(len(records))])
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model(**batch)
+        losses.append(float(out.window_loss.detach()))
+        optimizer.zero_grad()
+        out.window_loss.backward()
+        optimizer.step()
+    assert out.saliency_maps.requires_grad and losses[-1] < 0.5 * losses[0], losses
+    expected = out.lm_loss + out.alignment_loss + 0.9 * out.image_reconstruction_loss
+    expected = expected + 0.9 * out.text_reconstruction_loss + out.window_loss
+    torch.testing.assert_close(out.loss, expected)
+    model.config.window_loss_weight = 0.0
+    assert model(**batch).window_loss is None
+    model.config.window_loss_weight = 1.0
+    bad = dict(batch, window_targets=batch["window_targets"].clone().fill_(9))
+    with pytest.raises(ValueError, match=r"window_targets must hold image-token indices in \[0, 9\)"):
+        model(**bad)
+
+
 def test_variant_names():
     from lare_hf.reproduction import VARIANTS, variant
 
@@ -214,7 +273,9 @@ def test_variant_names():
         variant("no_img", "k0")
 
 
-@pytest.mark.parametrize("name", ["k0", "cot", "lare", "lare_answer", "lare_steps", "no_extractor", "no_window"])
+@pytest.mark.parametrize(
+    "name", ["k0", "cot", "lare", "lare_answer", "lare_steps", "lare_grounded", "no_extractor", "no_window"]
+)
 def test_every_variant_trains_and_evaluates(tmp_path, name):
     from lare_hf.reproduction import run_variant, variant
 

@@ -13,6 +13,9 @@ Every variant starts from the same weights and trains with the same budget (step
   at the position whose attention picks step k's window is trained on the colour hop k reaches
   (`LaReDataCollator.latent_step_targets`), so each latent step has its own target instead of only the final
   answer (the role Coconut's step-by-step curriculum plays);
+* ``lare_grounded``: ``lare_answer`` plus a window-grounding loss, also not in the paper (`window_loss_weight` 1):
+  step k's saliency map is trained, by cross-entropy, to peak on the cell hop k reads (`chain_window_targets`),
+  since the argmax window gives its choice no gradient of its own;
 * ablations (Table 3) of a LaRe variant: ``no_extractor``, ``no_window``, ``no_sym``, ``no_img``, ``no_text``;
   and ``lare_answer_k{K}`` / ``lare_k{K}`` for other step counts.
 
@@ -38,7 +41,7 @@ from transformers import set_seed
 from .build import build_tiny, save_checkpoint
 from .data.collator import LaReDataCollator
 from .data.formats import load_records
-from .data.refocus_chains import chain_step_targets, window_hits
+from .data.refocus_chains import chain_step_targets, chain_window_targets, window_hits
 from .evaluation.benchmarks import BenchmarkSample, get_benchmark
 from .evaluation.runner import chat_messages, generate_answers
 from .training.arguments import LaReTrainingArguments
@@ -94,6 +97,7 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     step_supervision: bool = False
+    window_grounding: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -110,6 +114,15 @@ VARIANTS: dict[str, Variant] = {
         True,
         description="lare_answer + per-step supervision of the latent steps (not in the paper)",
         step_supervision=True,
+    ),
+    "lare_grounded": Variant(
+        "lare_grounded",
+        4,
+        "answer",
+        True,
+        overrides={"window_loss_weight": 1.0},
+        description="lare_answer + a window-grounding loss on the needed cell (not in the paper)",
+        window_grounding=True,
     ),
 }
 ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
@@ -132,7 +145,9 @@ def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
             raise ValueError(f"ablation_base must be a LaRe variant ({', '.join(lare)}), got {ablation_base!r}.")
         overrides, description = ABLATIONS[name]
         base = VARIANTS[ablation_base]
-        return replace(base, name=name, overrides=dict(overrides), description=f"{base.name} {description}")
+        return replace(
+            base, name=name, overrides={**base.overrides, **overrides}, description=f"{base.name} {description}"
+        )
     for base_name in ("lare_answer", "lare_steps", "lare"):
         prefix = f"{base_name}_k"
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
@@ -264,6 +279,7 @@ def train_variant(
         response_format=spec.response_format,
         max_rationale_length=32,
         latent_step_targets=chain_step_targets if spec.step_supervision else None,
+        window_targets=chain_window_targets if spec.window_grounding else None,
     )
     if not 0 <= curriculum_steps <= steps:
         raise ValueError(f"curriculum_steps must be in 0..steps ({steps}), got {curriculum_steps}.")

@@ -59,6 +59,10 @@ class LaReDataCollator:
             should resolve (e.g. the colour reached by hop k). The LM's prediction at the position whose attention
             chooses step k's window (`<|latent_start|>` for k=1, else step k-1's last latent slot) is trained on the
             first token of " " + target k, for k <= min(K, number of targets). None (default): no such labels.
+        window_targets: window grounding (not in the paper; a lever of the small-scale reproduction, used with
+            `window_loss_weight` > 0): a function giving, per example with an image, the image-token index
+            (row-major patch grid) each reasoning step needs, e.g. RefocusChains' `chain_window_targets`. Adds
+            `window_targets` `[batch, K]` (-100 after the chain, and in rows without an image). None (default): not added.
 
     A batch may mix examples with an image and text-only ones: a text-only prompt has no latent region (the
     latent phase refocuses on the image) and is left-padded with the others; `pixel_values` holds the images of
@@ -72,6 +76,7 @@ class LaReDataCollator:
     max_rationale_length: int | None = None
     response_format: str = "reasoning"
     latent_step_targets: Callable[[dict[str, Any]], Sequence[str]] | None = None
+    window_targets: Callable[[dict[str, Any]], Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.response_format not in RESPONSE_FORMATS:
@@ -129,7 +134,21 @@ class LaReDataCollator:
         batch = dict(batch)
         if self.latent_step_targets is not None:
             self._add_latent_step_labels(batch, features)
+        if self.window_targets is not None:
+            batch["window_targets"] = self._window_targets(features)
         return batch
+
+    def _window_targets(self, features: list[dict[str, Any]]) -> torch.LongTensor:
+        steps = self.processor.num_latent_steps if self.num_latent_steps is None else self.num_latent_steps
+        if steps == 0:
+            raise ValueError("window_targets grounds the windows of latent steps, but num_latent_steps is 0.")
+        targets = torch.full((len(features), steps), -100, dtype=torch.long)
+        for row, feature in enumerate(features):
+            if feature.get("image") is None:
+                continue
+            cells = [int(cell) for cell in self.window_targets(feature)][:steps]
+            targets[row, : len(cells)] = torch.tensor(cells, dtype=torch.long)
+        return targets
 
     def _add_latent_step_labels(self, batch: dict[str, torch.Tensor], features: list[dict[str, Any]]) -> None:
         processor = self.processor

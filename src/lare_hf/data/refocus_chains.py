@@ -248,6 +248,19 @@ def chain_step_targets(example: Mapping[str, Any]) -> list[str]:
     return rationale.removeprefix("path:").split()[1:]
 
 
+def chain_window_targets(example: Mapping[str, Any]) -> list[int]:
+    """The image token each hop reads (row-major, one patch per cell), for `LaReDataCollator(window_targets=...)`:
+    the cells of path[:-1] (the records' ``visited_cells``), read from the rationale ``path: red green blue``.
+    Boards of the ``"fixed"`` layout only, where a colour's cell is its index in `COLOUR_NAMES` (the loaded
+    examples keep no board); the RefocusChains reproduction uses that layout."""
+    rationale = str(example.get("rationale") or "")
+    if not rationale.startswith("path:"):
+        raise ValueError(
+            f"Example {example.get('id', '?')!r} has no RefocusChains rationale ('path: ...'): {rationale!r}"
+        )
+    return [COLOUR_NAMES.index(colour) for colour in rationale.removeprefix("path:").split()[:-1]]
+
+
 def _write_jsonl(root: Path, name: str, records: Iterable[dict[str, Any]]) -> str:
     path = root / f"{name}.jsonl"
     with open(path, "w", encoding="utf-8") as handle:
@@ -346,6 +359,7 @@ __all__ = [
     "QUESTION_TEMPLATE",
     "board_split",
     "chain_step_targets",
+    "chain_window_targets",
     "follow",
     "generate_captions",
     "generate_split",

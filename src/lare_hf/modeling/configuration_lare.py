@@ -67,6 +67,10 @@ class LaReConfig(PreTrainedConfig):
             window features average-pooled into `m` tokens, with no learned module.
         use_sliding_window: ablation switch (Table 3 "w/o Sliding Windows"): when False, V_s is the whole grid.
         sym_loss_weight / image_loss_weight / text_loss_weight: lambda_sym, lambda_img, lambda_text (Eq. 10).
+        window_loss_weight: weight of a window-grounding loss that is not in the paper (0 = off, the paper): the
+            cross-entropy of step k's saliency map, normalised over the image tokens, at the image token reasoning
+            step k needs (`window_targets` of `forward()`). The window is an argmax of the saliency, so nothing
+            else gives its choice a gradient; a lever of the small-scale reproduction.
         alignment_temperature / learnable_temperature: tau of Eq. 6, fixed or learned.
         text_prefix_length: rationale tokens the latents must reconstruct (Eq. 8).
         use_reconstructor: build the U-Net image reconstructor and the image tokenizer (Eq. 7). Inference-only
@@ -113,6 +117,7 @@ class LaReConfig(PreTrainedConfig):
         sym_loss_weight: float = 1.0,
         image_loss_weight: float = 0.9,
         text_loss_weight: float = 0.9,
+        window_loss_weight: float = 0.0,
         alignment_temperature: float = 0.07,
         learnable_temperature: bool = False,
         text_prefix_length: int = 32,
@@ -190,6 +195,7 @@ class LaReConfig(PreTrainedConfig):
         self.sym_loss_weight = sym_loss_weight
         self.image_loss_weight = image_loss_weight
         self.text_loss_weight = text_loss_weight
+        self.window_loss_weight = window_loss_weight
         self.alignment_temperature = alignment_temperature
         self.learnable_temperature = learnable_temperature
         self.text_prefix_length = text_prefix_length
@@ -266,7 +272,7 @@ class LaReConfig(PreTrainedConfig):
                     f"components[{role!r}] must be a dict with a 'source' string (and an optional 'license'), got "
                     f"{info!r}."
                 )
-        for name in ("sym_loss_weight", "image_loss_weight", "text_loss_weight"):
+        for name in ("sym_loss_weight", "image_loss_weight", "text_loss_weight", "window_loss_weight"):
             check_float(name, getattr(self, name), minimum=0.0, fix="Use 0 to switch the loss term off.")
         check_float("alignment_temperature", self.alignment_temperature, minimum=0.0, exclusive_minimum=True)
         check_float(

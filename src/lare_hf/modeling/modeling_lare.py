@@ -114,6 +114,8 @@ class LaReCausalLMOutputWithPast(ModelOutput):
         `alignment_text_loss` and `alignment_visual_loss`.
     image_reconstruction_loss: denoising score matching of the window crops conditioned on Z^(k) (Eq. 7).
     text_reconstruction_loss: cross-entropy of the rationale prefix predicted from the latents alone (Eq. 8).
+    window_loss: the window-grounding loss (not in the paper; `window_loss_weight`), -log of each latent step's
+        saliency share at the image token its reasoning step needs, averaged over the steps with a target.
     Other fields: see `LaReModelOutputWithPast`.
     """
 
@@ -124,6 +126,7 @@ class LaReCausalLMOutputWithPast(ModelOutput):
     alignment_visual_loss: torch.Tensor | None = None
     image_reconstruction_loss: torch.Tensor | None = None
     text_reconstruction_loss: torch.Tensor | None = None
+    window_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor] | None = None
@@ -647,7 +650,8 @@ class LaReModel(LaRePreTrainedModel):
 
         slots_start = layout.start + 1
         num_layers = self.config.text_config.num_hidden_layers
-        recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
+        track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
+        recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
         step_outputs = [
             self._language_model_step(
                 inputs_embeds[:, :slots_start], attention_mask, position_ids, 0, slots_start, cache, recorder, **kwargs
@@ -700,7 +704,7 @@ class LaReModel(LaRePreTrainedModel):
                     break
             if step < num_steps - 1:
                 start = slots_start + step * m
-                recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers)
+                recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
                 step_outputs.append(
                     self._language_model_step(
                         latents[-1], attention_mask, position_ids, start, start + m, cache, recorder, **kwargs
@@ -1151,6 +1155,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         rationale_input_ids: torch.LongTensor | None = None,
         rationale_attention_mask: torch.Tensor | None = None,
+        window_targets: torch.LongTensor | None = None,
         compute_latent_losses: bool | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -1168,6 +1173,9 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
 
         rationale_input_ids / rationale_attention_mask: the tokenized explicit rationale (right-padded), needed by
             L_Z<->T (Eq. 6) and L_text (Eq. 8).
+        window_targets: `[batch, K]` index of the image token (row-major patch grid) that reasoning step k needs,
+            -100 where there is none; with `window_loss_weight` > 0 they give the window-grounding loss (not in
+            the paper, see `LaReConfig`).
         compute_latent_losses: True (a training stage) computes every latent loss with a non-zero weight and raises
             if its inputs are missing; False computes none; None computes them when a rationale is given, and in
             training mode without one computes those that need no rationale (L_img, the visual part of L_sym), so
@@ -1221,6 +1229,8 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         latent_losses = self.semantic_augmentation_losses(
             outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute_latent_losses
         )
+        if window_targets is not None and self.config.window_loss_weight > 0 and compute_latent_losses is not False:
+            latent_losses["window_loss"] = self.window_grounding_loss(outputs, window_targets)
         loss = self.weighted_loss(lm_loss, latent_losses)
         return LaReCausalLMOutputWithPast(
             loss=loss,
@@ -1387,6 +1397,40 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                 losses["image_reconstruction_loss"] = zero(self.reconstructor)
         return losses
 
+    def window_grounding_loss(
+        self, outputs: LaReModelOutputWithPast, window_targets: torch.LongTensor
+    ) -> torch.Tensor:
+        """-log of step k's saliency share (its map normalised over the image tokens) at `window_targets[:, k]`,
+        averaged over the steps that have a target, in rows that ran the latent phase (0, tied to the graph, when
+        none has). Not in the paper: the window is the argmax of this map, so this is what gives its choice a
+        gradient (`window_loss_weight`)."""
+        if outputs.saliency_maps is None:
+            return outputs.last_hidden_state.float().sum() * 0
+        if self.is_activation_checkpointing and self.training:
+            raise ValueError(
+                "The window-grounding loss (window_loss_weight > 0) records the saliency inside autograd, which "
+                "gradient checkpointing would recompute without it; disable gradient checkpointing for it."
+            )
+        saliency = outputs.saliency_maps.flatten(2).float()  # [batch, steps, image tokens]
+        batch, steps, num_tokens = saliency.shape
+        check_tensor("window_targets", window_targets, dims=2, integer=True)
+        if window_targets.shape[0] != batch:
+            raise ValueError(f"window_targets has {window_targets.shape[0]} rows but the batch has {batch}.")
+        targets = window_targets.to(saliency.device)[:, :steps]
+        if targets.shape[1] < steps:
+            targets = F.pad(targets, (0, steps - targets.shape[1]), value=-100)
+        if ((targets < -100) | (targets >= num_tokens) | ((targets < 0) & (targets != -100))).any():
+            raise ValueError(
+                f"window_targets must hold image-token indices in [0, {num_tokens}) or -100 (no target), got "
+                f"{sorted(set(targets.flatten().tolist()))}."
+            )
+        valid = (targets >= 0) & outputs.latent_rows.bool().to(saliency.device)[:, None]
+        share = saliency / saliency.sum(-1, keepdim=True).clamp_min(1e-12)
+        picked = share.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        if not valid.any():
+            return (share * 0).sum()
+        return -picked.clamp_min(1e-12).log()[valid].mean()
+
     @staticmethod
     def _flat_latents(outputs: LaReModelOutputWithPast, rows: torch.BoolTensor) -> torch.Tensor:
         """The latent tokens of `rows`, all K steps concatenated: `[rows, K*m, D]`."""
@@ -1478,6 +1522,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             "alignment_loss": self.config.sym_loss_weight,
             "image_reconstruction_loss": self.config.image_loss_weight,
             "text_reconstruction_loss": self.config.text_loss_weight,
+            "window_loss": self.config.window_loss_weight,
         }
         terms = [] if lm_loss is None else [lm_loss]
         terms += [weights[name] * value for name, value in latent_losses.items() if name in weights]

@@ -28,10 +28,19 @@ class SaliencyRecorder:
         image_positions: `[batch, num_image_tokens]` column of every image token in the full sequence.
         layers: indices of the LM layers to average over (all layers when None).
         num_layers: number of LM layers (to resolve negative indices).
+        track_gradient: record the saliency inside autograd (when it is enabled), for a loss on the saliency
+            (`window_loss_weight`); by default it is recorded without a graph, as the argmax window needs none.
     """
 
-    def __init__(self, image_positions: torch.LongTensor, layers: list[int] | None, num_layers: int):
+    def __init__(
+        self,
+        image_positions: torch.LongTensor,
+        layers: list[int] | None,
+        num_layers: int,
+        track_gradient: bool = False,
+    ):
         self.image_positions = image_positions
+        self.track_gradient = track_gradient
         self.layers = None if layers is None else {layer % num_layers for layer in layers}
         self.num_layers = num_layers
         self._sum: torch.Tensor | None = None
@@ -43,7 +52,6 @@ class SaliencyRecorder:
         replay of the layer during backward runs the attention again; it is not counted twice)."""
         return (self.layers is None or layer_idx in self.layers) and layer_idx not in self._recorded
 
-    @torch.no_grad()
     def record(
         self,
         layer_idx: int,
@@ -53,6 +61,17 @@ class SaliencyRecorder:
         scaling: float | None,
     ) -> None:
         """Softmax row of the last query over all keys (padding masked), heads averaged, image columns kept."""
+        with torch.set_grad_enabled(self.track_gradient and torch.is_grad_enabled()):
+            self._record(layer_idx, query, key, attention_mask, scaling)
+
+    def _record(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> None:
         last_query = query[:, :, -1:, :].float()  # [b, heads, 1, d]
         keys = key.float()
         num_heads, num_kv_heads = last_query.shape[1], keys.shape[1]

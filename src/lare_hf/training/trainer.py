@@ -23,6 +23,7 @@ LOSS_COMPONENTS = (
     "alignment_visual_loss",
     "image_reconstruction_loss",
     "text_reconstruction_loss",
+    "window_loss",
 )
 
 # Parameter groups of a LaRe model, by module-name prefix (relative to LaReForConditionalGeneration).
