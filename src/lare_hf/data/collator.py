@@ -62,7 +62,8 @@ class LaReDataCollator:
         window_targets: window grounding (not in the paper; a lever of the small-scale reproduction, used with
             `window_loss_weight` > 0): a function giving, per example with an image, the image-token index
             (row-major patch grid) each reasoning step needs, e.g. RefocusChains' `chain_window_targets`. Adds
-            `window_targets` `[batch, K]` (-100 after the chain, and in rows without an image). None (default): not added.
+            `window_targets` `[batch, K]` (-100 after the chain, and in rows without an image). None (default):
+            not added.
 
     A batch may mix examples with an image and text-only ones: a text-only prompt has no latent region (the
     latent phase refocuses on the image) and is left-padded with the others; `pixel_values` holds the images of

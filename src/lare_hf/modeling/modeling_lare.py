@@ -842,8 +842,10 @@ class LaReModel(LaRePreTrainedModel):
 
         The image and latent placeholders are located in `input_ids`, or in `inputs_embeds` by comparing with their
         token embeddings. Without `pixel_values` the input is read as text: placeholders embed as ordinary tokens and
-        no latent phase runs (as LLaVA reads its image token without pixels; a warning says so once). `output_attentions` / `output_hidden_states` give one entry per language-model layer over
-        every fed position (prompt, latent slots, tail); `use_cache` defaults to the text config's.
+        no latent phase runs (as LLaVA reads its image token without pixels; a warning says so once).
+        `output_attentions` / `output_hidden_states` give one entry per language-model layer over every fed position
+        (prompt, latent slots, tail), also with autograd on (the finished sequence is then replayed in one pass, see
+        `latent_refocus`); `use_cache` defaults to the text config's.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -1419,7 +1421,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         targets = window_targets.to(saliency.device)[:, :steps]
         if targets.shape[1] < steps:
             targets = F.pad(targets, (0, steps - targets.shape[1]), value=-100)
-        if ((targets < -100) | (targets >= num_tokens) | ((targets < 0) & (targets != -100))).any():
+        if (((targets < 0) & (targets != -100)) | (targets >= num_tokens)).any():
             raise ValueError(
                 f"window_targets must hold image-token indices in [0, {num_tokens}) or -100 (no target), got "
                 f"{sorted(set(targets.flatten().tolist()))}."
