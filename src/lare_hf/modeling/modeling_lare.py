@@ -627,16 +627,8 @@ class LaReModel(LaRePreTrainedModel):
         num_steps = layout.num_steps
         m = self.config.latent_tokens_per_step
         if num_steps == 0:  # one pass of the language model alone (packed sequences included: no mask, no cache)
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            past = outputs.past_key_values if use_cache else None
-            return self._merge_steps({"image_hidden_states": image_features}, [outputs], past)
+            outputs = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
+            return self._merge_steps({"image_hidden_states": image_features}, [outputs], outputs.past_key_values)
         own_cache = cache is None
         if own_cache:
             cache = DynamicCache(config=self.config.text_config)
@@ -746,17 +738,32 @@ class LaReModel(LaRePreTrainedModel):
             final_embeds = torch.cat(
                 [inputs_embeds[:, :slots_start], *latents, inputs_embeds[:, slots_start + len(latents) * m :]], dim=1
             )
-            cache = DynamicCache(config=self.config.text_config) if use_cache else None
-            replay = self.language_model(
-                inputs_embeds=final_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            step_outputs = [replay]
+            replay = self._single_pass(final_embeds, attention_mask, position_ids, None, use_cache, **kwargs)
+            return self._merge_steps(record, [replay], replay.past_key_values)
         return self._merge_steps(record, step_outputs, cache if use_cache else None)
+
+    def _single_pass(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """The language model over a whole sequence at once (its own cache when `cache` is None and `use_cache`);
+        `past_key_values` of the result is None without `use_cache`."""
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if not use_cache:
+            outputs.past_key_values = None
+        return outputs
 
     @staticmethod
     def _mask_unused_slots(

@@ -60,38 +60,29 @@ class SaliencyRecorder:
         attention_mask: torch.Tensor | None,
         scaling: float | None,
     ) -> None:
-        """Softmax row of the last query over all keys (padding masked), heads averaged, image columns kept."""
+        """Softmax row of the last query over all keys (padding masked), heads averaged, image columns kept
+        (inside autograd only with `track_gradient`)."""
         with torch.set_grad_enabled(self.track_gradient and torch.is_grad_enabled()):
-            self._record(layer_idx, query, key, attention_mask, scaling)
-
-    def _record(
-        self,
-        layer_idx: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None,
-    ) -> None:
-        last_query = query[:, :, -1:, :].float()  # [b, heads, 1, d]
-        keys = key.float()
-        num_heads, num_kv_heads = last_query.shape[1], keys.shape[1]
-        if num_heads != num_kv_heads:  # grouped-query attention: share each kv head across its query group
-            keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        scale = scaling if scaling is not None else last_query.shape[-1] ** -0.5
-        scores = torch.matmul(last_query, keys.transpose(-1, -2)).squeeze(2) * scale  # [b, heads, kv_len]
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # flex attention BlockMask
-            attention_mask = _block_mask_last_row(attention_mask, query.shape[2], keys.shape[2], query.device)
-        if attention_mask is not None:
-            row = attention_mask[:, :, -1, : keys.shape[2]]  # [b, 1 or heads, kv_len]
-            if row.dtype == torch.bool:
-                scores = scores.masked_fill(~row, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + row.float()
-        probs = scores.softmax(dim=-1).mean(dim=1)  # [b, kv_len]
-        image_probs = probs.gather(1, self.image_positions)
-        self._recorded.add(layer_idx)
-        self._sum = image_probs if self._sum is None else self._sum + image_probs
-        self._count += 1
+            last_query = query[:, :, -1:, :].float()  # [b, heads, 1, d]
+            keys = key.float()
+            num_heads, num_kv_heads = last_query.shape[1], keys.shape[1]
+            if num_heads != num_kv_heads:  # grouped-query attention: share each kv head across its query group
+                keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
+            scale = scaling if scaling is not None else last_query.shape[-1] ** -0.5
+            scores = torch.matmul(last_query, keys.transpose(-1, -2)).squeeze(2) * scale  # [b, heads, kv_len]
+            if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):  # flex attention BlockMask
+                attention_mask = _block_mask_last_row(attention_mask, query.shape[2], keys.shape[2], query.device)
+            if attention_mask is not None:
+                row = attention_mask[:, :, -1, : keys.shape[2]]  # [b, 1 or heads, kv_len]
+                if row.dtype == torch.bool:
+                    scores = scores.masked_fill(~row, torch.finfo(scores.dtype).min)
+                else:
+                    scores = scores + row.float()
+            probs = scores.softmax(dim=-1).mean(dim=1)  # [b, kv_len]
+            image_probs = probs.gather(1, self.image_positions)
+            self._recorded.add(layer_idx)
+            self._sum = image_probs if self._sum is None else self._sum + image_probs
+            self._count += 1
 
     def saliency(self) -> torch.Tensor:
         """`[batch, num_image_tokens]` attention mass averaged over the recorded layers."""
