@@ -33,6 +33,8 @@ def test_training_step_in_half_precision_gives_finite_losses_and_gradients(real_
             num_latent_steps=2,
         )
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        model.config.window_loss_weight = 1.0  # every loss component, the window-grounding one included
+        batch["window_targets"] = torch.tensor([[0, 3], [5, -100]])
         outputs = model(**batch, compute_latent_losses=True)
         assert outputs.logits.shape[-1] == REAL_VOCABULARY and outputs.logits.dtype == dtype
         for name in (*LOSS_COMPONENTS, "loss"):
@@ -42,6 +44,7 @@ def test_training_step_in_half_precision_gives_finite_losses_and_gradients(real_
         gradients = [param.grad for param in model.parameters() if param.grad is not None]
         assert gradients and all(torch.isfinite(gradient).all() for gradient in gradients)
     finally:
+        model.config.window_loss_weight = 0.0
         model.zero_grad(set_to_none=True)
         model.float()
 
