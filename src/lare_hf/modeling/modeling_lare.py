@@ -872,17 +872,12 @@ class LaReModel(LaRePreTrainedModel):
             self._check_continuation(placeholder_ids, pixel_values)
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
-            outputs = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
+            outputs = self._single_pass(
+                inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
             )
             return LaReModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
-                past_key_values=outputs.past_key_values if use_cache else None,
+                past_key_values=outputs.past_key_values,
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
             )
