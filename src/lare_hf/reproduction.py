@@ -97,7 +97,6 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     step_supervision: bool = False
-    window_grounding: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -122,7 +121,6 @@ VARIANTS: dict[str, Variant] = {
         True,
         overrides={"window_loss_weight": 1.0},
         description="lare_answer + a window-grounding loss on the needed cell (not in the paper)",
-        window_grounding=True,
     ),
 }
 ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
@@ -279,7 +277,7 @@ def train_variant(
         response_format=spec.response_format,
         max_rationale_length=32,
         latent_step_targets=chain_step_targets if spec.step_supervision else None,
-        window_targets=chain_window_targets if spec.window_grounding else None,
+        window_targets=chain_window_targets if spec.overrides.get("window_loss_weight", 0) > 0 else None,
     )
     if not 0 <= curriculum_steps <= steps:
         raise ValueError(f"curriculum_steps must be in 0..steps ({steps}), got {curriculum_steps}.")

@@ -139,10 +139,15 @@ class LaReDataCollator:
             batch["window_targets"] = self._window_targets(features)
         return batch
 
-    def _window_targets(self, features: list[dict[str, Any]]) -> torch.LongTensor:
+    def _supervised_steps(self, option: str) -> int:
+        """K for an option that supervises the latent steps (there must be some)."""
         steps = self.processor.num_latent_steps if self.num_latent_steps is None else self.num_latent_steps
         if steps == 0:
-            raise ValueError("window_targets grounds the windows of latent steps, but num_latent_steps is 0.")
+            raise ValueError(f"{option} supervises latent steps, but num_latent_steps is 0.")
+        return steps
+
+    def _window_targets(self, features: list[dict[str, Any]]) -> torch.LongTensor:
+        steps = self._supervised_steps("window_targets")
         targets = torch.full((len(features), steps), -100, dtype=torch.long)
         for row, feature in enumerate(features):
             if feature.get("image") is None:
@@ -154,9 +159,7 @@ class LaReDataCollator:
     def _add_latent_step_labels(self, batch: dict[str, torch.Tensor], features: list[dict[str, Any]]) -> None:
         processor = self.processor
         tokenizer = processor.tokenizer
-        steps = processor.num_latent_steps if self.num_latent_steps is None else self.num_latent_steps
-        if steps == 0:
-            raise ValueError("latent_step_targets supervises latent steps, but num_latent_steps is 0.")
+        steps = self._supervised_steps("latent_step_targets")
         m = processor.latent_tokens_per_step
         start_id = processor.latent_start_token_id
         for row, feature in enumerate(features):

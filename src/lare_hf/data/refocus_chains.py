@@ -237,15 +237,20 @@ def generate_captions(
     return records
 
 
-def chain_step_targets(example: Mapping[str, Any]) -> list[str]:
-    """The colour each hop reaches (path[1:]), read from an example's rationale ``path: red green blue``: what
-    latent step k resolves, for `LaReDataCollator(latent_step_targets=...)`."""
+def chain_path(example: Mapping[str, Any]) -> list[str]:
+    """The colours a chain visits, start first, read from an example's rationale ``path: red green blue``."""
     rationale = str(example.get("rationale") or "")
     if not rationale.startswith("path:"):
         raise ValueError(
             f"Example {example.get('id', '?')!r} has no RefocusChains rationale ('path: ...'): {rationale!r}"
         )
-    return rationale.removeprefix("path:").split()[1:]
+    return rationale.removeprefix("path:").split()
+
+
+def chain_step_targets(example: Mapping[str, Any]) -> list[str]:
+    """The colour each hop reaches (path[1:]), read from an example's rationale ``path: red green blue``: what
+    latent step k resolves, for `LaReDataCollator(latent_step_targets=...)`."""
+    return chain_path(example)[1:]
 
 
 def chain_window_targets(example: Mapping[str, Any]) -> list[int]:
@@ -253,12 +258,7 @@ def chain_window_targets(example: Mapping[str, Any]) -> list[int]:
     the cells of path[:-1] (the records' ``visited_cells``), read from the rationale ``path: red green blue``.
     Boards of the ``"fixed"`` layout only, where a colour's cell is its index in `COLOUR_NAMES` (the loaded
     examples keep no board); the RefocusChains reproduction uses that layout."""
-    rationale = str(example.get("rationale") or "")
-    if not rationale.startswith("path:"):
-        raise ValueError(
-            f"Example {example.get('id', '?')!r} has no RefocusChains rationale ('path: ...'): {rationale!r}"
-        )
-    return [COLOUR_NAMES.index(colour) for colour in rationale.removeprefix("path:").split()[:-1]]
+    return [COLOUR_NAMES.index(colour) for colour in chain_path(example)[:-1]]
 
 
 def _write_jsonl(root: Path, name: str, records: Iterable[dict[str, Any]]) -> str:
@@ -358,6 +358,7 @@ __all__ = [
     "MAX_HOPS",
     "QUESTION_TEMPLATE",
     "board_split",
+    "chain_path",
     "chain_step_targets",
     "chain_window_targets",
     "follow",

@@ -480,10 +480,10 @@ class LaReModel(LaRePreTrainedModel):
         """
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_mask = input_ids == self.config.image_token_id
-        num_placeholders = int(image_mask.sum())
         if pixel_values is None:  # text only: placeholders are ordinary tokens (see `forward`)
             return inputs_embeds, None, None
+        image_mask = input_ids == self.config.image_token_id
+        num_placeholders = int(image_mask.sum())
         seq_len = self.config.image_seq_length
         num_images = pixel_values.shape[0]
         if num_placeholders != num_images * seq_len:
