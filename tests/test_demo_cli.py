@@ -35,6 +35,17 @@ def test_lare_demo_runs_the_whole_pipeline(tmp_path):
     assert match, last
     assert float(match.group(1)) == round(summary["lare_accuracy"], 1) and int(match.group(3)) == summary["num_test"]
     assert "chat:" in result.stdout and summary["chat"]["question"].startswith("From the ")
+    assert summary["variant"] == "lare_grounded_k2" and summary["window_loss_weight"] == 1.0
+
+
+def test_demo_refuses_a_variant_without_latent_steps_before_writing(tmp_path, capsys):
+    target = tmp_path / "demo"
+    assert main(["demo", "--output", str(target), "--variant", "k0"]) == 2
+    error = capsys.readouterr().err
+    assert "--variant must be a LaRe variant (K >= 1), got 'k0'" in error and "lare_grounded_k2" in error
+    assert main(["demo", "--output", str(target), "--variant", "lare_q"]) == 2
+    assert "Unknown variant 'lare_q'" in capsys.readouterr().err
+    assert not target.exists()
 
 
 def test_push_dry_run_writes_the_card_and_lists_files(tiny_checkpoint, capsys):

@@ -265,6 +265,9 @@ def test_variant_names():
     no_sym = variant("no_sym", "lare_steps")
     assert no_sym.overrides == {"sym_loss_weight": 0.0} and no_sym.step_supervision
     assert variant("lare_answer_k2").num_latent_steps == 2 and variant("lare_steps_k3").step_supervision
+    grounded = variant("lare_grounded_k2")
+    assert grounded.num_latent_steps == 2 and grounded.overrides == {"window_loss_weight": 1.0}
+    assert grounded.response_format == "answer"
     with pytest.raises(ValueError, match="Unknown variant 'lare_k'"):
         variant("lare_k")
     with pytest.raises(ValueError, match="K must be in 1..8, got 9"):

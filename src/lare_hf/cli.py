@@ -158,7 +158,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, quick=args.quick, overwrite=args.overwrite)
+    run_demo(args.output, quick=args.quick, overwrite=args.overwrite, lare_variant=args.variant)
     return 0
 
 
@@ -509,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="lare-demo")
     demo.add_argument("--quick", action="store_true", help="fewer training steps (used by the tests)")
     demo.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+    demo.add_argument(
+        "--variant",
+        default="lare_grounded_k2",
+        help="the LaRe variant to train (lare_hf.reproduction.variant names; lare_k2: the paper's target)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

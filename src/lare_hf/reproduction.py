@@ -17,7 +17,7 @@ Every variant starts from the same weights and trains with the same budget (step
   step k's saliency map is trained, by cross-entropy, to peak on the cell hop k reads (`chain_window_targets`),
   since the argmax window gives its choice no gradient of its own;
 * ablations (Table 3) of a LaRe variant: ``no_extractor``, ``no_window``, ``no_sym``, ``no_img``, ``no_text``;
-  and ``lare_answer_k{K}`` / ``lare_k{K}`` for other step counts.
+  and ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` for other step counts.
 
 Deviation from the paper, forced by the offline 2-core setting: no pretrained CLIP / Qwen2.5 exists here, so the
 whole tiny model (`CHAINS_MODEL_CONFIG`) trains from random init; the alignment stage is what Stage I does for the
@@ -134,7 +134,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
 
 def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
     """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`), or
-    ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` (that LaRe variant with K latent steps)."""
+    ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` (that LaRe variant with K
+    latent steps)."""
     if name in VARIANTS:
         return VARIANTS[name]
     if name in ABLATIONS:
@@ -146,7 +147,7 @@ def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
         return replace(
             base, name=name, overrides={**base.overrides, **overrides}, description=f"{base.name} {description}"
         )
-    for base_name in ("lare_answer", "lare_steps", "lare"):
+    for base_name in ("lare_answer", "lare_steps", "lare_grounded", "lare"):
         prefix = f"{base_name}_k"
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
             steps = int(name[len(prefix) :])
@@ -154,7 +155,11 @@ def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
                 raise ValueError(f"{name}: K must be in 1..{CHAINS_MODEL_CONFIG['max_latent_steps']}, got {steps}.")
             base = VARIANTS[base_name]
             return replace(base, name=name, num_latent_steps=steps, description=f"{base.name} with K={steps}")
-    valid = sorted(VARIANTS) + sorted(ABLATIONS) + ["lare_k{K}", "lare_answer_k{K}", "lare_steps_k{K}"]
+    valid = (
+        sorted(VARIANTS)
+        + sorted(ABLATIONS)
+        + [f"{n}_k{{K}}" for n in ("lare", "lare_answer", "lare_steps", "lare_grounded")]
+    )
     raise ValueError(f"Unknown variant {name!r}; valid names: {', '.join(valid)}.")
 
 
