@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of one-cell lookup captions in the alignment data")  # fmt: skip
     parser.add_argument("--align-steps", type=int, default=None, help="alignment-stage steps (0: none)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of every variant")
+    parser.add_argument(
+        "--curriculum-steps",
+        type=int,
+        default=0,
+        help="the first that many of --steps train on one-hop questions only (a chain-length curriculum)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=VARIANT_LEARNING_RATE,
                         help="AdamW peak learning rate of every variant")  # fmt: skip
@@ -81,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = QUICK_VARIANTS
     for name in args.variants:
         variant(name, args.ablation_base)  # unknown names fail before any training
+    if not 0 <= args.curriculum_steps <= args.steps:
+        parser.error(f"--curriculum-steps must be in 0..--steps ({args.steps}), got {args.curriculum_steps}")
+    if args.curriculum_steps and 1 not in args.hops:
+        parser.error(f"--curriculum-steps needs one-hop questions; add 1 to --hops (got {args.hops})")
     return args
 
 
@@ -102,7 +112,7 @@ def run_seed(args: argparse.Namespace, seed: int, root: Path) -> dict:
         spec = variant(name, args.ablation_base)
         result = run_variant(
             spec, data, root / name, args.steps, args.batch_size, args.learning_rate, seed, init_state,
-            save_model=args.save_models,
+            save_model=args.save_models, curriculum_steps=args.curriculum_steps,
         )  # fmt: skip
         with open(root / f"predictions_{name}.jsonl", "w") as handle:
             for row in result.pop("rows"):
@@ -160,7 +170,7 @@ def markdown_table(results: dict, args: argparse.Namespace, wall_seconds: float)
         f"RefocusChains held-out boards ({args.num_test} questions per seed, hops {', '.join(hops)}); seeds "
         f"{args.seeds}; alignment {args.align_steps} steps at lr {args.align_learning_rate} "
         f"({args.caption_lookup_fraction:.0%} lookup captions), then {args.steps} steps x batch {args.batch_size} per "
-        f"variant, lr {args.learning_rate}. Mean over seeds [95% CI]. Wall time {wall_seconds / 60:.1f} min.",
+        f"variant ({args.curriculum_steps} of them on one-hop questions first), lr {args.learning_rate}. Mean over seeds [95% CI]. Wall time {wall_seconds / 60:.1f} min.",
         "",
         "| variant | K | target | accuracy (%) | " + " | ".join(f"h={h}" for h in hops)
         + " | # tokens (correct) | window hits (%) | train s |",
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     results = aggregate(per_seed)
     config = {key: getattr(args, key) for key in ("seeds", "variants", "ablation_base", "hops", "num_train",
-              "num_test", "num_captions", "caption_lookup_fraction", "align_steps", "align_learning_rate", "steps", "batch_size", "learning_rate",
+              "num_test", "num_captions", "caption_lookup_fraction", "align_steps", "align_learning_rate", "steps", "curriculum_steps", "batch_size", "learning_rate",
               "threads")}  # fmt: skip
     report = {"variants": results, "config": config, "seeds": args.seeds, "wall_seconds": wall,
               "command": " ".join(["python", "benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])}  # fmt: skip

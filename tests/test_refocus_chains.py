@@ -336,9 +336,12 @@ def test_reproduce_script_writes_the_results_schema(tmp_path):
     script = _load_script()
     argv = ["--output", str(tmp_path), "--seeds", "0", "1", "--variants", "k0", "lare_steps", "no_sym",
             "--num-train", "12", "--num-test", "6", "--num-captions", "8", "--align-steps", "2", "--steps", "2",
-            "--batch-size", "4", "--hops", "1", "2"]  # fmt: skip
+            "--batch-size", "4", "--hops", "1", "2", "--curriculum-steps", "1"]  # fmt: skip
     assert script.main(argv) == 0
     report = json.loads((tmp_path / "results.json").read_text())
+    assert report["config"]["curriculum_steps"] == 1
+    seed_report = json.loads((tmp_path / "seed1" / "results.json").read_text())
+    assert {run["curriculum_steps"] for run in seed_report["variants"].values()} == {1}
     assert set(report["variants"]) == {"k0", "lare_steps", "no_sym"} and report["seeds"] == [0, 1]
     for name, entry in report["variants"].items():
         assert 0 <= entry["accuracy"] <= 100 and set(entry["accuracy_by_hops"]) == {"1", "2"}
@@ -348,6 +351,17 @@ def test_reproduce_script_writes_the_results_schema(tmp_path):
     assert "| lare_steps | 4 | answer |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "seed1" / "predictions_no_sym.jsonl").is_file()
     assert script.main(argv) == 2  # results are never overwritten without --overwrite
+
+
+def test_reproduce_script_checks_the_curriculum_before_training(tmp_path, capsys):
+    script = _load_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output", str(tmp_path), "--steps", "10", "--curriculum-steps", "11"])
+    assert "--curriculum-steps must be in 0..--steps (10), got 11" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output", str(tmp_path), "--hops", "2", "3", "--curriculum-steps", "5"])
+    assert "--curriculum-steps needs one-hop questions; add 1 to --hops (got [2, 3])" in capsys.readouterr().err
+    assert script.parse_args(["--output", str(tmp_path), "--curriculum-steps", "200"]).curriculum_steps == 200
 
 
 def test_alignment_stage_script_reports_each_run(tmp_path, capsys):
