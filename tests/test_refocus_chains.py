@@ -16,6 +16,7 @@ from lare_hf.data.refocus_chains import (
     COLOURS,
     GRID,
     board_split,
+    chain_rationale_after,
     chain_step_targets,
     chain_window_targets,
     follow,
@@ -405,3 +406,55 @@ def test_curriculum_trains_one_hop_questions_first(tmp_path):
         train_variant(variant("k0"), paths["train"], tmp_path / "x", steps=2, curriculum_steps=3)
     with pytest.raises(ValueError, match="no one-hop record"):
         one_hop_file(write_refocus_chains(tmp_path / "long", 2, 1, hops=(3,))["train"])
+
+
+def test_chain_rationale_after_leaves_the_first_hops_to_the_latents():
+    example = {"id": "x", "rationale": "path: red blue cyan"}
+    assert [chain_rationale_after(c)(example) for c in range(4)] == [
+        "path: red blue cyan",
+        "path: blue cyan",
+        "path: cyan",
+        "path: cyan",  # every hop replaced: the colour reached stays
+    ]
+    with pytest.raises(ValueError, match="replaced_hops must be an integer >= 0, got -1"):
+        chain_rationale_after(-1)
+
+
+def test_collator_writes_the_response_rationale_and_keeps_the_full_one_for_the_latent_losses(tmp_path):
+    from lare_hf.data.collator import LaReDataCollator
+    from lare_hf.data.formats import load_records
+    from lare_hf.reproduction import build_chains_model
+
+    _, processor = build_chains_model()
+    loaded = load_records(write_refocus_chains(tmp_path, 4, 1, seed=0, hops=(3,))["train"])
+    records = [loaded[0], loaded[1]]
+    staged = LaReDataCollator(processor=processor, num_latent_steps=1, response_rationale=chain_rationale_after(1))
+    full = LaReDataCollator(processor=processor, num_latent_steps=1)
+    staged_batch, full_batch = staged(records), full(records)
+    tokenizer = processor.tokenizer
+    for row, record in enumerate(records):
+        written = tokenizer.decode(staged_batch["input_ids"][row][staged_batch["labels"][row] != -100])
+        path = record["rationale"].split()[1:]
+        assert written.startswith("path: " + " ".join(path[1:]) + "\nAnswer: " + record["answer"])
+    assert (staged_batch["rationale_input_ids"] == full_batch["rationale_input_ids"]).all()
+
+
+def test_coconut_variant_trains_stage_by_stage(tmp_path):
+    from lare_hf.reproduction import _phases, run_variant, train_variant, variant
+
+    paths = write_refocus_chains(tmp_path / "data", 8, 4, seed=0, hops=(1, 2))
+    spec = variant("lare_coconut_k2")
+    phases = _phases(spec, paths["train"], steps=7, curriculum_steps=0)
+    assert [
+        (steps, stage.num_latent_steps, stage.response_format, stage.latent_losses) for _, steps, stage, _ in phases
+    ] == [
+        (2, 0, "reasoning", False),  # stage 0: chain of thought
+        (2, 1, "reasoning", True),
+        (3, 2, "answer", True),  # the last stage is lare_answer itself
+    ]
+    assert phases[1][3]({"rationale": "path: red blue cyan"}) == "path: blue cyan" and phases[2][3] is None
+    result = run_variant(spec, paths, tmp_path / "coconut", steps=3, batch_size=4, learning_rate=1e-3)
+    assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
+    assert result["num_latent_steps"] == 2 and set(result["window_hit_rate_by_step"]) <= {1, 2}
+    with pytest.raises(ValueError, match="has its own curriculum"):
+        train_variant(spec, paths["train"], tmp_path / "x", steps=3, curriculum_steps=1)

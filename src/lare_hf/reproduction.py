@@ -16,6 +16,10 @@ Every variant starts from the same weights and trains with the same budget (step
 * ``lare_grounded``: ``lare_answer`` plus a window-grounding loss, also not in the paper (`window_loss_weight` 1):
   step k's saliency map is trained, by cross-entropy, to peak on the cell hop k reads (`chain_window_targets`),
   since the argmax window gives its choice no gradient of its own;
+* ``lare_coconut``: ``lare_answer`` reached by Coconut's curriculum (Hao et al. 2024; not in the LaRe paper, whose
+  Stage IV data allows it): the budget is split into K+1 equal stages; stage c < K trains c latent steps followed by
+  the path from hop c on (`chain_rationale_after`), stage 0 being chain of thought without latent losses; the last
+  stage is ``lare_answer`` itself (K steps, bare answer);
 * ablations (Table 3) of a LaRe variant: ``no_extractor``, ``no_window``, ``no_sym``, ``no_img``, ``no_text``;
   and ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` for other step counts.
 
@@ -41,7 +45,7 @@ from transformers import set_seed
 from .build import build_tiny, save_checkpoint
 from .data.collator import LaReDataCollator
 from .data.formats import load_records
-from .data.refocus_chains import chain_step_targets, chain_window_targets, window_hits
+from .data.refocus_chains import chain_rationale_after, chain_step_targets, chain_window_targets, window_hits
 from .evaluation.benchmarks import BenchmarkSample, get_benchmark
 from .evaluation.runner import chat_messages, generate_answers
 from .training.arguments import LaReTrainingArguments
@@ -97,6 +101,7 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     step_supervision: bool = False
+    coconut: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -121,6 +126,14 @@ VARIANTS: dict[str, Variant] = {
         True,
         overrides={"window_loss_weight": 1.0},
         description="lare_answer + a window-grounding loss on the needed cell (not in the paper)",
+    ),
+    "lare_coconut": Variant(
+        "lare_coconut",
+        4,
+        "answer",
+        True,
+        description="lare_answer trained by Coconut's curriculum: stage c = c latent steps + the path after hop c",
+        coconut=True,
     ),
 }
 ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
@@ -147,7 +160,7 @@ def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
         return replace(
             base, name=name, overrides={**base.overrides, **overrides}, description=f"{base.name} {description}"
         )
-    for base_name in ("lare_answer", "lare_steps", "lare_grounded", "lare"):
+    for base_name in ("lare_answer", "lare_steps", "lare_grounded", "lare_coconut", "lare"):
         prefix = f"{base_name}_k"
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
             steps = int(name[len(prefix) :])
@@ -158,7 +171,7 @@ def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
     valid = (
         sorted(VARIANTS)
         + sorted(ABLATIONS)
-        + [f"{n}_k{{K}}" for n in ("lare", "lare_answer", "lare_steps", "lare_grounded")]
+        + [f"{n}_k{{K}}" for n in ("lare", "lare_answer", "lare_steps", "lare_grounded", "lare_coconut")]
     )
     raise ValueError(f"Unknown variant {name!r}; valid names: {', '.join(valid)}.")
 
@@ -262,8 +275,9 @@ def train_variant(
     """Train one variant from random init (or from the aligned `init_state`); returns (model, processor, summary).
 
     With `curriculum_steps` > 0 the first that many steps train on the one-hop questions of `train_file` only, the
-    remaining `steps` - `curriculum_steps` on all of them (a curriculum over chain length, as Coconut's; each phase
-    is its own `Trainer` run with its own warmup and cosine schedule)."""
+    remaining `steps` - `curriculum_steps` on all of them (a curriculum over chain length; each phase is its own
+    `Trainer` run with its own warmup and cosine schedule). A ``coconut`` variant trains in K+1 stages instead
+    (`_phases`)."""
     set_seed(seed)
     model, processor = build_chains_model(spec.overrides, seed=seed)
     if init_state is not None:
@@ -272,25 +286,30 @@ def train_variant(
         if missing:
             raise ValueError(f"init_state has parameters this variant's model lacks: {missing[:5]}")
         model.load_state_dict(aligned, strict=False)
-    trainer_cls = type(f"{spec.name}Trainer", (FromScratchTrainer,), {"latent_losses": spec.latent_losses})
-    trainer_cls.configure_model(model)
-    processor.num_latent_steps = spec.num_latent_steps
-    collator = LaReDataCollator(
-        processor=processor,
-        num_latent_steps=spec.num_latent_steps,
-        with_rationale=spec.latent_losses,
-        response_format=spec.response_format,
-        max_rationale_length=32,
-        latent_step_targets=chain_step_targets if spec.step_supervision else None,
-        window_targets=chain_window_targets if spec.overrides.get("window_loss_weight", 0) > 0 else None,
-    )
     if not 0 <= curriculum_steps <= steps:
         raise ValueError(f"curriculum_steps must be in 0..steps ({steps}), got {curriculum_steps}.")
-    phases = [(one_hop_file(train_file), curriculum_steps), (train_file, steps - curriculum_steps)]
+    if spec.coconut and curriculum_steps:
+        raise ValueError(f"{spec.name} has its own curriculum (Coconut's); curriculum_steps must be 0.")
+    phases = _phases(spec, train_file, steps, curriculum_steps)
     summary = {"seconds": 0.0, "losses": [], "log_history": []}
-    for phase_file, phase_steps in phases:
+    for phase_file, phase_steps, phase_spec, response_rationale in phases:
         if phase_steps == 0:
             continue
+        trainer_cls = type(
+            f"{phase_spec.name}Trainer", (FromScratchTrainer,), {"latent_losses": phase_spec.latent_losses}
+        )
+        trainer_cls.configure_model(model)
+        processor.num_latent_steps = phase_spec.num_latent_steps
+        collator = LaReDataCollator(
+            processor=processor,
+            num_latent_steps=phase_spec.num_latent_steps,
+            with_rationale=phase_spec.latent_losses,
+            response_format=phase_spec.response_format,
+            max_rationale_length=32,
+            latent_step_targets=chain_step_targets if phase_spec.step_supervision else None,
+            window_targets=chain_window_targets if phase_spec.overrides.get("window_loss_weight", 0) > 0 else None,
+            response_rationale=response_rationale,
+        )
         phase = _train(
             model, processor, trainer_cls, load_records(phase_file), collator, Path(output_dir),
             phase_steps, batch_size, learning_rate, seed,
@@ -299,6 +318,27 @@ def train_variant(
             summary[key] += phase[key]
     model.eval()
     return model, processor, summary
+
+
+def _phases(spec: Variant, train_file: str, steps: int, curriculum_steps: int):
+    """The training phases of `spec` as (records file, steps, the phase's variant, the rationale its response writes
+    or None for the record's own); each phase is its own `Trainer` run (own warmup and cosine schedule)."""
+    if not spec.coconut:
+        first = [(one_hop_file(train_file), curriculum_steps, spec, None)] if curriculum_steps else []
+        return first + [(train_file, steps - curriculum_steps, spec, None)]
+    stages = spec.num_latent_steps + 1
+    phases = []
+    for stage in range(stages):
+        stage_steps = steps // stages + (steps % stages if stage == stages - 1 else 0)
+        if stage == stages - 1:
+            phases.append((train_file, stage_steps, spec, None))
+            continue
+        stage_spec = replace(
+            spec, name=f"{spec.name}_stage{stage}", num_latent_steps=stage, response_format="reasoning",
+            latent_losses=spec.latent_losses and stage > 0,
+        )  # fmt: skip
+        phases.append((train_file, stage_steps, stage_spec, chain_rationale_after(stage)))
+    return phases
 
 
 def one_hop_file(train_file: str) -> str:

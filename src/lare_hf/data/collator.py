@@ -64,6 +64,9 @@ class LaReDataCollator:
             (row-major patch grid) each reasoning step needs, e.g. RefocusChains' `chain_window_targets`. Adds
             `window_targets` `[batch, K]` (-100 after the chain, and in rows without an image). None (default):
             not added.
+        response_rationale: the reasoning written in the "reasoning" response, per example (None: the example's
+            own rationale). A curriculum that replaces the first reasoning steps by latent steps, as Coconut does,
+            writes only the rest; the latent losses keep the full rationale.
 
     A batch may mix examples with an image and text-only ones: a text-only prompt has no latent region (the
     latent phase refocuses on the image) and is left-padded with the others; `pixel_values` holds the images of
@@ -78,6 +81,7 @@ class LaReDataCollator:
     response_format: str = "reasoning"
     latent_step_targets: Callable[[dict[str, Any]], Sequence[str]] | None = None
     window_targets: Callable[[dict[str, Any]], Sequence[int]] | None = None
+    response_rationale: Callable[[dict[str, Any]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.response_format not in RESPONSE_FORMATS:
@@ -114,9 +118,9 @@ class LaReDataCollator:
                     "examples of lare_hf.data.formats.load_records / records_from_dataset."
                 )
         prompts = [feature["messages"] for feature in features]
+        written = self.response_rationale or (lambda feature: feature.get("rationale"))
         answers = [
-            response_text(str(feature["answer"]), feature.get("rationale"), self.response_format)
-            for feature in features
+            response_text(str(feature["answer"]), written(feature), self.response_format) for feature in features
         ]
         rationales = self._rationales(features) if self.with_rationale else None
         images = [feature.get("image") for feature in features]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,20 @@ def chain_step_targets(example: Mapping[str, Any]) -> list[str]:
     """The colour each hop reaches (path[1:]), read from an example's rationale ``path: red green blue``: what
     latent step k resolves, for `LaReDataCollator(latent_step_targets=...)`."""
     return chain_path(example)[1:]
+
+
+def chain_rationale_after(replaced_hops: int) -> Callable[[Mapping[str, Any]], str]:
+    """The rationale with its first `replaced_hops` hops left to latent steps (Coconut's curriculum stage c): a
+    function of the example giving ``path: `` and the colours from the one hop `replaced_hops` reaches on (the last
+    colour once every hop is replaced), for `LaReDataCollator(response_rationale=...)`."""
+    if isinstance(replaced_hops, bool) or not isinstance(replaced_hops, int) or replaced_hops < 0:
+        raise ValueError(f"replaced_hops must be an integer >= 0, got {replaced_hops!r}.")
+
+    def rationale(example: Mapping[str, Any]) -> str:
+        path = chain_path(example)
+        return "path: " + " ".join(path[min(replaced_hops, len(path) - 1) :])
+
+    return rationale
 
 
 def chain_window_targets(example: Mapping[str, Any]) -> list[int]:
