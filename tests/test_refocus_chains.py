@@ -456,5 +456,11 @@ def test_coconut_variant_trains_stage_by_stage(tmp_path):
     result = run_variant(spec, paths, tmp_path / "coconut", steps=3, batch_size=4, learning_rate=1e-3)
     assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
     assert result["num_latent_steps"] == 2 and set(result["window_hit_rate_by_step"]) <= {1, 2}
+    assert [(p["name"], p["steps"], p["num_latent_steps"]) for p in result["phases"]] == [
+        ("lare_coconut_k2_stage0", 1, 0),
+        ("lare_coconut_k2_stage1", 1, 1),
+        ("lare_coconut_k2", 1, 2),
+    ]
+    assert all(math.isfinite(p["final_lm_loss"]) for p in result["phases"])
     with pytest.raises(ValueError, match="has its own curriculum"):
         train_variant(spec, paths["train"], tmp_path / "x", steps=3, curriculum_steps=1)

@@ -292,6 +292,7 @@ def train_variant(
         raise ValueError(f"{spec.name} has its own curriculum (Coconut's); curriculum_steps must be 0.")
     phases = _phases(spec, train_file, steps, curriculum_steps)
     summary = {"seconds": 0.0, "losses": [], "log_history": []}
+    phase_summaries = []
     for phase_file, phase_steps, phase_spec, response_rationale in phases:
         if phase_steps == 0:
             continue
@@ -316,6 +317,17 @@ def train_variant(
         )  # fmt: skip
         for key in summary:
             summary[key] += phase[key]
+        lm_losses = [entry["lm_loss"] for entry in phase["log_history"] if "lm_loss" in entry]
+        phase_summaries.append(
+            {
+                "name": phase_spec.name,
+                "steps": phase_steps,
+                "num_latent_steps": phase_spec.num_latent_steps,
+                "response_format": phase_spec.response_format,
+                "final_lm_loss": lm_losses[-1] if lm_losses else None,
+            }
+        )
+    summary["phases"] = phase_summaries
     model.eval()
     return model, processor, summary
 
@@ -447,6 +459,7 @@ def run_variant(
             "train_seconds": summary["seconds"],
             "final_loss": summary["losses"][-1] if summary["losses"] else None,
             "losses": summary["losses"],
+            "phases": summary["phases"],
         }
     )
     if save_model:
