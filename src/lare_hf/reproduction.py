@@ -21,7 +21,7 @@ Every variant starts from the same weights and trains with the same budget (step
   the path from hop c on (`chain_rationale_after`), stage 0 being chain of thought without latent losses; the last
   stage is ``lare_answer`` itself (K steps, bare answer);
 * ablations (Table 3) of a LaRe variant: ``no_extractor``, ``no_window``, ``no_sym``, ``no_img``, ``no_text``;
-  and ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` for other step counts.
+  and ``{lare,lare_answer,lare_steps,lare_grounded,lare_coconut}_k{K}`` for other step counts.
 
 Deviation from the paper, forced by the offline 2-core setting: no pretrained CLIP / Qwen2.5 exists here, so the
 whole tiny model (`CHAINS_MODEL_CONFIG`) trains from random init; the alignment stage is what Stage I does for the
@@ -147,8 +147,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
 
 def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
     """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`), or
-    ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` (that LaRe variant with K
-    latent steps)."""
+    ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` / ``lare_coconut_k{K}`` (that
+    LaRe variant with K latent steps)."""
     if name in VARIANTS:
         return VARIANTS[name]
     if name in ABLATIONS:
