@@ -875,12 +875,7 @@ class LaReModel(LaRePreTrainedModel):
             outputs = self._single_pass(
                 inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
             )
-            return LaReModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state,
-                past_key_values=outputs.past_key_values,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-            )
+            return self._merge_steps({}, [outputs], outputs.past_key_values)
 
         if pixel_values is None:
             layout = LatentLayout(start=None, num_steps=0)
