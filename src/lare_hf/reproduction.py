@@ -146,21 +146,20 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
-    """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`), or
-    ``lare_k{K}`` / ``lare_answer_k{K}`` / ``lare_steps_k{K}`` / ``lare_grounded_k{K}`` / ``lare_coconut_k{K}`` (that
-    LaRe variant with K latent steps)."""
+    """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`), or ``{base}_k{K}`` for
+    a LaRe variant `base` of `VARIANTS` (``lare_k2``, ``lare_grounded_k2``, ...: that variant with K latent steps)."""
     if name in VARIANTS:
         return VARIANTS[name]
+    lare = [n for n, v in VARIANTS.items() if v.num_latent_steps]
     if name in ABLATIONS:
-        if ablation_base not in VARIANTS or VARIANTS[ablation_base].num_latent_steps == 0:
-            lare = [n for n, v in VARIANTS.items() if v.num_latent_steps]
+        if ablation_base not in lare:
             raise ValueError(f"ablation_base must be a LaRe variant ({', '.join(lare)}), got {ablation_base!r}.")
         overrides, description = ABLATIONS[name]
         base = VARIANTS[ablation_base]
         return replace(
             base, name=name, overrides={**base.overrides, **overrides}, description=f"{base.name} {description}"
         )
-    for base_name in ("lare_answer", "lare_steps", "lare_grounded", "lare_coconut", "lare"):
+    for base_name in lare:
         prefix = f"{base_name}_k"
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
             steps = int(name[len(prefix) :])
@@ -168,11 +167,7 @@ def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
                 raise ValueError(f"{name}: K must be in 1..{CHAINS_MODEL_CONFIG['max_latent_steps']}, got {steps}.")
             base = VARIANTS[base_name]
             return replace(base, name=name, num_latent_steps=steps, description=f"{base.name} with K={steps}")
-    valid = (
-        sorted(VARIANTS)
-        + sorted(ABLATIONS)
-        + [f"{n}_k{{K}}" for n in ("lare", "lare_answer", "lare_steps", "lare_grounded", "lare_coconut")]
-    )
+    valid = sorted(VARIANTS) + sorted(ABLATIONS) + [f"{n}_k{{K}}" for n in lare]
     raise ValueError(f"Unknown variant {name!r}; valid names: {', '.join(valid)}.")
 
 
@@ -338,19 +333,14 @@ def _phases(spec: Variant, train_file: str, steps: int, curriculum_steps: int):
     if not spec.coconut:
         first = [(one_hop_file(train_file), curriculum_steps, spec, None)] if curriculum_steps else []
         return first + [(train_file, steps - curriculum_steps, spec, None)]
-    stages = spec.num_latent_steps + 1
-    phases = []
-    for stage in range(stages):
-        stage_steps = steps // stages + (steps % stages if stage == stages - 1 else 0)
-        if stage == stages - 1:
-            phases.append((train_file, stage_steps, spec, None))
-            continue
-        stage_spec = replace(
-            spec, name=f"{spec.name}_stage{stage}", num_latent_steps=stage, response_format="reasoning",
-            latent_losses=spec.latent_losses and stage > 0,
-        )  # fmt: skip
-        phases.append((train_file, stage_steps, stage_spec, chain_rationale_after(stage)))
-    return phases
+    stages = [  # stage c < K: c latent steps, then the path from hop c on; stage 0 is chain of thought
+        replace(spec, name=f"{spec.name}_stage{c}", num_latent_steps=c, response_format="reasoning",
+                latent_losses=spec.latent_losses and c > 0)
+        for c in range(spec.num_latent_steps)
+    ]  # fmt: skip
+    per_stage = steps // (len(stages) + 1)
+    phases = [(train_file, per_stage, stage, chain_rationale_after(stage.num_latent_steps)) for stage in stages]
+    return phases + [(train_file, steps - per_stage * len(stages), spec, None)]  # the last stage: `spec` itself
 
 
 def one_hop_file(train_file: str) -> str:
