@@ -406,7 +406,7 @@ def evaluate_variant(
     if spec.num_latent_steps > 0:
         found = refocus_windows(model, processor, samples, spec.num_latent_steps, batch_size)
         windows = found["window_positions"]
-        size = model.config.window_size if model.config.use_sliding_window else model.config.patch_grid_size
+        size = model.config.effective_window_size
         by_step: dict[int, list[bool]] = defaultdict(list)
         for sample, sample_windows in zip(samples, windows.tolist()):
             for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], size)):

@@ -18,7 +18,7 @@ from .common import check_steps, model_view, prompt_inputs
 
 def _window_size(model) -> int:
     config = model.config
-    return config.window_size if config.use_sliding_window else config.patch_grid_size
+    return config.effective_window_size
 
 
 def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:

@@ -231,6 +231,12 @@ class LaReConfig(PreTrainedConfig):
         """Side of the square patch grid of the vision tower (16 for CLIP-ViT-L/14 at 224 px)."""
         return self.vision_config.image_size // self.vision_config.patch_size
 
+    @property
+    def effective_window_size(self) -> int:
+        """Side of the refocused window V_s (Eq. 2): `window_size`, or the whole patch grid when the sliding window
+        is ablated (`use_sliding_window=False`, Table 3)."""
+        return self.window_size if self.use_sliding_window else self.patch_grid_size
+
     def validate_lare(self) -> None:
         """Check types, ranges and that the LaRe hyperparameters fit together; raises ValueError naming the field,
         its value and the fix."""

@@ -1384,7 +1384,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                     )
             elif rows.any():
                 _, num_steps, m, hidden = outputs.latent_embeds.shape
-                window_size = config.window_size if config.use_sliding_window else config.patch_grid_size
+                window_size = config.effective_window_size
                 positions = outputs.window_positions[rows].reshape(-1, 2)
                 crops = self.reconstructor.crop_windows(
                     pixel_values.repeat_interleave(num_steps, dim=0), positions, window_size
