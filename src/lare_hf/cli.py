@@ -32,6 +32,7 @@ def _parse_override(items: list[str] | None) -> dict:
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
     from .modeling.configuration_lare import LaReConfig
+    from .modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 
     overrides = _parse_override(args.set)
     LaReConfig.check_field_names(overrides, "--set key")
@@ -53,12 +54,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             args.vision, args.text, image_tokenizer=args.image_tokenizer, overrides=base
         )
     elif args.preset in ("tiny", "lare-tiny"):
+        if args.image_tokenizer:
+            raise ValueError(
+                "--image-tokenizer is not used by --preset tiny (it builds its own tiny random KL-16); pass it with "
+                "--vision/--text or a full-size preset."
+            )
         model, processor = build_tiny(overrides=overrides, seed=args.seed)
     else:
         if set(overrides) - {"use_reconstructor", "image_loss_weight"}:
             raise ValueError("--set is supported with --preset tiny or with --vision/--text.")
         model, processor = build_preset(args.preset, image_tokenizer=args.image_tokenizer, overrides=overrides)
     output = save_checkpoint(model, processor, args.output)
+    warn_if_random_image_tokenizer(model.config, "lare build")
     num_params = sum(p.numel() for p in model.parameters())
     print(f"Wrote {model.config.model_type} checkpoint ({num_params / 1e6:.2f}M parameters) to {output}")
     return 0
