@@ -162,6 +162,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_decontaminate(args: argparse.Namespace) -> int:
+    from .data.decontamination import decontaminate, summary
+
+    report = decontaminate(
+        args.train, args.against, args.output, vision=args.vision, threshold=args.threshold, rules=args.rules,
+        image_folder=args.image_folder, batch_size=args.batch_size, device=args.device, on_error=args.on_error,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(summary(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -459,6 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="refocus_shapes image size")
     synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
+    clean = data_sub.add_parser(
+        "decontaminate",
+        help="remove training samples that match benchmark data (Appendix B): exact question-answer pairs and "
+        "near-duplicate images (docs/decontamination.md)",
+    )
+    clean.add_argument("--train", required=True, help="training records (JSON / JSONL / parquet / save_to_disk)")
+    clean.add_argument("--against", nargs="+", required=True,
+                       help="records files, or BENCHMARK=PATH for a benchmark file (e.g. mmbench=mmbench_dev.tsv)")  # fmt: skip
+    clean.add_argument("--output", required=True, help="the cleaned file (.jsonl, .json or .parquet)")
+    clean.add_argument("--vision", default=None, help="local vision model folder (CLIP / SigLIP / LaRe checkpoint)")
+    clean.add_argument("--threshold", type=float, default=None, help="cosine similarity above which images match")
+    clean.add_argument("--rules", nargs="+", choices=("text", "image"), default=["text", "image"])
+    clean.add_argument("--image-folder", default=None, help="root of --train's relative image paths")
+    clean.add_argument("--batch-size", type=int, default=32)
+    clean.add_argument("--device", default=None)
+    clean.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="malformed --train records")
+    clean.add_argument("--overwrite", action="store_true", help="replace an existing --output and its report")
+    clean.set_defaults(func=cmd_data_decontaminate)
 
     analyze = sub.add_parser("analyze", help="the paper's analyses (JSON report + PNG figures in --output)")
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
