@@ -32,6 +32,7 @@ def _parse_override(items: list[str] | None) -> dict:
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
     from .modeling.configuration_lare import LaReConfig
+    from .modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 
     overrides = _parse_override(args.set)
     LaReConfig.check_field_names(overrides, "--set key")
@@ -53,12 +54,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             args.vision, args.text, image_tokenizer=args.image_tokenizer, overrides=base
         )
     elif args.preset in ("tiny", "lare-tiny"):
+        if args.image_tokenizer:
+            raise ValueError(
+                "--image-tokenizer is not used by --preset tiny (it builds its own tiny random KL-16); pass it with "
+                "--vision/--text or a full-size preset."
+            )
         model, processor = build_tiny(overrides=overrides, seed=args.seed)
     else:
         if set(overrides) - {"use_reconstructor", "image_loss_weight"}:
             raise ValueError("--set is supported with --preset tiny or with --vision/--text.")
         model, processor = build_preset(args.preset, image_tokenizer=args.image_tokenizer, overrides=overrides)
     output = save_checkpoint(model, processor, args.output)
+    warn_if_random_image_tokenizer(model.config, "lare build")
     num_params = sum(p.numel() for p in model.parameters())
     print(f"Wrote {model.config.model_type} checkpoint ({num_params / 1e6:.2f}M parameters) to {output}")
     return 0
@@ -152,6 +159,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         )
     for split, path in paths.items():
         print(f"{split}: {path}")
+    return 0
+
+
+def cmd_data_decontaminate(args: argparse.Namespace) -> int:
+    from .data.decontamination import decontaminate, summary
+
+    report = decontaminate(
+        args.train, args.against, args.output, vision=args.vision, threshold=args.threshold, rules=args.rules,
+        image_folder=args.image_folder, batch_size=args.batch_size, device=args.device, on_error=args.on_error,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(summary(report))
     return 0
 
 
@@ -452,6 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="refocus_shapes image size")
     synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
+    clean = data_sub.add_parser(
+        "decontaminate",
+        help="remove training samples that match benchmark data (Appendix B): exact question-answer pairs and "
+        "near-duplicate images (docs/decontamination.md)",
+    )
+    clean.add_argument("--train", required=True, help="training records (JSON / JSONL / parquet / save_to_disk)")
+    clean.add_argument("--against", nargs="+", required=True,
+                       help="records files, or BENCHMARK=PATH for a benchmark file (e.g. mmbench=mmbench_dev.tsv)")  # fmt: skip
+    clean.add_argument("--output", required=True, help="the cleaned file (.jsonl, .json or .parquet)")
+    clean.add_argument("--vision", default=None, help="local vision model folder (CLIP / SigLIP / LaRe checkpoint)")
+    clean.add_argument("--threshold", type=float, default=None, help="cosine similarity above which images match")
+    clean.add_argument("--rules", nargs="+", choices=("text", "image"), default=["text", "image"])
+    clean.add_argument("--image-folder", default=None, help="root of --train's relative image paths")
+    clean.add_argument("--batch-size", type=int, default=32)
+    clean.add_argument("--device", default=None)
+    clean.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="malformed --train records")
+    clean.add_argument("--overwrite", action="store_true", help="replace an existing --output and its report")
+    clean.set_defaults(func=cmd_data_decontaminate)
 
     analyze = sub.add_parser("analyze", help="the paper's analyses (JSON report + PNG figures in --output)")
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
