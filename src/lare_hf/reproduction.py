@@ -217,13 +217,13 @@ def _train(model, processor, trainer_cls, records, collator, output_dir, steps, 
     return {"seconds": time.perf_counter() - started, "losses": losses, "log_history": trainer.state.log_history}
 
 
-ALIGNMENT = Variant("alignment", 0, "answer", False, description="alignment stage (captions, K=0)")
 # The alignment stage's peak learning rate. At 3e-3 its caption loss sat on the ~0.97 plateau (marks not read) for
 # most of 1,500 steps and broke through on some seeds only; at 1e-3 it broke through within ~300-500 steps
 # (README, "Reproduction").
 ALIGN_LEARNING_RATE = 1e-3
-# The peak learning rate `benchmarks/reproduce.py` and `lare demo` train every variant with: at 3e-3, K=0 did not
-# learn the one-hop question on an aligned model within 300 steps (20% against 86% at 1e-3; README, "Reproduction").
+# The peak learning rate every variant trains with (the default of `train_variant` / `run_variant`, and what
+# `benchmarks/reproduce.py` and `lare demo` pass): at 3e-3, K=0 did not learn the one-hop question on an aligned model
+# within 300 steps (20% against 86% at 1e-3; README, "Reproduction").
 VARIANT_LEARNING_RATE = 1e-3
 
 
@@ -262,7 +262,7 @@ def train_variant(
     output_dir: str | Path,
     steps: int,
     batch_size: int = 32,
-    learning_rate: float = 2e-3,
+    learning_rate: float = VARIANT_LEARNING_RATE,
     seed: int = 0,
     init_state: dict[str, torch.Tensor] | None = None,
     curriculum_steps: int = 0,
@@ -427,7 +427,7 @@ def run_variant(
     output_dir: str | Path,
     steps: int,
     batch_size: int = 32,
-    learning_rate: float = 2e-3,
+    learning_rate: float = VARIANT_LEARNING_RATE,
     seed: int = 0,
     init_state: dict[str, torch.Tensor] | None = None,
     save_model: bool = False,
@@ -477,7 +477,6 @@ def mean_std_ci(values: list[float], confidence: float = 0.95) -> dict[str, floa
 
 __all__ = [
     "ABLATIONS",
-    "ALIGNMENT",
     "ALIGN_LEARNING_RATE",
     "VARIANT_LEARNING_RATE",
     "CHAINS_MODEL_CONFIG",

@@ -51,7 +51,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 GRID = 3
 CELL_SIZE = 8
-IMAGE_SIZE = GRID * CELL_SIZE
 LAYOUTS = ("fixed", "random")
 STARTS = ("top_left", "random")
 MAX_HOPS = 8  # a 9-cycle revisits its start after 9 hops
@@ -367,7 +366,6 @@ __all__ = [
     "COLOURS",
     "COLOUR_NAMES",
     "GRID",
-    "IMAGE_SIZE",
     "LAYOUTS",
     "MAX_HOPS",
     "QUESTION_TEMPLATE",
