@@ -47,7 +47,7 @@ from .data.collator import LaReDataCollator
 from .data.formats import load_records
 from .data.refocus_chains import chain_rationale_after, chain_step_targets, chain_window_targets, window_hits
 from .evaluation.benchmarks import BenchmarkSample, get_benchmark
-from .evaluation.runner import chat_messages, generate_answers
+from .evaluation.runner import generate_answers, prompt_inputs
 from .training.arguments import LaReTrainingArguments
 from .training.trainer import LaReTrainer
 
@@ -363,14 +363,7 @@ def refocus_windows(
     (the latent phase is the one `generate()` runs before its first token)."""
     positions, maps = [], []
     for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        prompts = [
-            processor.apply_chat_template(
-                chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps
-            )
-            for s in batch
-        ]
-        inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt")
+        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
         outputs = model(**inputs)
         positions.append(outputs.window_positions)
         maps.append(outputs.saliency_maps)

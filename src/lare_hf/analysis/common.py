@@ -12,7 +12,7 @@ import torch
 
 from ..destinations import check_lare_checkpoint
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample, get_benchmark
-from ..evaluation.runner import chat_messages
+from ..evaluation.runner import prompt_inputs
 
 
 def load_model(model_dir: str, device: str | None = None, attn_implementation: str | None = None):
@@ -48,16 +48,6 @@ def check_steps(model, num_latent_steps: int, name: str = "num_latent_steps") ->
     if not 0 <= num_latent_steps <= maximum:
         raise ValueError(f"{name} must be in 0..max_latent_steps={maximum} of this model, got {num_latent_steps}.")
     return num_latent_steps
-
-
-def prompt_inputs(model, processor, samples: list[BenchmarkSample], num_latent_steps: int) -> dict[str, torch.Tensor]:
-    """Processor inputs (left-padded) of the samples' generation prompts with K latent steps, on the model's device."""
-    prompts = [
-        processor.apply_chat_template(chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps)
-        for s in samples
-    ]
-    inputs = processor(text=prompts, images=[s.image for s in samples], padding=True, return_tensors="pt")
-    return inputs.to(model.device)
 
 
 def model_view(model, image) -> Any:

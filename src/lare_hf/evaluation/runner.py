@@ -20,6 +20,19 @@ def chat_messages(sample: BenchmarkSample) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
 
 
+def prompt_inputs(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int | None
+) -> dict[str, torch.Tensor]:
+    """Processor inputs (left-padded) of the samples' generation prompts with K latent steps (None: the processor's
+    default), on the model's device: what generation, the analyses and the reproduction feed the model."""
+    prompts = [
+        processor.apply_chat_template(chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps)
+        for s in samples
+    ]
+    inputs = processor(text=prompts, images=[s.image for s in samples], padding=True, return_tensors="pt")
+    return inputs.to(model.device)
+
+
 def count_new_tokens(new_tokens: torch.Tensor, eos_token_ids: set[int], pad_token_id: int | None) -> list[int]:
     """Generated tokens per row, up to and including the first end-of-sequence token (padding after it excluded)."""
     counts = []
@@ -58,15 +71,7 @@ def generate_batched(
     started = time.perf_counter()
     for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not progress):
         batch = samples[start : start + batch_size]
-        prompts = [
-            processor.apply_chat_template(
-                chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps
-            )
-            for s in batch
-        ]
-        inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt").to(
-            model.device
-        )
+        inputs = prompt_inputs(model, processor, batch, num_latent_steps)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **generate_kwargs
         )
@@ -151,4 +156,4 @@ def evaluate(
     return report
 
 
-__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers", "generate_batched"]
+__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers", "generate_batched", "prompt_inputs"]
