@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,14 @@ from transformers import set_seed
 from .build import build_tiny, save_checkpoint
 from .data.collator import LaReDataCollator
 from .data.formats import load_records
-from .data.refocus_chains import chain_rationale_after, chain_step_targets, chain_window_targets, window_hits
-from .evaluation.benchmarks import BenchmarkSample, get_benchmark
-from .evaluation.runner import generate_answers, prompt_inputs
+from .data.refocus_chains import (
+    chain_rationale_after,
+    chain_step_targets,
+    chain_window_targets,
+    window_hit_rates_by_step,
+)
+from .evaluation.benchmarks import get_benchmark
+from .evaluation.runner import generate_answers, refocus_record
 from .training.arguments import LaReTrainingArguments
 from .training.trainer import LaReTrainer
 
@@ -355,21 +359,6 @@ def one_hop_file(train_file: str) -> str:
     return str(target)
 
 
-@torch.no_grad()
-def refocus_windows(
-    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 64
-) -> dict[str, torch.Tensor]:
-    """Per sample, the window (row, col) and saliency map of every latent step, from one forward over the prompt
-    (the latent phase is the one `generate()` runs before its first token)."""
-    positions, maps = [], []
-    for start in range(0, len(samples), batch_size):
-        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
-        outputs = model(**inputs)
-        positions.append(outputs.window_positions)
-        maps.append(outputs.saliency_maps)
-    return {"window_positions": torch.cat(positions), "saliency_maps": torch.cat(maps)}
-
-
 def evaluate_variant(
     model, processor, spec: Variant, test_file: str, batch_size: int = 64, max_new_tokens: int = 32
 ) -> dict[str, Any]:
@@ -397,16 +386,11 @@ def evaluate_variant(
     }
     windows = None
     if spec.num_latent_steps > 0:
-        found = refocus_windows(model, processor, samples, spec.num_latent_steps, batch_size)
-        windows = found["window_positions"]
-        size = model.config.effective_window_size
-        by_step: dict[int, list[bool]] = defaultdict(list)
-        for sample, sample_windows in zip(samples, windows.tolist()):
-            for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], size)):
-                by_step[k + 1].append(hit)
-        hits = [h for values in by_step.values() for h in values]
-        result["window_hit_rate"] = 100.0 * float(np.mean(hits)) if hits else None
-        result["window_hit_rate_by_step"] = {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_step.items())}
+        windows = refocus_record(model, processor, samples, spec.num_latent_steps, batch_size)["window_positions"]
+        visited = [sample.meta["visited_cells"] for sample in samples]
+        hits = window_hit_rates_by_step(windows.tolist(), visited, model.config.effective_window_size)
+        result["window_hit_rate"] = hits["window_hit_rate"]
+        result["window_hit_rate_by_step"] = hits["window_hit_rate_by_step"]
     result["rows"] = [
         {**row, "num_tokens": count, **({"windows": windows[i].tolist()} if windows is not None else {})}
         for i, (row, count) in enumerate(zip(rows, counts))
@@ -479,7 +463,6 @@ __all__ = [
     "build_chains_model",
     "evaluate_variant",
     "mean_std_ci",
-    "refocus_windows",
     "run_variant",
     "train_alignment",
     "train_variant",

@@ -3,22 +3,16 @@ images), and, on RefocusChains, the window-hit rate per latent step."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.refocus_chains import GRID, window_hits
+from ..data.refocus_chains import GRID, window_hit_rates_by_step
 from ..evaluation.benchmarks import BenchmarkSample
+from ..evaluation.runner import refocus_record
 from ..visualization import plot_refocus_grid
-from .common import check_steps, model_view, prompt_inputs
-
-
-def _window_size(model) -> int:
-    config = model.config
-    return config.effective_window_size
+from .common import check_steps, model_view
 
 
 def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
@@ -27,23 +21,6 @@ def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
     if steps == 0:
         raise ValueError("This figure shows latent steps: num_latent_steps must be >= 1.")
     return steps
-
-
-@torch.no_grad()
-def refocus_record(
-    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
-) -> dict[str, torch.Tensor]:
-    """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
-    `[N, K, grid, grid]`, window positions `[N, K, 2]`, latents `[N, K, m, D]` and the pixel values."""
-    found: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for start in range(0, len(samples), batch_size):
-        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
-        outputs = model(**inputs)
-        found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
-        found["window_positions"].append(outputs.window_positions.cpu())
-        found["latent_embeds"].append(outputs.latent_embeds)
-        found["pixel_values"].append(inputs["pixel_values"])
-    return {name: torch.cat(values) for name, values in found.items()}
 
 
 def refocus_figure(
@@ -59,7 +36,7 @@ def refocus_figure(
         [model_view(model, s.image) for s in samples],
         record["saliency_maps"],
         record["window_positions"],
-        _window_size(model),
+        model.config.effective_window_size,
         str(path),
         titles=titles,
         needed_cells=needed if all(needed) else None,
@@ -90,7 +67,7 @@ def reconstruction_figure(
     count = len(samples)
     positions = record["window_positions"].to(model.device).reshape(count * steps, 2)
     crops = model.reconstructor.crop_windows(
-        record["pixel_values"].repeat_interleave(steps, dim=0), positions, _window_size(model)
+        record["pixel_values"].repeat_interleave(steps, dim=0), positions, model.config.effective_window_size
     )
     crops = ((crops.float() + 1) / 2).clamp(0, 1).view(count, steps, *crops.shape[1:]).cpu()
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -130,16 +107,10 @@ def window_hit_rates(
     if not all(s.meta.get("visited_cells") for s in samples):
         raise ValueError("Window hits need RefocusChains samples (each with meta['visited_cells']).")
     windows = refocus_record(model, processor, samples, steps, batch_size)["window_positions"]
-    by_step: dict[int, list[bool]] = defaultdict(list)
-    for sample, sample_windows in zip(samples, windows.tolist()):
-        for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], _window_size(model))):
-            by_step[k + 1].append(hit)
-    hits = [hit for values in by_step.values() for hit in values]
+    visited = [sample.meta["visited_cells"] for sample in samples]
     return {
         "num_latent_steps": steps,
-        "window_hit_rate": 100.0 * float(np.mean(hits)),
-        "window_hit_rate_by_step": {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_step.items())},
-        "num_samples_by_step": {k: len(v) for k, v in sorted(by_step.items())},
+        **window_hit_rates_by_step(windows.tolist(), visited, model.config.effective_window_size),
     }
 
 

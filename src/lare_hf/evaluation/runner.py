@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,24 @@ def generate_batched(
     }
 
 
+@torch.no_grad()
+def refocus_record(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
+    `[N, K, grid, grid]` and window positions `[N, K, 2]` (on the CPU), latents `[N, K, m, D]` and the pixel values
+    (on the model's device). The figures, the window-hit rates and the reproduction read it."""
+    found: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for start in range(0, len(samples), batch_size):
+        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
+        outputs = model(**inputs)
+        found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
+        found["window_positions"].append(outputs.window_positions.cpu())
+        found["latent_embeds"].append(outputs.latent_embeds)
+        found["pixel_values"].append(inputs["pixel_values"])
+    return {name: torch.cat(values) for name, values in found.items()}
+
+
 def generate_answers(
     model,
     processor,
@@ -156,4 +175,12 @@ def evaluate(
     return report
 
 
-__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers", "generate_batched", "prompt_inputs"]
+__all__ = [
+    "chat_messages",
+    "count_new_tokens",
+    "evaluate",
+    "generate_answers",
+    "generate_batched",
+    "prompt_inputs",
+    "refocus_record",
+]
