@@ -298,6 +298,10 @@ def format_choices(choices: Any) -> str:
         items = _choice_items(choices)
     except _Problem as problem:
         raise TypeError(f"choices {problem.reason}") from None
+    return _options_block(items)
+
+
+def _options_block(items: list[tuple[str, str]]) -> str:
     return "Options:\n" + "\n".join(f"{letter}. {text}" for letter, text in items)
 
 
@@ -309,18 +313,33 @@ def _question_lists_choices(question: str, items: list[tuple[str, str]]) -> bool
     )
 
 
+def _with_choices(question: str, items: list[tuple[str, str]]) -> str:
+    # Questions that already spell their options out (as Vision-R1's do) are left as they are.
+    if not items or _question_lists_choices(question, items):
+        return question
+    return f"{question.rstrip()}\n{_options_block(items)}"
+
+
+def question_with_choices(question: str, choices: Any) -> str:
+    """The text of a multiple-choice question as the model is asked it, in training (reasoning records) and in
+    evaluation (`RefocusShapesBenchmark`) alike: the question, then "Options:\nA. ...\nB. ..." from `choices` (a
+    list lettered A, B, ... or a {letter: text} dict), unless the question already spells out every option with its
+    letter ("A. red", "(A) red", "A) red", ...). No choices: the question as it is."""
+    try:
+        items = _choice_items(choices)
+    except _Problem as problem:
+        raise TypeError(f"choices {problem.reason}") from None
+    return _with_choices(question, items)
+
+
 def _normalise_reasoning(row: dict, has_image: bool) -> dict:
     question = _text_field(row, "question", required=True)
     answer = _text_field(row, "answer", required=True, allow_numbers=True)
     rationale = _text_field(row, "rationale", required=False)
     if not has_image:
         raise _Problem("image", "is missing", "add the record's image (reasoning records need one)")
-    choices = row.get("choices")
-    if choices is not None:
-        items = _choice_items(choices)
-        # Questions that already spell their options out (as Vision-R1's do) are left as they are.
-        if items and not _question_lists_choices(question, items):
-            question = f"{question.rstrip()}\n{format_choices(choices)}"
+    if row.get("choices") is not None:
+        question = _with_choices(question, _choice_items(row["choices"]))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return {"messages": messages, "answer": answer, "rationale": rationale}
 
@@ -772,6 +791,7 @@ __all__ = [
     "MalformedRecordError",
     "detect_kind",
     "format_choices",
+    "question_with_choices",
     "load_records",
     "read_dataset",
     "records_from_dataset",

@@ -67,6 +67,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from ..data.formats import question_with_choices
+
 MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 SHORT_ANSWER_POST_PROMPT = "\nAnswer the question using a single word or phrase."
 POPE_ORIGINAL_POST_PROMPT = " Please answer this question with one word."
@@ -1113,11 +1115,8 @@ class RefocusShapesBenchmark(Benchmark):
             choices = {OPTION_LETTERS[k]: _text(c) for k, c in enumerate(raw)}
         else:
             choices = None
-        if choices and not all(
-            re.search(rf"(?<![A-Za-z0-9])\(?{letter}[.):]\s*{re.escape(text)}", question)
-            for letter, text in choices.items()
-        ):
-            question = f"{question.rstrip()}\nOptions:\n{options_prompt(choices)}"  # as lare_hf.data.formats does
+        if choices:
+            question = question_with_choices(question, raw)  # the text training asks (lare_hf.data.formats)
         answer = _text(self._get(row, cols, "answer"))
         if choices:
             answer = _letter(answer)
