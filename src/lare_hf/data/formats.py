@@ -39,10 +39,8 @@ shows up before training starts, never in the middle of it. Images are then deco
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -51,10 +49,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ..processing.processing_lare import to_rgb
+from .files import (
+    ImageRef,
+    ImageReferenceError,
+    data_file_builder,
+    describe_image,
+    image_reference,
+    is_save_to_disk_folder,
+    load_data_files,
+    open_image,
+    verify_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +70,6 @@ USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 CONVERSATION_COLUMNS = ("id", "image", "conversations", "rationale")
 REASONING_COLUMNS = ("id", "image", "question", "rationale", "answer", "choices")
-JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz", ".zst", ".zstd")
 _VERIFY_WORKERS = 8
 _MAX_REASONS_LOGGED = 5
 
@@ -92,72 +96,11 @@ class _Problem(Exception):
         self.field, self.reason, self.fix = field, reason, fix
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# images
-
-
-def _resolve_image(value: Any, root: Path | None) -> tuple[str, Any] | None:
-    """Image reference -> ("path", Path) | ("bytes", bytes) | ("pil", Image) | None (no image)."""
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        return ("pil", value)
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if not text.strip():
-            return None
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            path = (root if root is not None else Path.cwd()) / path
-        return ("path", path)
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        if value.get("bytes") is not None:
-            if not isinstance(value["bytes"], (bytes, bytearray)):
-                raise _Problem(
-                    "image", f"'bytes' is a {type(value['bytes']).__name__}", "store the encoded file bytes"
-                )
-            return ("bytes", bytes(value["bytes"]))
-        return _resolve_image(value.get("path"), root)
-    if isinstance(value, (list, tuple)):
-        if len(value) == 1:
-            return _resolve_image(value[0], root)
-        if len(value) == 0:
-            return None
-        raise _Problem("image", f"has {len(value)} images", "give one image per record (multi-image is not supported)")
-    raise _Problem(
-        "image",
-        f"has type {type(value).__name__}",
-        "use a path string, a {'bytes': ..., 'path': ...} dict or a datasets Image() column",
-    )
-
-
-def _describe(ref: tuple[str, Any]) -> str:
-    kind, value = ref
-    return f"image file {value}" if kind == "path" else "embedded image bytes" if kind == "bytes" else "PIL image"
-
-
-def _verify_image(ref: tuple[str, Any]) -> str | None:
-    """Open and verify an image; returns the reason it is unusable, or None when it is fine."""
-    kind, value = ref
-    if kind == "pil":
-        return None
-    if kind == "path" and not value.is_file():
-        return f"image file {value} does not exist"
+def _image_reference(value: Any, root: Path | None) -> ImageRef | None:
     try:
-        with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
-            image.verify()
-    except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
-        return f"cannot read {_describe(ref)}: {type(error).__name__}: {error}"
-    return None
-
-
-def _load_image(ref: tuple[str, Any]) -> Image.Image:
-    kind, value = ref
-    if kind == "pil":
-        return to_rgb(value)
-    with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
-        image.load()
-        return to_rgb(image)
+        return image_reference(value, root)
+    except ImageReferenceError as error:
+        raise _Problem("image", error.reason, error.fix) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,10 +302,10 @@ def _check_inside(path: Path, confine_to: Path) -> None:
 
 def _normalise(
     row: dict, kind: str, root: Path | None, confine_to: Path | None = None
-) -> tuple[dict, tuple[str, Any] | None]:
+) -> tuple[dict, ImageRef | None]:
     """One raw record -> (example without the decoded image, image reference); raises _Problem. With
     `confine_to`, an image path must resolve inside that folder."""
-    ref = _resolve_image(row.get("image"), root)
+    ref = _image_reference(row.get("image"), root)
     if ref is not None and ref[0] == "path" and confine_to is not None:
         _check_inside(ref[1], confine_to)
     if kind == "conversation":
@@ -428,12 +371,16 @@ class LaReRecords(Dataset):
         source_index = self.source_indices[index]
         try:
             example, ref = _normalise(row, self.kind, self.image_root, self.confine_to)
-            image = _load_image(ref) if ref is not None else None
+            image = open_image(ref) if ref is not None else None
         except _Problem as problem:
             raise MalformedRecordError(self.source, source_index, problem.field, problem.reason, problem.fix) from None
         except Exception as error:  # noqa: BLE001  (an image that verified but does not decode, e.g. truncated)
             raise MalformedRecordError(
-                self.source, source_index, "image", f"cannot decode {_describe(ref)}: {error}", "replace the image"
+                self.source,
+                source_index,
+                "image",
+                f"cannot decode {describe_image(ref)}: {error}",
+                "replace the image",
             ) from error
         example["image"] = image
         example["id"] = _record_id(row, self.source, source_index)
@@ -501,7 +448,7 @@ def _iter_batches(ds: datasets.Dataset, columns: tuple[str, ...], batch_size: in
         yield [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
-def _image_fix(ref: tuple[str, Any], image_root: Path | None) -> str:
+def _image_fix(ref: ImageRef, image_root: Path | None) -> str:
     if ref[0] != "path":
         return "replace the embedded image"
     root = image_root if image_root is not None else Path.cwd()
@@ -540,7 +487,7 @@ def _build_records(
     with ThreadPoolExecutor(max_workers=_VERIFY_WORKERS) as pool:  # image checks are mostly file I/O
         for rows in _iter_batches(ds, columns, batch_size):
             problems: list[tuple[int, _Problem]] = []
-            candidates: list[tuple[int, dict, tuple[str, Any] | None]] = []
+            candidates: list[tuple[int, dict, ImageRef | None]] = []
             for offset, row in enumerate(rows):
                 try:
                     example, ref = _normalise(row, kind, image_root, confine_to)
@@ -550,9 +497,9 @@ def _build_records(
                 candidates.append((start + offset, example, ref))
             new_paths = list({ref[1] for _, _, ref in candidates if ref is not None and ref[0] == "path"})
             new_paths = [path for path in new_paths if path not in path_verdicts]
-            path_verdicts.update(zip(new_paths, pool.map(_verify_image, [("path", p) for p in new_paths])))
+            path_verdicts.update(zip(new_paths, pool.map(verify_image, [("path", p) for p in new_paths])))
             embedded = [(index, ref) for index, _, ref in candidates if ref is not None and ref[0] == "bytes"]
-            embedded_verdicts = dict(zip((i for i, _ in embedded), pool.map(_verify_image, (r for _, r in embedded))))
+            embedded_verdicts = dict(zip((i for i, _ in embedded), pool.map(verify_image, (r for _, r in embedded))))
             for index, example, ref in candidates:
                 reason = None
                 if ref is not None and ref[0] == "path":
@@ -627,23 +574,11 @@ def _select_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | Non
     return obj
 
 
-def _file_builder(path: Path) -> str | None:
-    name = path.name.lower()
-    for compression in COMPRESSION_SUFFIXES:
-        if any(name.endswith(suffix + compression) for suffix in JSON_SUFFIXES):
-            return "json"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(".arrow"):
-        return "arrow"
-    return None
-
-
 def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
     """The raw `datasets.Dataset` of a JSON / JSONL / parquet file or a save_to_disk folder (no validation)."""
     file = Path(path).expanduser()
     if file.is_dir():
-        if not any((file / marker).is_file() for marker in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        if not (is_save_to_disk_folder(file) or (file / "dataset_info.json").is_file()):
             raise ValueError(
                 f"{path} is a folder but not one written by save_to_disk (no state.json / dataset_dict.json). "
                 "Pass a JSON, JSONL or parquet file, or a save_to_disk folder."
@@ -656,20 +591,12 @@ def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
         raise FileNotFoundError(f"Training data {path} does not exist.")
     if file.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes): it holds no records.")
-    builder = _file_builder(file)
-    if builder is None:
+    if data_file_builder(file) not in ("json", "parquet", "arrow"):
         raise ValueError(
             f"Cannot tell the format of {path} from its extension: use .json (a list of records), .jsonl, "
             ".parquet, or a save_to_disk folder."
         )
-    try:
-        if builder == "arrow":
-            return datasets.Dataset.from_file(str(file))
-        return datasets.load_dataset(builder, data_files=str(file), split=split or "train")
-    except Exception as error:
-        if "corresponds to no data" in str(error):  # datasets' message for a file without records
-            raise ValueError(f"{path} has no records; add at least one record.") from error
-        raise ValueError(f"Could not read {path} as {builder}: {type(error).__name__}: {error}") from error
+    return load_data_files([file], path, split=split or "train")
 
 
 class MalformedLineError(ValueError):

@@ -50,10 +50,6 @@ RefocusShapes: the question as written in the record (the same text training see
 
 from __future__ import annotations
 
-import base64
-import binascii
-import glob
-import io
 import json
 import math
 import os
@@ -67,6 +63,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from ..data.files import is_file, load_image, maybe_base64, read_table
 from ..data.formats import question_with_choices
 
 MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -75,17 +72,6 @@ POPE_ORIGINAL_POST_PROMPT = " Please answer this question with one word."
 CIRCULAR_MODULUS = 1_000_000
 OPTION_LETTERS = "ABCDEFGH"
 
-_DATA_SUFFIXES = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".arrow": "arrow",
-}
-_SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
 _NUMBER_WORDS = {
     w: str(i)
     for i, w in enumerate(
@@ -97,60 +83,6 @@ _NUMBER_WORDS = {
 
 # ----------------------------------------------------------------------------------------------------------------
 # samples and images
-
-
-def load_image(value: Any, root: str | os.PathLike | None = None) -> Image.Image | None:
-    """A fresh RGB image from a PIL image, encoded bytes, a path (relative to `root`), a ``{"bytes", "path"}``
-    dict, a base64 string, or a zero-argument callable returning any of these; None for a missing image."""
-    if callable(value) and not isinstance(value, Image.Image):
-        value = value()
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        return value if value.mode == "RGB" else value.convert("RGB")
-    if isinstance(value, (bytes, bytearray)):
-        with Image.open(io.BytesIO(value)) as image:
-            return image.convert("RGB")
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return load_image(value["bytes"], root)
-        return load_image(value.get("path"), root)
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if not text.strip():
-            return None
-        path = Path(text).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
-        if _is_file(path):
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        decoded = _maybe_base64(text)
-        if decoded is not None:
-            return load_image(decoded)
-        raise FileNotFoundError(f"Image {path} does not exist (pass image_folder= to resolve relative paths).")
-    raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
-
-
-_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a base64 string far longer than any file name
-        return False
-
-
-def _maybe_base64(text: str) -> bytes | None:
-    """Decoded bytes when `text` is a base64-encoded image (as VLMEvalKit TSVs store them), else None."""
-    if len(text) < 32 or not re.fullmatch(r"[A-Za-z0-9+/=\s]+", text[:256]):
-        return None
-    try:
-        data = base64.b64decode(text, validate=False)
-    except (binascii.Error, ValueError):
-        return None
-    return data if data.startswith(_IMAGE_SIGNATURES) else None
 
 
 @dataclass(eq=False)
@@ -201,103 +133,13 @@ class _RowImage:
 # reading files
 
 
-def _split_matches(file: Path, split: str) -> bool:
-    name = file.name.lower()
-    split = split.lower()
-    return (
-        name.startswith(f"{split}-")
-        or name.startswith(f"{split}.")
-        or name.startswith(f"{split}_")
-        or any(part.lower() == split for part in file.parent.parts[-2:])
-    )
-
-
-def _one_folder(files: list[Path], source: str) -> list[Path]:
-    folders = sorted({str(f.parent) for f in files})
-    if len(folders) > 1:
-        raise ValueError(
-            f"{source}: data files in several folders {folders[:6]} (e.g. several languages or configurations); "
-            "pass the folder (or file) of the one to evaluate."
-        )
-    return files
-
-
-def _load_files(files: list[Path], source: str) -> datasets.Dataset:
-    builders = {_DATA_SUFFIXES.get(f.suffix.lower()) for f in files}
-    if len(builders) != 1 or None in builders:
-        raise ValueError(f"{source}: cannot mix or recognise data file types {sorted(str(f) for f in files)[:5]}.")
-    builder = builders.pop()
-    try:
-        if builder == "arrow":
-            return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-        kwargs = {"delimiter": "\t"} if all(f.suffix.lower() == ".tsv" for f in files) else {}
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-    except Exception as error:
-        raise ValueError(f"Could not read {source} as {builder}: {type(error).__name__}: {error}") from error
-
-
-def read_table(
-    path: str | os.PathLike, split: str | None = None, default_split: str | None = None
-) -> tuple[datasets.Dataset, Path]:
-    """The raw `datasets.Dataset` behind `path` and the default folder for relative image paths.
-
-    `split` picks a split of a saved DatasetDict or, in a folder of data files, the files named ``<split>-*`` /
-    ``<split>.*`` or lying in a ``<split>/`` folder; `default_split` is tried when `split` is None.
-    """
-    source = os.fspath(path)
-    target = Path(source).expanduser()
-    if any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
-        if not files:
-            raise FileNotFoundError(f"No files match {source}.")
-        return _load_files(files, source), files[0].parent
-    if target.is_dir():
-        if any((target / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
-            obj = datasets.load_from_disk(str(target))
-            if isinstance(obj, datasets.DatasetDict):
-                names = list(obj)
-                chosen = split or (default_split if default_split in obj else None)
-                if chosen is None and len(names) == 1:
-                    chosen = names[0]
-                if chosen not in obj:
-                    raise ValueError(f"{source} holds splits {names}; pass split= with one of them.")
-                return obj[chosen], target.parent
-            return obj, target.parent
-        files = sorted(f for f in target.rglob("*") if f.is_file() and f.suffix.lower() in _DATA_SUFFIXES)
-        files = [f for f in files if not any(p.startswith(".") for p in f.relative_to(target).parts)]
-        if not files:
-            raise FileNotFoundError(
-                f"{source} is a folder without data files (.parquet, .json, .jsonl, .csv, .tsv, .arrow) and is not a "
-                "save_to_disk folder."
-            )
-        for wanted in (split, default_split):
-            if wanted:
-                picked = [f for f in files if _split_matches(f, wanted)]
-                if picked:
-                    return _load_files(_one_folder(picked, source), source), target
-                if wanted == split:
-                    raise ValueError(
-                        f"{source}: no data file for split {split!r} (looked for {split}-*, {split}.* or a {split}/ "
-                        f"folder) among {[str(f.relative_to(target)) for f in files][:10]}."
-                    )
-        return _load_files(_one_folder(files, source), source), target
-    if not target.is_file():
-        raise FileNotFoundError(f"Benchmark data {source} does not exist.")
-    if target.suffix.lower() not in _DATA_SUFFIXES:
-        raise ValueError(
-            f"Cannot tell the format of {source}: use .parquet, .json, .jsonl, .csv, .tsv, .arrow, a folder of such "
-            "files, or a save_to_disk folder."
-        )
-    return _load_files([target], source), target.parent
-
-
 def _check_paths(values: list[str | None], validity: list[bool], root: Path, source: str) -> None:
     """Image paths must exist (checked at load time, so a wrong image_folder fails before generation starts)."""
     missing = []
     for value, valid in zip(values, validity):
         if valid:
             path = Path(value).expanduser()
-            if not _is_file(path if path.is_absolute() else root / path) and not _maybe_base64(value):
+            if not is_file(path if path.is_absolute() else root / path) and not maybe_base64(value):
                 missing.append(value[:200])
     if missing:
         raise FileNotFoundError(
