@@ -231,132 +231,40 @@ def _parse_thresholds(items: list[str] | None) -> dict[str, list[float]] | None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from . import analysis
-    from .analysis.common import write_report
+    from .analysis import attention, figures, halting, probing, steps
+    from .analysis.common import AnalysisSource, write_report
 
     output = refuse_non_empty(args.output, f"lare analyze {args.analysis} --output", args.overwrite)
     output.mkdir(parents=True, exist_ok=True)
     kind = args.analysis
     if kind == "probing":
-        report = _analyze_probing(args, output)
+        report = probing.run(
+            args.model, args.data, output, args.baseline, args.hops, args.limit, args.image_folder, args.device,
+            args.num_latent_steps, args.num_pairs, args.seed, args.batch_size,
+        )  # fmt: skip
     else:
-        bench, samples = analysis.load_samples(args.benchmark, args.data, args.limit, args.split, args.image_folder)
-        attn = "eager" if kind == "attention" else None
-        model, processor = analysis.load_model(args.model, args.device, attn_implementation=attn)
-        common = {"model": str(args.model), "data": str(args.data)}
+        source = AnalysisSource(
+            args.model, args.data, args.benchmark, args.limit, args.split, args.image_folder, args.device
+        )
         if kind == "steps":
-            report = analysis.latent_steps_sweep(
-                model, processor, bench, samples, args.steps, args.batch_size, args.max_new_tokens
-            )
-            report["figure"] = analysis.plot_steps_sweep(report, output / "steps.png")
+            report = steps.run(source, output, args.steps, args.batch_size, args.max_new_tokens)
         elif kind == "halting":
-            report = analysis.halting_analysis(
-                model, processor, bench, samples, args.num_latent_steps, _parse_thresholds(args.thresholds),
-                args.batch_size, args.max_new_tokens,
-            )  # fmt: skip
-            report["figure"] = analysis.plot_halting(report, output / "halting.png")
-        elif kind == "attention":
-            baseline, baseline_processor = analysis.load_model(args.baseline, args.device, attn_implementation="eager")
-            lare = analysis.attention_to_image(model, processor, samples, args.num_latent_steps, args.batch_size)
-            plain = analysis.attention_to_image(
-                baseline, baseline_processor, samples, args.baseline_num_latent_steps, args.batch_size
+            thresholds = _parse_thresholds(args.thresholds)
+            report = halting.run(
+                source, output, args.num_latent_steps, thresholds, args.batch_size, args.max_new_tokens
             )
-            report = {
-                "analysis": "attention_to_image",
-                "baseline_model": str(args.baseline),
-                "num_latent_steps": processor.num_latent_steps
-                if args.num_latent_steps is None
-                else args.num_latent_steps,
-                "baseline_num_latent_steps": args.baseline_num_latent_steps,
-                **analysis.compare_attention(lare, plain),
-            }
-            report["figure"] = analysis.plot_attention(lare, plain, output / "attention.png")
+        elif kind == "attention":
+            report = attention.run(
+                source, output, args.baseline, args.num_latent_steps, args.baseline_num_latent_steps, args.batch_size
+            )
         else:
-            report = _analyze_figures(args, model, processor, samples, output)
-        report = {**common, **report}
+            report = figures.run(
+                source, output, args.num_samples, args.num_latent_steps, args.num_inference_steps, args.seed,
+                args.batch_size, args.sweep,
+            )  # fmt: skip
     path = write_report(report, output / f"{kind}.json")
     print(f"Wrote {path}")
     return 0
-
-
-def _probe_records(args: argparse.Namespace) -> list[dict]:
-    """RefocusChains JSONL (rows with a `board`): every board asked with each of --hops; otherwise reasoning records
-    (`load_records`) with their rationales."""
-    from . import analysis
-    from .data.formats import load_records
-
-    path = Path(args.data)
-    if path.is_file() and path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and "board" in row and "rationale" in row:
-            return analysis.refocus_chains_probe_records(path, args.hops, args.limit)
-    loaded = load_records(args.data, kind="reasoning", image_folder=args.image_folder)
-    count = len(loaded) if args.limit is None else min(len(loaded), args.limit)
-    return analysis.records_for_probing([loaded[i] for i in range(count)])
-
-
-def _analyze_probing(args: argparse.Namespace, output: Path) -> dict:
-    from . import analysis
-
-    records = _probe_records(args)
-    reports = {}
-    for name, model_dir in (("lare", args.model), ("baseline", args.baseline)):
-        if model_dir is None:
-            continue
-        model, processor = analysis.load_model(model_dir, args.device)
-        reports[name] = analysis.probing_analysis(
-            model, processor, records, args.num_latent_steps, args.num_pairs, args.seed, args.batch_size
-        )
-        reports[name]["model"] = str(model_dir)
-    figure = analysis.plot_probing(
-        {
-            f"{Path(r['model']).name} ({'with' if r['use_extractor'] else 'w/o'} Extractor)": r
-            for r in reports.values()
-        },
-        output / "probing.png",
-    )
-    return {
-        "analysis": "probing",
-        "model": str(args.model),
-        "baseline_model": None if args.baseline is None else str(args.baseline),
-        "data": str(args.data),
-        **reports,
-        "figure": figure,
-    }
-
-
-def _analyze_figures(args: argparse.Namespace, model, processor, samples, output: Path) -> dict:
-    from . import analysis
-
-    shown = samples[: args.num_samples]
-    report: dict = {"analysis": "figures", "figures": {}}
-    report["figures"]["refocus"] = analysis.refocus_figure(
-        model, processor, shown, output / "fig3_refocus.png", args.num_latent_steps
-    )
-    if model.reconstructor is not None:
-        report["figures"]["reconstruction"] = analysis.reconstruction_figure(
-            model, processor, shown, output / "fig4_reconstruction.png", args.num_latent_steps,
-            args.num_inference_steps, args.seed,
-        )  # fmt: skip
-    else:
-        report["reconstruction_skipped"] = "the checkpoint has no reconstructor (use_reconstructor=False)"
-    if args.benchmark.replace("-", "_").lower() == "refocus_chains":
-        try:
-            hits = analysis.window_hit_rates(model, processor, samples, args.num_latent_steps, args.batch_size)
-        except ValueError as error:
-            report["window_hits_skipped"] = str(error)
-        else:
-            report["window_hits"] = hits
-            report["figures"]["window_hits"] = analysis.plot_window_hits(hits, output / "window_hits.png")
-    if args.sweep is not None:
-        sweep = json.loads(Path(args.sweep).read_text())
-        report["figures"]["steps"] = analysis.plot_steps_sweep(sweep, output / "steps.png")
-    return report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,29 @@ def load_samples(
     if not samples:
         raise ValueError(f"{data} holds no {bench.name} sample to analyse.")
     return bench, samples
+
+
+@dataclass(frozen=True)
+class AnalysisSource:
+    """What an analysis runs on: a checkpoint and a benchmark file, as every `lare analyze` command takes them."""
+
+    model: str
+    data: str
+    benchmark: str = "refocus_chains"
+    limit: int | None = None
+    split: str | None = None
+    image_folder: str | None = None
+    device: str | None = None
+
+    def load(self, attn_implementation: str | None = None):
+        """(benchmark, samples, model, processor); the data is read first, so that a wrong file fails fast."""
+        bench, samples = load_samples(self.benchmark, self.data, self.limit, self.split, self.image_folder)
+        model, processor = load_model(self.model, self.device, attn_implementation=attn_implementation)
+        return bench, samples, model, processor
+
+    def header(self) -> dict[str, str]:
+        """The report's first fields: the checkpoint and the data."""
+        return {"model": str(self.model), "data": str(self.data)}
 
 
 def check_steps(model, num_latent_steps: int, name: str = "num_latent_steps") -> int:
@@ -87,4 +111,12 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["check_steps", "load_model", "load_samples", "model_view", "prompt_inputs", "write_report"]
+__all__ = [
+    "AnalysisSource",
+    "check_steps",
+    "load_model",
+    "load_samples",
+    "model_view",
+    "prompt_inputs",
+    "write_report",
+]

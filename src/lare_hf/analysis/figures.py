@@ -3,6 +3,7 @@ images), and, on RefocusChains, the window-hit rate per latent step."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from ..data.refocus_chains import GRID, window_hit_rates_by_step
 from ..evaluation.benchmarks import BenchmarkSample
 from ..evaluation.runner import refocus_record
 from ..visualization import plot_refocus_grid
-from .common import check_steps, model_view
+from .common import AnalysisSource, check_steps, model_view
+from .steps import plot_steps_sweep
 
 
 def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
@@ -132,6 +134,43 @@ def plot_window_hits(report: dict[str, Any], path: str | Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def run(
+    source: AnalysisSource,
+    output: Path,
+    num_samples: int = 4,
+    num_latent_steps: int | None = None,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 16,
+    sweep: str | None = None,
+) -> dict[str, Any]:
+    """`lare analyze figures`: Fig. 3 and Fig. 4 for the first `num_samples` samples of `source`, the window-hit rates
+    on RefocusChains, and the steps figure of a `lare analyze steps` report `sweep` again, all into `output`."""
+    _, samples, model, processor = source.load()
+    shown = samples[:num_samples]
+    report: dict[str, Any] = {"analysis": "figures", "figures": {}}
+    report["figures"]["refocus"] = refocus_figure(
+        model, processor, shown, output / "fig3_refocus.png", num_latent_steps
+    )
+    if model.reconstructor is not None:
+        report["figures"]["reconstruction"] = reconstruction_figure(
+            model, processor, shown, output / "fig4_reconstruction.png", num_latent_steps, num_inference_steps, seed
+        )
+    else:
+        report["reconstruction_skipped"] = "the checkpoint has no reconstructor (use_reconstructor=False)"
+    if source.benchmark.replace("-", "_").lower() == "refocus_chains":
+        try:
+            hits = window_hit_rates(model, processor, samples, num_latent_steps, batch_size)
+        except ValueError as error:
+            report["window_hits_skipped"] = str(error)
+        else:
+            report["window_hits"] = hits
+            report["figures"]["window_hits"] = plot_window_hits(hits, output / "window_hits.png")
+    if sweep is not None:
+        report["figures"]["steps"] = plot_steps_sweep(json.loads(Path(sweep).read_text()), output / "steps.png")
+    return {**source.header(), **report}
 
 
 __all__ = ["plot_window_hits", "reconstruction_figure", "refocus_figure", "refocus_record", "window_hit_rates"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample
 from ..evaluation.runner import generate_batched
-from .common import check_steps, mean_or_none
+from .common import AnalysisSource, check_steps, mean_or_none
 
 
 def score_generations(bench: Benchmark, samples: list[BenchmarkSample], generations: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +77,20 @@ def plot_steps_sweep(report: dict[str, Any], path: str | Path, title: str | None
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def run(
+    source: AnalysisSource,
+    output: Path,
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """`lare analyze steps`: the sweep over K of `source` and its figure (``steps.png`` in `output`)."""
+    bench, samples, model, processor = source.load()
+    report = latent_steps_sweep(model, processor, bench, samples, steps, batch_size, max_new_tokens)
+    report["figure"] = plot_steps_sweep(report, output / "steps.png")
+    return {**source.header(), **report}
 
 
 __all__ = ["latent_steps_sweep", "plot_steps_sweep", "score_generations"]
