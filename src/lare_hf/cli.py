@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .destinations import check_lare_checkpoint, refuse_non_empty
+from .destinations import refuse_non_empty
 
 # Errors that come from what the user gave (arguments, files, data): one line `error: ...`, exit code 2.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -30,7 +30,7 @@ def _parse_override(items: list[str] | None) -> dict:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
+    from .build import build_checkpoint_parts, save_checkpoint
     from .modeling.configuration_lare import LaReConfig
 
     overrides = _parse_override(args.set)
@@ -43,59 +43,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["use_reconstructor"] = False
         overrides.setdefault("image_loss_weight", 0.0)  # no U-Net, so no L_img (Eq. 7) if it is trained later
     refuse_non_empty(args.output, "lare build --output", args.overwrite)
-    if args.vision or args.text:
-        if not (args.vision and args.text):
-            raise ValueError("--vision and --text go together (or use --preset).")
-        base = load_preset(args.preset)["model"] if args.preset else {}
-        base = {key: value for key, value in base.items() if key not in ("vision_config", "text_config")}
-        base.update(overrides)
-        model, processor = build_from_components(
-            args.vision, args.text, image_tokenizer=args.image_tokenizer, overrides=base
-        )
-    elif args.preset in ("tiny", "lare-tiny"):
-        model, processor = build_tiny(overrides=overrides, seed=args.seed)
-    else:
-        if set(overrides) - {"use_reconstructor", "image_loss_weight"}:
-            raise ValueError("--set is supported with --preset tiny or with --vision/--text.")
-        model, processor = build_preset(args.preset, image_tokenizer=args.image_tokenizer, overrides=overrides)
+    model, processor = build_checkpoint_parts(
+        args.preset, args.vision, args.text, args.image_tokenizer, overrides, seed=args.seed
+    )
     output = save_checkpoint(model, processor, args.output)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"Wrote {model.config.model_type} checkpoint ({num_params / 1e6:.2f}M parameters) to {output}")
     return 0
-
-
-def generate_answer(
-    model_dir: str,
-    image: Image.Image,
-    prompt: str,
-    num_latent_steps: int | None = None,
-    max_new_tokens: int = 32,
-) -> str:
-    """Load a checkpoint with the Auto classes, chat once, return the decoded answer."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
-
-    check_lare_checkpoint(model_dir, "--model")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    if num_latent_steps is not None:
-        # The model rewrites the latent region the same way inside generate(); the answer starts after it.
-        input_ids, attention_mask = model.set_latent_steps(input_ids, attention_mask, num_latent_steps)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=inputs["pixel_values"],
-            max_new_tokens=max_new_tokens,
-        )
-    return processor.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)[0].strip()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -109,6 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image = to_rgb(opened)  # 16-bit / palette images scaled and composited, not clipped
     except OSError as error:
         raise ValueError(f"--image {path} is not a readable image ({error}).") from None
+    from .evaluation.runner import generate_answer
+
     answer = generate_answer(args.model, image, args.prompt, args.num_latent_steps, args.max_new_tokens)
     print(answer)
     return 0

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..destinations import check_lare_checkpoint
 from ..modeling.model_card import write_model_card
 from .benchmarks import BenchmarkSample, get_benchmark
 
@@ -107,6 +109,37 @@ def refocus_record(
     return {name: torch.cat(values) for name, values in found.items()}
 
 
+def generate_answer(
+    model_dir: str,
+    image: Image.Image,
+    prompt: str,
+    num_latent_steps: int | None = None,
+    max_new_tokens: int = 32,
+) -> str:
+    """`lare generate`: load a checkpoint with the Auto classes, chat once, return the decoded answer."""
+    import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
+
+    check_lare_checkpoint(model_dir, "--model")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    if num_latent_steps is not None:
+        # The model rewrites the latent region the same way inside generate(); the answer starts after it.
+        input_ids, attention_mask = model.set_latent_steps(input_ids, attention_mask, num_latent_steps)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=inputs["pixel_values"],
+            max_new_tokens=max_new_tokens,
+        )
+    return processor.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)[0].strip()
+
+
 def generate_answers(
     model,
     processor,
@@ -179,6 +212,7 @@ __all__ = [
     "chat_messages",
     "count_new_tokens",
     "evaluate",
+    "generate_answer",
     "generate_answers",
     "generate_batched",
     "prompt_inputs",
