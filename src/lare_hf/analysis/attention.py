@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..evaluation.benchmarks import BenchmarkSample
-from .common import AnalysisSource, check_steps, load_model, prompt_inputs
+from .common import AnalysisSource, check_steps, load_model, prompt_inputs, pyplot, save_figure
 
 PERCENTILES = (25, 50, 75, 95)
 
@@ -78,20 +78,14 @@ def compare_attention(lare: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
 
 def plot_attention(lare: np.ndarray, baseline: np.ndarray, path: str | Path, labels=("K=0 model", "LaRe")) -> str:
     """Box plot of the two distributions of attention to the image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axis = plt.subplots(figsize=(4.2, 3.4))
     axis.boxplot([np.asarray(baseline), np.asarray(lare)], showmeans=True)
     axis.set_xticks([1, 2], list(labels))
     axis.set_ylabel("attention to image tokens (%)")
     axis.set_title("First generated token's attention to the image", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def run(

@@ -82,6 +82,24 @@ def model_view(model, image) -> Any:
     return image.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the analyses write their figures to files and never show them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> str:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return str(path)
+
+
 def mean_or_none(values: list[float]) -> float | None:
     values = [float(v) for v in values if v is not None]
     return float(np.mean(values)) if values else None

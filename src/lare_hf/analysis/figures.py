@@ -13,7 +13,7 @@ from ..data.refocus_chains import GRID, window_hit_rates_by_step
 from ..evaluation.benchmarks import BenchmarkSample
 from ..evaluation.runner import refocus_record
 from ..visualization import plot_refocus_grid
-from .common import AnalysisSource, check_steps, model_view
+from .common import AnalysisSource, check_steps, model_view, pyplot, save_figure
 from .steps import plot_steps_sweep
 
 
@@ -57,10 +57,7 @@ def reconstruction_figure(
 ) -> str:
     """Fig. 4: per sample two rows, the crop under each step's window (what L_img, Eq. 7, reconstructs) and the image
     the reconstructor draws from that step's latents alone (`reconstruct_images`, seeded)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if model.reconstructor is None:
         raise ValueError("This checkpoint has no reconstructor (use_reconstructor=False); Fig. 4 needs one.")
@@ -87,10 +84,7 @@ def reconstruction_figure(
                 if k == 0:
                     axis.set_ylabel(f"#{i + 1} {label}", fontsize=7)
     fig.suptitle("Latent-to-image reconstructions next to the crops they came from", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def window_hit_rates(
@@ -118,10 +112,7 @@ def window_hit_rates(
 
 def plot_window_hits(report: dict[str, Any], path: str | Path) -> str:
     """Bar chart of the window-hit rate per reasoning step (steps beyond K count as misses)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rates = report["window_hit_rate_by_step"]
     fig, axis = plt.subplots(figsize=(4.6, 3.2))
@@ -130,10 +121,7 @@ def plot_window_hits(report: dict[str, Any], path: str | Path) -> str:
     axis.set_xlabel("reasoning step k")
     axis.set_ylabel("window covers the needed cell (%)")
     axis.set_title(f"Window-hit rate per step (K = {report['num_latent_steps']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def run(

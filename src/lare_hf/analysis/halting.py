@@ -12,7 +12,7 @@ import torch
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample
 from ..evaluation.runner import generate_batched
 from ..modeling.refocus import HALTING_CRITERIA, check_latent_halting, latent_step_distance
-from .common import AnalysisSource, check_steps, prompt_inputs
+from .common import AnalysisSource, check_steps, prompt_inputs, pyplot, save_figure
 from .steps import score_generations
 
 
@@ -104,10 +104,7 @@ def halting_analysis(
 
 def plot_halting(report: dict[str, Any], path: str | Path) -> str:
     """Accuracy against average latent steps, one line per criterion, the fixed-K run as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axis = plt.subplots(figsize=(5.0, 3.4))
     rows = report["rows"]
@@ -122,10 +119,7 @@ def plot_halting(report: dict[str, Any], path: str | Path) -> str:
     axis.set_ylabel("accuracy (%)")
     axis.set_title(f"Adaptive halting ({report.get('benchmark', '')})", fontsize=10)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def run(

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..modeling.losses import mean_max_pool, symmetric_info_nce
-from .common import check_steps, load_model
+from .common import check_steps, load_model, pyplot, save_figure
 
 PROJECTION_DIM = 256
 NEGATIVE_KINDS = ("same_image", "same_question", "random")
@@ -415,10 +415,7 @@ __all__ = [
 
 def plot_probing(reports: dict[str, dict[str, Any]], path: str | Path) -> str:
     """Grouped bars (Table 6): test accuracy of the SVM and MLP probes, latent-vision and latent-text, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = [(modality, probe) for modality in ("vision", "text") for probe in ("svm", "mlp")]
     fig, axis = plt.subplots(figsize=(5.4, 3.4))
@@ -433,7 +430,4 @@ def plot_probing(reports: dict[str, dict[str, Any]], path: str | Path) -> str:
     axis.set_ylabel("probe test accuracy (%)")
     axis.set_title("Probing the latents (chance = 50%)", fontsize=9)
     axis.legend(fontsize=7, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample
 from ..evaluation.runner import generate_batched
-from .common import AnalysisSource, check_steps, mean_or_none
+from .common import AnalysisSource, check_steps, mean_or_none, pyplot, save_figure
 
 
 def score_generations(bench: Benchmark, samples: list[BenchmarkSample], generations: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +56,7 @@ def latent_steps_sweep(
 
 def plot_steps_sweep(report: dict[str, Any], path: str | Path, title: str | None = None) -> str:
     """Fig. 5-style PNG: accuracy (left axis) and average generated tokens (right axis) against K."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["rows"]
     ks = [row["num_latent_steps"] for row in rows]
@@ -73,10 +70,7 @@ def plot_steps_sweep(report: dict[str, Any], path: str | Path, title: str | None
     token_axis.plot(ks, tokens, "s--", color="tab:orange", label="generated tokens")
     token_axis.set_ylabel("generated tokens (mean)", color="tab:orange")
     accuracy_axis.set_title(title or f"Latent steps sweep ({report.get('benchmark', '')})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
 
 
 def run(
