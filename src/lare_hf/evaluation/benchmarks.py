@@ -59,7 +59,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..data.files import load_image, read_table
-from ..data.formats import question_with_choices
+from ..data.records import question_with_choices
 from .answers import (
     OPTION_LETTERS,
     answer_segments,
