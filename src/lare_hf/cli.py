@@ -223,11 +223,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub) -> None:
+    """`lare build`, `generate`, `train`, `merge` and `push`."""
     build = sub.add_parser("build", help="write a LaRe checkpoint from a preset or from pretrained parts")
     build.add_argument("--preset", default=None, help="lare-tiny, lare-0.5b, lare-1.5b, lare-7b or a YAML path")
     build.add_argument("--vision", default=None, help="vision encoder folder or Hub id (CLIP/SigLIP)")
@@ -278,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
     push.set_defaults(func=cmd_push)
 
+
+def _add_eval_command(sub) -> None:
+    """`lare eval`."""
     evaluation = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark file (JSON report + predictions)")
     evaluation.add_argument("--model", required=True)
     evaluation.add_argument(
@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None)
     evaluation.set_defaults(func=cmd_eval)
 
+
+def _add_data_commands(sub) -> None:
+    """`lare data synth`."""
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate a synthetic benchmark (JSONL + PNG)")
@@ -317,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
 
+
+def _add_analyze_commands(sub) -> None:
+    """`lare analyze steps|halting|probing|attention|figures`."""
     analyze = sub.add_parser("analyze", help="the paper's analyses (JSON report + PNG figures in --output)")
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
     helps = {
@@ -368,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
             )
             command.add_argument("--sweep", default=None, help="a steps.json of `lare analyze steps` to plot again")
         command.set_defaults(func=cmd_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_model_commands(sub)
+    _add_eval_command(sub)
+    _add_data_commands(sub)
+    _add_analyze_commands(sub)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
     demo.add_argument("--output", default="lare-demo")
