@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
 
 from .components import (
@@ -51,13 +51,16 @@ from .refocus import (
     record_saliency,
     select_windows,
 )
-from .validation import check_forward_kwargs, check_pixel_values, check_tensor, check_token_ids
-
-logger = logging.get_logger(__name__)
-
-# Decoding modes whose draft tokens would be verified against a cache that holds latent embeddings the draft
-# model never saw: they cannot give the right text, so generate() refuses them.
-UNSUPPORTED_GENERATION_KWARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+from .validation import (
+    check_continuation,
+    check_forward_kwargs,
+    check_generation_inputs,
+    check_halting_not_in_training,
+    check_model_inputs,
+    check_tensor,
+    check_training_inputs,
+    warn_placeholders_without_pixels,
+)
 
 
 @dataclass
@@ -153,10 +156,6 @@ class LatentLayout:
     num_steps: int
     end: int | None = None
     rows: torch.BoolTensor | None = None
-
-    @property
-    def has_region(self) -> bool:
-        return self.start is not None
 
 
 class LaReMultiModalProjector(nn.Module):
@@ -869,7 +868,7 @@ class LaReModel(LaRePreTrainedModel):
         placeholder_ids = input_ids if input_ids is not None else self.get_placeholder_ids(inputs_embeds)
 
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            self._check_continuation(placeholder_ids, pixel_values)
+            check_continuation(self.config, placeholder_ids)
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             outputs = self._single_pass(
@@ -879,7 +878,7 @@ class LaReModel(LaRePreTrainedModel):
 
         if pixel_values is None:
             layout = LatentLayout(start=None, num_steps=0)
-            self._warn_placeholders_without_pixels(placeholder_ids)
+            warn_placeholders_without_pixels(self.config, placeholder_ids)
         else:
             layout = self.latent_layout(placeholder_ids)
         if attention_mask is None and layout.num_steps:
@@ -911,74 +910,12 @@ class LaReModel(LaRePreTrainedModel):
         pixel_values: torch.Tensor | None,
         past_length: int = 0,
     ) -> None:
-        """Types, shapes and ranges of the tensors given to `forward()`, checked against `input_ids` (or
-        `inputs_embeds`) before anything runs, each error naming the argument, its value and the fix."""
-        if input_ids is not None:
-            check_tensor("input_ids", input_ids, dims=2, integer=True)
-            check_token_ids("input_ids", input_ids, self.get_input_embeddings().weight.shape[0])
-            batch, length = input_ids.shape
-        else:
-            check_tensor("inputs_embeds", inputs_embeds, dims=3, integer=False)
-            batch, length = inputs_embeds.shape[:2]
-        if isinstance(attention_mask, torch.Tensor):  # generate() with a static cache passes prebuilt mask dicts
-            check_tensor("attention_mask", attention_mask, dims=(2, 4))
-            expected = (batch, past_length + length)
-            if attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
-                cached = f" on top of {past_length} cached positions" if past_length else ""
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)} but the input has {batch} row(s) of "
-                    f"{length} tokens{cached}: it must have shape {expected}, one entry per position (1 = token, "
-                    "0 = padding). Pass the attention_mask the processor returned with these input_ids."
-                )
-        if position_ids is not None:
-            check_tensor("position_ids", position_ids, dims=(2, 3), integer=True)
-            if position_ids.shape[-1] != length or position_ids.shape[-2] not in (1, batch):
-                raise ValueError(
-                    f"position_ids has shape {tuple(position_ids.shape)} but the input has {batch} row(s) of {length} "
-                    f"tokens: it must have shape ({batch}, {length}) (or leave it None to count positions from the "
-                    "attention_mask)."
-                )
-        if past_length:
-            return
-        if pixel_values is not None:
-            check_pixel_values(pixel_values, self.config.vision_config.image_size)
-        text_config = self.config.get_text_config()
-        max_positions = getattr(text_config, "max_position_embeddings", None)
-        rope = getattr(text_config, "rope_parameters", None) or {}
-        if max_positions and length > max_positions and rope.get("rope_type", "default") == "default":
-            # RoPE still computes positions past the limit (and RoPE-scaling configs run there on purpose), so, as
-            # transformers' decoders do, this runs; the quality past the trained context is the caller's call.
-            logger.warning_once(
-                f"The sequence has {length} positions (text, {self.config.image_seq_length} per image, and the "
-                f"latent slots) but the language model was trained for at most max_position_embeddings="
-                f"{max_positions}: positions past it are extrapolated. Shorten the prompt, use fewer latent steps "
-                "(num_latent_steps), or a language model with a longer context (or RoPE scaling)."
-            )
-
-    def _warn_placeholders_without_pixels(self, placeholder_ids: torch.LongTensor) -> None:
-        """Without pixel_values the input is read as text, as transformers' VLMs read it (LLaVA embeds its image
-        token like any other): `<|image|>` and latent placeholders go through the language model as ordinary
-        tokens and no latent phase runs. Said once, since a forgotten `pixel_values` is the usual cause."""
-        config = self.config
-        special = (config.image_token_id, config.latent_start_token_id, config.latent_token_id)
-        if any(bool((placeholder_ids == token_id).any()) for token_id in special):
-            logger.warning_once(
-                "The input holds <|image|> or latent placeholders but no pixel_values: it is read as text (the "
-                "placeholders embed as ordinary tokens) and no latent refocusing runs. Pass the processor's "
-                "pixel_values to see the image and run the latent phase."
-            )
-
-    def _check_continuation(self, placeholder_ids: torch.LongTensor, pixel_values: torch.Tensor | None) -> None:
-        """Positions fed on top of a filled cache are plain text: images and latent slots are encoded with the
-        sequence's first pass (their pixel_values are then already in the cache and are not needed)."""
-        config = self.config
-        special = (config.image_token_id, config.latent_start_token_id, config.latent_token_id)
-        found = [token_id for token_id in special if (placeholder_ids == token_id).any()]
-        if found:
-            raise ValueError(
-                f"The positions fed on top of past_key_values contain image or latent placeholders (ids {found}); "
-                "those are only encoded in a sequence's first pass. Pass the whole sequence without past_key_values."
-            )
+        """The checks `forward()` runs on its inputs before anything is computed (see
+        `validation.check_model_inputs`)."""
+        vocab_size = self.get_input_embeddings().weight.shape[0]
+        check_model_inputs(
+            self.config, vocab_size, input_ids, inputs_embeds, attention_mask, position_ids, pixel_values, past_length
+        )
 
 
 class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
@@ -1185,13 +1122,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         """
         check_forward_kwargs(f"{type(self).__name__}.forward", kwargs, inspect.signature(self.forward).parameters)
         self.check_training_inputs(input_ids, inputs_embeds, labels, rationale_input_ids, rationale_attention_mask)
-        if latent_halting is not None and (
-            labels is not None or rationale_input_ids is not None or compute_latent_losses
-        ):
-            raise ValueError(
-                f"latent_halting={latent_halting!r} is an inference option (generate() or a forward without labels): "
-                "training runs every sample through all K latent steps. Drop latent_halting, or labels / rationale."
-            )
+        check_halting_not_in_training(latent_halting, labels, rationale_input_ids, compute_latent_losses)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1259,35 +1190,15 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         rationale_input_ids: torch.LongTensor | None,
         rationale_attention_mask: torch.Tensor | None,
     ) -> None:
-        """`labels` and the rationale checked against the input sequence before the forward runs."""
-        sequence = input_ids if input_ids is not None else inputs_embeds
-        batch = sequence.shape[0] if sequence is not None else None
-        if labels is not None:
-            check_tensor("labels", labels, dims=2, integer=True)
-            if sequence is not None and tuple(labels.shape) != tuple(sequence.shape[:2]):
-                raise ValueError(
-                    f"labels has shape {tuple(labels.shape)} but the input sequence has shape "
-                    f"{tuple(sequence.shape[:2])}; give one label per input position (-100 where no loss is taken), "
-                    "as LaReProcessor.build_training_inputs / LaReDataCollator write them."
-                )
-            check_token_ids("labels", labels, self.config.text_config.vocab_size, ignore_index=-100)
-        if rationale_input_ids is not None:
-            check_tensor("rationale_input_ids", rationale_input_ids, dims=2, integer=True)
-            check_token_ids("rationale_input_ids", rationale_input_ids, self.config.text_config.vocab_size)
-            if batch is not None and rationale_input_ids.shape[0] != batch:
-                raise ValueError(
-                    f"rationale_input_ids has {rationale_input_ids.shape[0]} rows but the batch has {batch} samples; "
-                    "give one rationale per sample (in the same order)."
-                )
-        if rationale_attention_mask is not None:
-            if rationale_input_ids is None:
-                raise ValueError("rationale_attention_mask was given without rationale_input_ids; pass both.")
-            check_tensor("rationale_attention_mask", rationale_attention_mask, dims=2)
-            if rationale_attention_mask.shape != rationale_input_ids.shape:
-                raise ValueError(
-                    f"rationale_attention_mask has shape {tuple(rationale_attention_mask.shape)} but "
-                    f"rationale_input_ids has shape {tuple(rationale_input_ids.shape)}; they must match."
-                )
+        """`labels` and the rationale checked against the input sequence (see `validation.check_training_inputs`)."""
+        check_training_inputs(
+            self.config.text_config.vocab_size,
+            input_ids,
+            inputs_embeds,
+            labels,
+            rationale_input_ids,
+            rationale_attention_mask,
+        )
 
     def semantic_augmentation_losses(
         self,
@@ -1657,41 +1568,10 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         output's `latent_steps` (`[batch]`) holds each sample's step count.
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
+        check_generation_inputs(input_ids, num_latent_steps, latent_halting, kwargs)
         if latent_halting is not None:
-            if kwargs.get("past_key_values") is not None:
-                raise ValueError(
-                    "latent_halting cannot be combined with past_key_values: the latent phase is run by the prefill of a "
-                    "fresh prompt. Drop past_key_values."
-                )
-            cache_implementation = getattr(kwargs.get("generation_config"), "cache_implementation", None)
-            cache_implementation = kwargs.get("cache_implementation", cache_implementation)
-            if cache_implementation not in (None, "dynamic"):
-                raise ValueError(
-                    f"latent_halting needs the default dynamic cache, got cache_implementation={cache_implementation!r}: "
-                    "a static cache's prebuilt masks cannot drop the latent slots a sample no longer uses."
-                )
             kwargs.update(latent_halting=latent_halting, latent_halting_threshold=latent_halting_threshold)
-        for name in UNSUPPORTED_GENERATION_KWARGS:
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"`{name}` (assisted / prompt-lookup decoding) is not supported by LaRe: the draft tokens would "
-                    "be checked against a cache holding latent embeddings, which gives wrong text."
-                )
-        generation_config = kwargs.get("generation_config")
-        if generation_config is not None and getattr(generation_config, "prompt_lookup_num_tokens", None):
-            raise ValueError("Prompt-lookup decoding is not supported by LaRe (latent-filled cache).")
         prompt_ids = input_ids
-        if num_latent_steps is not None:
-            if input_ids is None:
-                raise ValueError(
-                    "num_latent_steps rewrites the latent slots of input_ids, but no input_ids were given. With "
-                    "inputs_embeds, build the prompt with the wanted K instead (LaReProcessor(num_latent_steps=K))."
-                )
-            if kwargs.get("past_key_values") is not None:
-                raise ValueError(
-                    "num_latent_steps cannot be combined with past_key_values: the cache already holds the prompt's "
-                    "latent region. Continue without num_latent_steps, or drop past_key_values."
-                )
         if input_ids is not None and input_ids.shape[1] > 0 and kwargs.get("past_key_values") is None:
             rewritten = self.set_latent_steps(
                 input_ids,
