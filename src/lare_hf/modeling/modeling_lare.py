@@ -41,6 +41,7 @@ from .components import (
 )
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
+from .latent_region import LatentLayout, latent_layout, rewrite_latent_steps
 from .losses import LaReAlignmentHead, mean_max_pool, symmetric_info_nce, text_prefix_loss
 from .model_card import write_model_card
 from .reconstruction import LaReImageReconstructor, load_image_tokenizer
@@ -144,18 +145,6 @@ class LaReCausalLMOutputWithPast(ModelOutput):
     latent_steps: torch.LongTensor | None = None
     halted_attention_mask: torch.LongTensor | None = None
     halted_position_ids: torch.LongTensor | None = None
-
-
-@dataclass
-class LatentLayout:
-    """Where the latent region sits in a batch: `<|latent_start|>` and `<|latent_end|>` columns, number of steps K,
-    and the rows that carry it (`rows`: those with an image; the latent phase refocuses on the image, so a
-    text-only row has no region and runs as with K=0)."""
-
-    start: int | None
-    num_steps: int
-    end: int | None = None
-    rows: torch.BoolTensor | None = None
 
 
 class LaReMultiModalProjector(nn.Module):
@@ -403,66 +392,8 @@ class LaReModel(LaRePreTrainedModel):
         return placeholder_ids
 
     def latent_layout(self, input_ids: torch.LongTensor) -> LatentLayout:
-        """Find the latent region `<|latent_start|> K*m x <|latent|> <|latent_end|>` and check it is aligned.
-
-        The latent phase refocuses on the image, so the rows with an image carry the region (`LatentLayout.rows`)
-        and text-only rows carry none: they are plain prompts (as with K=0), left-padded like the others, whose
-        tokens in the region's columns go through the loop unchanged."""
-        config = self.config
-        starts = input_ids == config.latent_start_token_id
-        ends = input_ids == config.latent_end_token_id
-        slots = input_ids == config.latent_token_id
-        rows = starts.any(dim=1)
-        if not rows.any():
-            if ends.any() or slots.any():
-                raise ValueError(
-                    "The input has <|latent|> or <|latent_end|> tokens but no <|latent_start|>. Build prompts with "
-                    "LaReProcessor so the latent region is `<|latent_start|> <|latent|>... <|latent_end|>`."
-                )
-            return LatentLayout(start=None, num_steps=0)
-        with_image = (input_ids == config.image_token_id).any(dim=1)
-        if (with_image & ~rows).any():
-            missing = (with_image & ~rows).nonzero().flatten().tolist()
-            raise ValueError(
-                f"Rows {missing} of the batch have an image but no latent region while others have one; every "
-                "prompt with an image in a batch must be built with the same number of latent steps."
-            )
-        if (rows & ~with_image).any():
-            text_only = (rows & ~with_image).nonzero().flatten().tolist()
-            raise ValueError(
-                f"Rows {text_only} have a latent region but no image: the latent phase refocuses on the image, so a "
-                "text-only prompt carries no region (LaRe's chat template writes none without an image, and "
-                "generate() removes it). Render those prompts with num_latent_steps=0."
-            )
-        if (starts.sum(dim=1)[rows] != 1).any() or (ends.sum(dim=1)[rows] != 1).any():
-            raise ValueError("Each sequence must contain exactly one <|latent_start|> and one <|latent_end|>.")
-        if (ends.any(dim=1) & ~rows).any() or (slots.any(dim=1) & ~rows).any():
-            raise ValueError("<|latent|> or <|latent_end|> tokens appear in a row without <|latent_start|>.")
-        start_cols = starts.int().argmax(dim=1)[rows]
-        end_cols = ends.int().argmax(dim=1)[rows]
-        if (start_cols != start_cols[0]).any() or (end_cols != end_cols[0]).any():
-            raise ValueError(
-                f"The latent regions are not aligned across the batch (<|latent_start|> at columns "
-                f"{start_cols.tolist()}, <|latent_end|> at {end_cols.tolist()}). Left-pad the prompts "
-                "(tokenizer.padding_side='left', as LaReProcessor does) so the latent slots share columns."
-            )
-        start, end = int(start_cols[0]), int(end_cols[0])
-        num_slots = end - start - 1
-        m = config.latent_tokens_per_step
-        if num_slots <= 0 or num_slots % m != 0 or not slots[rows, start + 1 : end].all():
-            raise ValueError(
-                f"The latent region must hold K x {m} <|latent|> slots (m = latent_tokens_per_step) between "
-                f"<|latent_start|> and <|latent_end|>; found {num_slots} positions."
-            )
-        if int(slots.sum()) != num_slots * int(rows.sum()):
-            raise ValueError("<|latent|> tokens appear outside the latent region.")
-        num_steps = num_slots // m
-        if num_steps > config.max_latent_steps:
-            raise ValueError(
-                f"The prompt asks for K={num_steps} latent steps but this model allows at most "
-                f"max_latent_steps={config.max_latent_steps}."
-            )
-        return LatentLayout(start=start, num_steps=num_steps, end=end, rows=rows)
+        """The latent region of `input_ids`, checked (see `latent_region.latent_layout`)."""
+        return latent_layout(input_ids, self.config)
 
     def embed_multimodal(
         self,
@@ -1442,72 +1373,11 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int | None
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """Rewrite the latent region of each prompt with an image to `num_latent_steps` x m slots (K=0 removes it;
-        None keeps its K) and remove any region from text-only prompts (the latent phase needs an image); rows
-        whose length changed are left-padded again so the regions share columns. Unchanged tensors come back when
-        nothing is rewritten."""
-        config = self.config
-        if num_latent_steps is not None:
-            if isinstance(num_latent_steps, bool) or not isinstance(num_latent_steps, int):
-                raise ValueError(
-                    f"num_latent_steps must be an integer between 0 and max_latent_steps={config.max_latent_steps}, "
-                    f"got {num_latent_steps!r} ({type(num_latent_steps).__name__})."
-                )
-            if num_latent_steps < 0 or num_latent_steps > config.max_latent_steps:
-                raise ValueError(
-                    f"num_latent_steps must be between 0 and max_latent_steps={config.max_latent_steps}, "
-                    f"got {num_latent_steps}."
-                )
-        starts = input_ids == config.latent_start_token_id
-        ends = input_ids == config.latent_end_token_id
-        with_region = starts.any(dim=1)
-        with_image = (input_ids == config.image_token_id).any(dim=1)
-        if num_latent_steps and (with_image & ~with_region).any():
-            raise ValueError(
-                f"num_latent_steps={num_latent_steps} was asked for but the prompt has no latent markers. Build it "
-                "with LaReProcessor / apply_chat_template(add_generation_prompt=True), which ends the prompt with "
-                "`<|latent_start|><|latent|>...<|latent_end|>`."
-            )
-        start_cols, end_cols = starts.int().argmax(dim=1), ends.int().argmax(dim=1)
-        malformed = (starts.sum(dim=1) != 1) | (ends.sum(dim=1) != 1) | (end_cols <= start_cols)
-        if (malformed & with_region).any():
-            raise ValueError(
-                "Each sequence must contain exactly one <|latent_start|> and one <|latent_end|> after it; build "
-                "prompts with LaReProcessor / apply_chat_template(add_generation_prompt=True)."
-            )
-        m = config.latent_tokens_per_step
-        region_steps = (end_cols - start_cols - 1) // m
-        target = region_steps if num_latent_steps is None else torch.full_like(region_steps, num_latent_steps)
-        target = torch.where(with_image, target, 0)
-        rewrite = with_region & (~with_image | (region_steps != target))
-        if not rewrite.any():
-            return input_ids, attention_mask
-        rows_ids, rows_mask = [], []
-        for row in range(input_ids.shape[0]):
-            ids, mask = input_ids[row], attention_mask[row]
-            if rewrite[row]:
-                start, end = int(start_cols[row]), int(end_cols[row])
-                steps = int(target[row])
-                region = ids.new_tensor(
-                    [config.latent_start_token_id]
-                    + [config.latent_token_id] * steps * m
-                    + [config.latent_end_token_id]
-                    if steps
-                    else []
-                )
-                ids = torch.cat([ids[:start], region, ids[end + 1 :]])
-                mask = torch.cat([mask[:start], mask.new_ones(region.shape), mask[end + 1 :]])
-            first = int(mask.nonzero()[0]) if mask.any() else mask.shape[0]
-            rows_ids.append(ids[first:])
-            rows_mask.append(mask[first:])
-        length = max(ids.shape[0] for ids in rows_ids)
+        None keeps its K) and remove any region from text-only prompts, left-padding with the generation config's
+        pad token (see `latent_region.rewrite_latent_steps`)."""
         pad = self.generation_config.pad_token_id if self.generation_config is not None else None
         pad = pad if isinstance(pad, int) else 0
-        new_ids = input_ids.new_full((len(rows_ids), length), pad)
-        new_mask = attention_mask.new_zeros((len(rows_ids), length))
-        for row, (ids, mask) in enumerate(zip(rows_ids, rows_mask)):
-            new_ids[row, length - ids.shape[0] :] = ids
-            new_mask[row, length - mask.shape[0] :] = mask
-        return new_ids, new_mask
+        return rewrite_latent_steps(input_ids, attention_mask, num_latent_steps, self.config, pad)
 
     def create_masks_for_generate(
         self, attention_mask: torch.Tensor | None = None, is_first_iteration=False, **kwargs
