@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -33,8 +32,9 @@ from .builders import from_components
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
+from .latent_losses import LaReLatentLossesMixin
 from .latent_region import LatentLayout, latent_layout, rewrite_latent_steps
-from .losses import LaReAlignmentHead, mean_max_pool, symmetric_info_nce, text_prefix_loss
+from .losses import LaReAlignmentHead
 from .model_card import write_model_card
 from .reconstruction import LaReImageReconstructor
 from .refocus import (
@@ -50,7 +50,6 @@ from .validation import (
     check_generation_inputs,
     check_halting_not_in_training,
     check_model_inputs,
-    check_tensor,
     check_training_inputs,
     warn_placeholders_without_pixels,
 )
@@ -785,7 +784,7 @@ class LaReModel(LaRePreTrainedModel):
         )
 
 
-class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
+class LaReForConditionalGeneration(LaReLatentLossesMixin, LaRePreTrainedModel, GenerationMixin):
     """LaRe with a language-modeling head; `generate()` runs the latent loop, then decodes with GenerationMixin."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -950,11 +949,9 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             lm_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        latent_losses = self.semantic_augmentation_losses(
-            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute_latent_losses
+        latent_losses = self.latent_losses(
+            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, window_targets, compute_latent_losses
         )
-        if window_targets is not None and self.config.window_loss_weight > 0 and compute_latent_losses is not False:
-            latent_losses["window_loss"] = self.window_grounding_loss(outputs, window_targets)
         loss = self.weighted_loss(lm_loss, latent_losses)
         return LaReCausalLMOutputWithPast(
             loss=loss,
@@ -994,210 +991,6 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             rationale_attention_mask,
         )
 
-    def semantic_augmentation_losses(
-        self,
-        outputs: LaReModelOutputWithPast,
-        pixel_values: torch.Tensor | None,
-        rationale_input_ids: torch.LongTensor | None,
-        rationale_attention_mask: torch.Tensor | None,
-        compute: bool | None,
-    ) -> dict[str, torch.Tensor]:
-        """L_sym (Eq. 6), L_img (Eq. 7) and L_text (Eq. 8) for the latents of this forward; a term whose weight is
-        0 is not computed.
-
-        Each term is taken over the samples that have what it needs, and averaged over them (as if they were
-        batched alone): L_img and the visual part of L_sym over the rows that ran the latent phase (an image),
-        L_text and the text part of L_sym over those that also have a rationale (a row whose
-        `rationale_attention_mask` is all 0 has none). A term with no such row is 0, still tied to the graph.
-        """
-        config = self.config
-        if compute is False:
-            return {}
-        if compute is None and rationale_input_ids is None:
-            if not self.training or outputs.latent_embeds is None:
-                return {}
-            # training without a rationale: no row has one, so L_text and L_Z<->T are 0 (tied to the graph) and the
-            # terms that need only the image and the latents, L_img and L_Z<->V, train
-            batch = outputs.last_hidden_state.shape[0]
-            rationale_input_ids = torch.zeros(batch, 1, dtype=torch.long, device=outputs.last_hidden_state.device)
-            rationale_attention_mask = torch.zeros_like(rationale_input_ids)
-        rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
-        if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
-            hidden = outputs.last_hidden_state
-            rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        if rows is None:
-            if compute:
-                raise ValueError(
-                    "Latent losses were asked for but the batch has no latent steps; build it with num_latent_steps "
-                    "> 0 (stage I trains without latent losses)."
-                )
-            return {}
-        needs_rationale = config.sym_loss_weight > 0 or config.text_loss_weight > 0
-        if needs_rationale and rationale_input_ids is None:
-            raise ValueError(
-                "The symmetric alignment (Eq. 6) and text reconstruction (Eq. 8) losses need the explicit rationale: "
-                "pass rationale_input_ids / rationale_attention_mask (LaReDataCollator with with_rationale=True), "
-                "or set sym_loss_weight and text_loss_weight to 0."
-            )
-        if rationale_input_ids is not None and rationale_attention_mask is None:
-            rationale_attention_mask = torch.ones_like(rationale_input_ids)
-        text_rows = rows
-        if rationale_input_ids is not None:
-            text_rows = rows & rationale_attention_mask.to(rows.device).bool().any(dim=1)
-
-        # A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor and
-        # of its head, so that backward works in any stage and DDP sees those parameters used on every step.
-        def zero(head: nn.Module | None = None) -> torch.Tensor:
-            tensors = [outputs.last_hidden_state] + [
-                parameter
-                for module in (self.model.extractor, head)
-                if module is not None
-                for parameter in module.parameters()
-                if parameter.requires_grad
-            ]
-            return torch.stack([(tensor.float() * 0).sum() for tensor in tensors]).sum()
-
-        losses: dict[str, torch.Tensor] = {}
-        if config.sym_loss_weight > 0:
-            text_part, visual_part = self._alignment(
-                outputs, rows, text_rows, rationale_input_ids, rationale_attention_mask
-            )
-            # tied to the head and the Extractor also where a part has rows only on other ranks (DDP sees them used)
-            tie = zero(self.alignment_head)
-            text_part = tie if text_part is None else text_part + tie
-            visual_part = tie if visual_part is None else visual_part + tie
-            losses.update(
-                alignment_loss=text_part + visual_part,
-                alignment_text_loss=text_part,
-                alignment_visual_loss=visual_part,
-            )
-        if config.text_loss_weight > 0:
-            if text_rows.any():
-                losses["text_reconstruction_loss"] = self.text_prefix_reconstruction_loss(
-                    self._flat_latents(outputs, text_rows),
-                    rationale_input_ids[text_rows],
-                    rationale_attention_mask[text_rows],
-                )
-            else:
-                losses["text_reconstruction_loss"] = zero()
-        if config.image_loss_weight > 0:
-            if self.reconstructor is None:
-                if compute:
-                    raise ValueError(
-                        "image_loss_weight > 0 but this checkpoint has no reconstructor (use_reconstructor=False); "
-                        "set image_loss_weight=0 or build the model with use_reconstructor=True."
-                    )
-            elif rows.any():
-                _, num_steps, m, hidden = outputs.latent_embeds.shape
-                window_size = config.effective_window_size
-                positions = outputs.window_positions[rows].reshape(-1, 2)
-                crops = self.reconstructor.crop_windows(
-                    pixel_values.repeat_interleave(num_steps, dim=0), positions, window_size
-                )
-                losses["image_reconstruction_loss"] = self.reconstructor(
-                    outputs.latent_embeds[rows].reshape(-1, m, hidden), crops
-                )
-            else:
-                losses["image_reconstruction_loss"] = zero(self.reconstructor)
-        return losses
-
-    def window_grounding_loss(
-        self, outputs: LaReModelOutputWithPast, window_targets: torch.LongTensor
-    ) -> torch.Tensor:
-        """-log of step k's saliency share (its map normalised over the image tokens) at `window_targets[:, k]`,
-        averaged over the steps that have a target, in rows that ran the latent phase (0, tied to the graph, when
-        none has). Not in the paper: the window is the argmax of this map, so this is what gives its choice a
-        gradient (`window_loss_weight`)."""
-        if outputs.saliency_maps is None:
-            return outputs.last_hidden_state.float().sum() * 0
-        if self.is_activation_checkpointing and self.training:
-            raise ValueError(
-                "The window-grounding loss (window_loss_weight > 0) records the saliency inside autograd, which "
-                "gradient checkpointing would recompute without it; disable gradient checkpointing for it."
-            )
-        saliency = outputs.saliency_maps.flatten(2).float()  # [batch, steps, image tokens]
-        batch, steps, num_tokens = saliency.shape
-        check_tensor("window_targets", window_targets, dims=2, integer=True)
-        if window_targets.shape[0] != batch:
-            raise ValueError(f"window_targets has {window_targets.shape[0]} rows but the batch has {batch}.")
-        targets = window_targets.to(saliency.device)[:, :steps]
-        if targets.shape[1] < steps:
-            targets = F.pad(targets, (0, steps - targets.shape[1]), value=-100)
-        if (((targets < 0) & (targets != -100)) | (targets >= num_tokens)).any():
-            raise ValueError(
-                f"window_targets must hold image-token indices in [0, {num_tokens}) or -100 (no target), got "
-                f"{sorted(set(targets.flatten().tolist()))}."
-            )
-        valid = (targets >= 0) & outputs.latent_rows.bool().to(saliency.device)[:, None]
-        share = saliency / saliency.sum(-1, keepdim=True).clamp_min(1e-12)
-        picked = share.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        if not valid.any():
-            return (share * 0).sum()
-        return -picked.clamp_min(1e-12).log()[valid].mean()
-
-    @staticmethod
-    def _flat_latents(outputs: LaReModelOutputWithPast, rows: torch.BoolTensor) -> torch.Tensor:
-        """The latent tokens of `rows`, all K steps concatenated: `[rows, K*m, D]`."""
-        latents = outputs.latent_embeds[rows]
-        return latents.reshape(latents.shape[0], -1, latents.shape[-1])
-
-    def _alignment(
-        self,
-        outputs: LaReModelOutputWithPast,
-        rows: torch.BoolTensor,
-        text_rows: torch.BoolTensor,
-        rationale_input_ids: torch.LongTensor | None,
-        rationale_attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Eq. 6 as `(L_Z<->T over text_rows, L_Z<->V over rows)` on mean-max pooled latents, window features and
-        (for the text part) the LM's hidden states of the rationales; a part without rows is None.
-
-        Under `torch.distributed` every rank joins both parts' gathers on every step, with 0 rows when it has none
-        (a text-only batch, no rationale), so that the collectives of all ranks stay in step."""
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        tau = self.alignment_head.temperature
-        # 0 rows still tied to the graph: every rank must also run the gathers' backward (all-to-all) in step.
-        empty = outputs.last_hidden_state[:0, 0].float().repeat(1, 2)
-        pooled_latents, pooled_visual = empty, empty
-        if rows.any():
-            pooled_latents = mean_max_pool(self._flat_latents(outputs, rows))
-            window_features = outputs.window_features[rows]
-            pooled_visual = mean_max_pool(
-                window_features.reshape(window_features.shape[0], -1, window_features.shape[-1])
-            )
-        visual_part = text_part = None
-        if rows.any() or distributed:
-            visual_part = symmetric_info_nce(pooled_latents, pooled_visual, tau)
-        if rationale_input_ids is None or not (text_rows.any() or distributed):
-            return text_part, visual_part
-        pooled_text, text_latents = empty, empty
-        if text_rows.any():
-            ids, mask = rationale_input_ids[text_rows], rationale_attention_mask[text_rows]
-            rationale_hidden = self.model.language_model(
-                input_ids=ids, attention_mask=mask, use_cache=False
-            ).last_hidden_state
-            pooled_text = mean_max_pool(rationale_hidden, mask)
-            text_latents = pooled_latents[text_rows[rows]]
-        text_part = symmetric_info_nce(text_latents, pooled_text, tau)
-        return text_part, visual_part
-
-    def text_prefix_reconstruction_loss(
-        self, latents: torch.Tensor, rationale_input_ids: torch.LongTensor, rationale_attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Eq. 8: from the latent tokens alone (no image, no prompt) the LM predicts the first
-        `text_prefix_length` rationale tokens (teacher forcing), cross-entropy with padding ignored."""
-        prefix_length = min(self.config.text_prefix_length, rationale_input_ids.shape[1])
-        target_ids = rationale_input_ids[:, :prefix_length]
-        target_mask = rationale_attention_mask[:, :prefix_length]
-        num_latents = latents.shape[1]
-        inputs_embeds = torch.cat([latents, self.get_input_embeddings()(target_ids[:, :-1])], dim=1)
-        attention_mask = torch.cat([target_mask.new_ones(latents.shape[:2]), target_mask[:, :-1]], dim=1)
-        hidden = self.model.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        logits = self.lm_head(hidden[:, num_latents - 1 :])
-        return text_prefix_loss(logits, target_ids, target_mask)
-
     @torch.no_grad()
     def reconstruct_images(
         self,
@@ -1217,20 +1010,6 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             latent_embeds.reshape(batch * num_steps, m, hidden), num_inference_steps, generator
         )
         return images.view(batch, num_steps, *images.shape[1:])
-
-    def weighted_loss(
-        self, lm_loss: torch.Tensor | None, latent_losses: dict[str, torch.Tensor]
-    ) -> torch.Tensor | None:
-        """Eq. 10: L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text over the terms that were computed."""
-        weights = {
-            "alignment_loss": self.config.sym_loss_weight,
-            "image_reconstruction_loss": self.config.image_loss_weight,
-            "text_reconstruction_loss": self.config.text_loss_weight,
-            "window_loss": self.config.window_loss_weight,
-        }
-        terms = [] if lm_loss is None else [lm_loss]
-        terms += [weights[name] * value for name, value in latent_losses.items() if name in weights]
-        return torch.stack(terms).sum() if terms else None
 
     def set_latent_steps(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, num_latent_steps: int | None
