@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -32,6 +33,7 @@ from .builders import from_components
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
+from .latent_loop import LatentHalting, LatentStep, LatentTrace
 from .latent_losses import LaReLatentLossesMixin
 from .latent_region import LatentLayout, latent_layout, rewrite_latent_steps
 from .losses import LaReAlignmentHead
@@ -40,7 +42,6 @@ from .reconstruction import LaReImageReconstructor
 from .refocus import (
     SaliencyRecorder,
     check_latent_halting,
-    latent_steps_converged,
     record_saliency,
     select_windows,
 )
@@ -48,6 +49,7 @@ from .validation import (
     check_continuation,
     check_forward_kwargs,
     check_generation_inputs,
+    check_halting_mask,
     check_halting_not_in_training,
     check_model_inputs,
     check_training_inputs,
@@ -377,31 +379,6 @@ class LaReModel(LaRePreTrainedModel):
             return inputs_embeds, features, image_positions
         return inputs_embeds, None, None
 
-    def _language_model_step(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.LongTensor,
-        start: int,
-        end: int,
-        cache: Cache,
-        recorder: SaliencyRecorder | None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Feed positions [start, end) on top of the cache, recording saliency for `recorder` on the language
-        model's own attention backend; `kwargs` (output_attentions, ...) go to the language model."""
-        if recorder is not None:
-            kwargs["saliency_recorder"] = recorder
-        with record_saliency(self.language_model, recorder):
-            return self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask[:, :end],
-                position_ids=position_ids[..., start:end],
-                past_key_values=cache,
-                use_cache=True,
-                **kwargs,
-            )
-
     @torch.no_grad()
     def embedding_scale(self) -> torch.Tensor:
         """RMS of the LM's token embeddings, the scale latents are normalised to. A statistic over the whole
@@ -415,19 +392,22 @@ class LaReModel(LaRePreTrainedModel):
             self._embedding_scale_cache = cached
         return cached[1]
 
-    def _window_features(
+    def _select_window(
         self, saliency: torch.Tensor, image_features: torch.Tensor
     ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Sliding-window selection of V_s from V_T (Sec. 3.1); the whole grid when the window is ablated."""
+        """The sliding window (Sec. 3.1): each sample's window position and V_s, the visual tokens of V_T under its
+        most salient window; the whole grid when the window is ablated."""
         batch = image_features.shape[0]
-        grid = self.config.patch_grid_size
         if not self.config.use_sliding_window:
             return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
-        positions, token_indices = select_windows(saliency, grid, self.config.window_size, self.config.window_stride)
+        config = self.config
+        positions, token_indices = select_windows(
+            saliency, config.patch_grid_size, config.window_size, config.window_stride
+        )
         index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
         return positions, image_features.gather(1, index)
 
-    def _latents_for_step(
+    def _extract_latents(
         self,
         last_hidden: torch.Tensor,
         window_features: torch.Tensor,
@@ -435,7 +415,8 @@ class LaReModel(LaRePreTrainedModel):
         embedding_scale: torch.Tensor,
         return_attention: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Z^(k) from the Extractor (Eq. 3-5), or the pooled window when the Extractor is ablated."""
+        """Z^(k) from the Extractor (Eq. 3-5) given H^(k), V_s and Z^(<k), or the pooled window when the Extractor
+        is ablated."""
         if self.extractor is not None:
             return self.extractor(last_hidden, window_features, history, embedding_scale, return_attention)
         m = self.config.latent_tokens_per_step
@@ -458,154 +439,140 @@ class LaReModel(LaRePreTrainedModel):
         latent_halting_threshold: float | None = None,
         **kwargs,
     ) -> LaReModelOutputWithPast:
-        """The latent refocusing loop (Eq. 1-2), run by `forward()` for a fresh sequence (also the prefill step of
-        `generate()`).
+        """The latent refocusing loop (Eq. 1-5), run by `forward()` for a fresh sequence (also the prefill step of
+        `generate()`), in K+1 language-model calls on one KV cache:
 
-        1. Encode the prompt through `<|latent_start|>` once, with a KV cache, recording saliency.
-        2. For k = 1..K: pick each sample's best window from the saliency, let the Extractor turn (H^(k), earlier
-           latents, V_s) into Z^(k), write Z^(k) into its slots and (for k < K) feed only those m positions.
-        3. Feed the rest (Z^(K), `<|latent_end|>`, a teacher-forced answer) in one pass.
+        1. Feed the prompt through `<|latent_start|>`: H^(1) and the saliency of its last position over V_T.
+        2. For k = 1..K: select the window V_s of V_T with the largest saliency (Eq. 1-2); the Extractor turns
+           (H^(k), V_s, Z^(<k)) into Z^(k) (Eq. 3-5); record the step; stop the samples that halt; for k < K feed
+           Z^(k) into its m slots, which gives H^(k+1) and the next saliency.
+        3. Feed the rest (Z^(K), `<|latent_end|>`, a teacher-forced answer) in one call.
 
         Rows without an image (`layout.rows` False) have no latent region: their tokens in the region's columns are
         fed as they are (in the same chunks, on the same cache, which gives what one pass gives), so they continue
         exactly as the prompt alone with K=0; the windows and latents the loop computes for them are discarded.
-
-        Adaptive halting (Table 4; `latent_halting` = "cosine" | "l1" | "l2" with `latent_halting_threshold`): after
-        each step k >= 2 a sample whose Z^(k) has converged to Z^(k-1) (`latent_steps_converged`) stops; Z^(k) is its
-        last step. Its later slots are masked out of attention and the positions after them shift down by their
-        number, so the sample continues exactly as a run with K = k slots would; once every sample has halted the
-        remaining steps are not computed.
+        Adaptive halting (Table 4; `latent_halting` = "cosine" | "l1" | "l2" with `latent_halting_threshold`): see
+        `LatentHalting`; once every sample has halted the remaining steps are not computed.
 
         `kwargs` (`output_attentions`, `output_hidden_states`, ...) go to every language-model call; the returned
         `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
-        if latent_halting is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-            raise ValueError(
-                "Adaptive halting (latent_halting) masks each halted sample's unused latent slots in a 2D "
-                f"attention_mask [batch, length], got {type(attention_mask).__name__}. Pass the processor's 2D mask "
-                "(and no static cache)."
-            )
-        batch, length, _ = inputs_embeds.shape
+        check_halting_mask(latent_halting, attention_mask)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        num_steps = layout.num_steps
-        m = self.config.latent_tokens_per_step
-        if num_steps == 0:  # one pass of the language model alone (packed sequences included: no mask, no cache)
-            outputs = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-            return self._merge_steps({"image_hidden_states": image_features}, [outputs], outputs.past_key_values)
-        own_cache = cache is None
-        if own_cache:
-            cache = DynamicCache(config=self.config.text_config)
+        if layout.num_steps == 0:
+            # one pass of the language model alone (packed sequences included: no mask, no cache)
+            lm_output = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
+            return self._merge_lm_calls(
+                {"image_hidden_states": image_features}, [lm_output], lm_output.past_key_values
+            )
         if image_features is None:
             raise ValueError(
                 "Latent refocusing needs one image per prompt with a latent region (its <|image|> tokens and "
                 "pixel_values); use num_latent_steps=0 for multi-image prompts."
             )
+        own_cache = cache is None
+        cache = DynamicCache(config=self.config.text_config) if own_cache else cache
+        m, slots_start = self.config.latent_tokens_per_step, layout.start + 1
         rows = layout.rows.to(inputs_embeds.device) if layout.rows is not None else None
-        every_row = rows is None or bool(rows.all())
-
-        slots_start = layout.start + 1
-        num_layers = self.config.text_config.num_hidden_layers
-        track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
-        recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
-        step_outputs = [
-            self._language_model_step(
-                inputs_embeds[:, :slots_start], attention_mask, position_ids, 0, slots_start, cache, recorder, **kwargs
-            )
-        ]
+        trace = LatentTrace(rows=None if rows is None or bool(rows.all()) else rows)
+        halting = LatentHalting(
+            latent_halting, latent_halting_threshold, trace.rows, layout.num_steps, attention_mask, position_ids,
+            (slots_start, slots_start + layout.num_steps * m, m), inputs_embeds.shape[0], inputs_embeds.device,
+        )  # fmt: skip
         embedding_scale = self.embedding_scale().to(inputs_embeds.dtype)
-        latents, saliencies, windows, window_feats, attentions = [], [], [], [], []
-        slots_end = slots_start + num_steps * m
-        steps_used = torch.full((batch,), num_steps, dtype=torch.long, device=inputs_embeds.device)
-        # text-only rows neither halt (their columns hold prompt tokens) nor count latent steps
-        running = torch.ones(batch, dtype=torch.bool, device=inputs_embeds.device) if every_row else rows.clone()
-        steps_used[~running] = 0
-        halted_any = False
-        for step in range(num_steps):
-            saliency = recorder.saliency()
-            positions, features = self._window_features(saliency, image_features)
-            history = torch.cat(latents, dim=1) if latents else None
-            step_latents, attention = self._latents_for_step(
-                step_outputs[-1].last_hidden_state[:, -1],
-                features,
-                history,
-                embedding_scale,
+        feed = functools.partial(self._feed, halting=halting, cache=cache, image_positions=image_positions, **kwargs)
+        lm_output, saliency = feed(inputs_embeds[:, :slots_start], 0)  # H^(1) and its saliency
+        lm_calls = [lm_output]
+        for step in range(layout.num_steps):
+            window_position, window_features = self._select_window(saliency, image_features)  # Eq. 1-2: V_s
+            latents, extractor_attention = self._extract_latents(  # Eq. 3-5: Z^(k)
+                lm_output.last_hidden_state[:, -1], window_features, trace.history(), embedding_scale,
                 return_extractor_attention,
+            )  # fmt: skip
+            slot_embeds = inputs_embeds[:, slots_start + step * m : slots_start + (step + 1) * m]
+            trace.record(
+                LatentStep(latents, saliency, window_position, window_features, extractor_attention), slot_embeds
             )
-            step_latents = step_latents.to(inputs_embeds.dtype)
-            if not every_row:  # rows without an image keep their own tokens in these columns
-                slots = inputs_embeds[:, slots_start + step * m : slots_start + (step + 1) * m]
-                step_latents = torch.where(rows[:, None, None], step_latents, slots)
-                saliency = saliency * rows[:, None]
-                positions = positions * rows[:, None]
-            latents.append(step_latents)
-            saliencies.append(saliency)
-            windows.append(positions)
-            window_feats.append(features)
-            attentions.append(attention)
-            if latent_halting is not None and step >= 1:
-                halts = running & latent_steps_converged(
-                    latents[-1], latents[-2], latent_halting, latent_halting_threshold
-                )
-                if halts.any():
-                    if not halted_any:  # the caller's tensors are left as they were
-                        position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length).clone()
-                        attention_mask, halted_any = attention_mask.clone(), True
-                    steps_used[halts] = step + 1
-                    running &= ~halts
-                    attention_mask, position_ids = self._mask_unused_slots(
-                        attention_mask, position_ids, halts, slots_start + (step + 1) * m, slots_end
-                    )
-                if not running.any():
-                    break
-            if step < num_steps - 1:
-                start = slots_start + step * m
-                recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
-                step_outputs.append(
-                    self._language_model_step(
-                        latents[-1], attention_mask, position_ids, start, start + m, cache, recorder, **kwargs
-                    )
-                )
-
+            if halting.update(step, trace) or step == layout.num_steps - 1:
+                break
+            lm_output, saliency = feed(trace.latents, slots_start + step * m)  # H^(k+1)
+            lm_calls.append(lm_output)
         # the last computed step's latents, then (after an early stop: masked, unused slots) <|latent_end|> and the rest
-        tail_start = slots_start + (len(latents) - 1) * m
-        tail_embeds = torch.cat([latents[-1], inputs_embeds[:, tail_start + m :]], dim=1)
-        step_outputs.append(
-            self._language_model_step(
-                tail_embeds, attention_mask, position_ids, tail_start, length, cache, None, **kwargs
-            )
-        )
-        grid = self.config.patch_grid_size
-        record = {
+        tail_start = slots_start + (len(trace.steps) - 1) * m
+        tail_embeds = torch.cat([trace.latents, inputs_embeds[:, tail_start + m :]], dim=1)
+        lm_calls.append(feed(tail_embeds, tail_start, with_saliency=False)[0])
+        fields = {
             "image_hidden_states": image_features,
-            "latent_embeds": torch.stack(latents, dim=1),
-            "saliency_maps": torch.stack(saliencies, dim=1).view(batch, len(latents), grid, grid),
-            "window_positions": torch.stack(windows, dim=1),
-            "window_features": torch.stack(window_feats, dim=1),
-            "extractor_attentions": torch.stack(attentions, dim=1) if return_extractor_attention else None,
-            "latent_rows": rows.long()
-            if rows is not None
-            else torch.ones(batch, dtype=torch.long, device=inputs_embeds.device),
-            "latent_steps": steps_used,
+            **trace.output_fields(self.config.patch_grid_size, return_extractor_attention),
+            "latent_rows": rows.long() if rows is not None else torch.ones_like(halting.steps_used),
+            **halting.output_fields(),
         }
-        if latent_halting is not None:
-            record.update(halted_attention_mask=attention_mask, halted_position_ids=position_ids)
         if (
             own_cache
             and torch.is_grad_enabled()
             and (kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
         ):
-            # The per-layer outputs of the calls above are joined after the fact, so no later computation reads the
-            # joined tensors and `retain_grad()` on them would see no gradient. With autograd on, the finished
-            # sequence (prompt, latents, tail) is replayed in one pass instead: the same values (causal attention
-            # over the same embeddings) and the same gradients, now through tensors the outputs depend on.
-            final_embeds = torch.cat(
-                [inputs_embeds[:, :slots_start], *latents, inputs_embeds[:, slots_start + len(latents) * m :]], dim=1
+            replay = self._replay(inputs_embeds, trace, slots_start, halting, use_cache, **kwargs)
+            return self._merge_lm_calls(fields, [replay], replay.past_key_values)
+        return self._merge_lm_calls(fields, lm_calls, cache if use_cache else None)
+
+    def _feed(
+        self,
+        inputs_embeds: torch.Tensor,
+        start: int,
+        halting: LatentHalting,
+        cache: Cache,
+        image_positions: torch.LongTensor,
+        with_saliency: bool = True,
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPast, torch.Tensor | None]:
+        """Feed the positions [start, start + length) on top of the cache, with the mask and positions of
+        `halting`; `kwargs` (output_attentions, ...) go to the language model. Returns its output and (with
+        `with_saliency`) the saliency of its last position over the image tokens, recorded on the language model's
+        own attention backend."""
+        end = start + inputs_embeds.shape[1]
+        recorder = None
+        if with_saliency:
+            track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
+            num_layers = self.config.text_config.num_hidden_layers
+            recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
+            kwargs["saliency_recorder"] = recorder
+        with record_saliency(self.language_model, recorder):
+            lm_output = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=halting.attention_mask[:, :end],
+                position_ids=halting.position_ids[..., start:end],
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
             )
-            replay = self._single_pass(final_embeds, attention_mask, position_ids, None, use_cache, **kwargs)
-            return self._merge_steps(record, [replay], replay.past_key_values)
-        return self._merge_steps(record, step_outputs, cache if use_cache else None)
+        return lm_output, recorder.saliency() if recorder is not None else None
+
+    def _replay(
+        self,
+        inputs_embeds: torch.Tensor,
+        trace: LatentTrace,
+        slots_start: int,
+        halting: LatentHalting,
+        use_cache: bool,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """The finished sequence (prompt, latents, tail) in one pass. The per-layer outputs of the loop's calls are
+        joined after the fact, so no later computation reads the joined tensors and `retain_grad()` on them would
+        see no gradient; with autograd on and per-layer outputs asked for, this pass gives the same values (causal
+        attention over the same embeddings) and the same gradients, through tensors the outputs depend on."""
+        m = self.config.latent_tokens_per_step
+        final_embeds = torch.cat(
+            [
+                inputs_embeds[:, :slots_start],
+                *(step.latents for step in trace.steps),
+                inputs_embeds[:, slots_start + len(trace.steps) * m :],
+            ],
+            dim=1,
+        )
+        return self._single_pass(final_embeds, halting.attention_mask, halting.position_ids, None, use_cache, **kwargs)
 
     def _single_pass(
         self,
@@ -631,48 +598,31 @@ class LaReModel(LaRePreTrainedModel):
         return outputs
 
     @staticmethod
-    def _mask_unused_slots(
-        attention_mask: torch.Tensor,
-        position_ids: torch.LongTensor,
-        halts: torch.BoolTensor,
-        unused_start: int,
-        slots_end: int,
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Adaptive halting: mask the slots [unused_start, slots_end) of the halted rows out of attention and shift
-        the positions after them down by the number of slots that were still attended, so the rest of the sequence
-        sits where a run with fewer slots puts it (a slot already masked, e.g. when the caller passes back this
-        mask, shifts nothing twice)."""
-        removed = attention_mask[:, unused_start:slots_end].long().sum(-1) * halts.long()
-        attention_mask[halts, unused_start:slots_end] = 0
-        position_ids[..., slots_end:] -= removed.view(*([1] * (position_ids.dim() - 2)), -1, 1).to(position_ids.dtype)
-        return attention_mask, position_ids
-
-    @staticmethod
-    def _merge_steps(
-        record: dict[str, torch.Tensor | None], step_outputs: list[BaseModelOutputWithPast], cache: Cache | None
+    def _merge_lm_calls(
+        fields: dict[str, torch.Tensor | None], lm_calls: list[BaseModelOutputWithPast], cache: Cache | None
     ) -> LaReModelOutputWithPast:
-        """Join the language-model calls of the loop along the sequence: last hidden state, per-layer hidden
+        """The model output of the language-model calls of a run, joined along the sequence, with the latent `fields`: last hidden state, per-layer hidden
         states, and per-layer attention maps (each call's keys padded to the longest with zeros, the weight a causal
         single pass gives to future positions)."""
-        if len(step_outputs) == 1:  # one pass: its own tensors (a copy would cut them off the graph of the outputs)
-            (outputs,) = step_outputs
+        if len(lm_calls) == 1:  # one pass: its own tensors (a copy would cut them off the graph of the outputs)
+            (outputs,) = lm_calls
             return LaReModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
                 past_key_values=cache,
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
-                **record,
+                **fields,
             )
         hidden_states = attentions = None
-        if step_outputs[0].hidden_states is not None:
+        if lm_calls[0].hidden_states is not None:
             # layers left out of `output_hidden_states=[indices]` are None in every call
             hidden_states = tuple(
                 torch.cat(layer_states, dim=1) if layer_states[0] is not None else None
-                for layer_states in zip(*(outputs.hidden_states for outputs in step_outputs))
+                for layer_states in zip(*(outputs.hidden_states for outputs in lm_calls))
             )
-        if step_outputs[0].attentions:
+        if lm_calls[0].attentions:
             merged = []
-            for layer_maps in zip(*(outputs.attentions for outputs in step_outputs)):
+            for layer_maps in zip(*(outputs.attentions for outputs in lm_calls)):
                 if layer_maps[0] is None:
                     merged.append(None)
                     continue
@@ -682,11 +632,11 @@ class LaReModel(LaRePreTrainedModel):
                 )
             attentions = tuple(merged)
         return LaReModelOutputWithPast(
-            last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in step_outputs], dim=1),
+            last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in lm_calls], dim=1),
             past_key_values=cache,
             hidden_states=hidden_states,
             attentions=attentions,
-            **record,
+            **fields,
         )
 
     @can_return_tuple
@@ -740,7 +690,7 @@ class LaReModel(LaRePreTrainedModel):
             outputs = self._single_pass(
                 inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
             )
-            return self._merge_steps({}, [outputs], outputs.past_key_values)
+            return self._merge_lm_calls({}, [outputs], outputs.past_key_values)
 
         if pixel_values is None:
             layout = LatentLayout(start=None, num_steps=0)

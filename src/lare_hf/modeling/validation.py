@@ -317,6 +317,16 @@ def check_halting_not_in_training(
         )
 
 
+def check_halting_mask(latent_halting: str | None, attention_mask: Any) -> None:
+    """Adaptive halting masks each halted sample's unused latent slots: it needs a 2D attention mask."""
+    if latent_halting is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+        raise ValueError(
+            "Adaptive halting (latent_halting) masks each halted sample's unused latent slots in a 2D "
+            f"attention_mask [batch, length], got {type(attention_mask).__name__}. Pass the processor's 2D mask "
+            "(and no static cache)."
+        )
+
+
 def placeholder_token_ids(config) -> tuple[int, int, int]:
     """The ids that only a sequence's first pass encodes: `<|image|>`, `<|latent_start|>`, `<|latent|>`."""
     return (config.image_token_id, config.latent_start_token_id, config.latent_token_id)
@@ -399,6 +409,7 @@ __all__ = [
     "check_float",
     "check_forward_kwargs",
     "check_generation_inputs",
+    "check_halting_mask",
     "check_halting_not_in_training",
     "check_int",
     "check_known_keys",
