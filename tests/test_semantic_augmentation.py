@@ -204,3 +204,32 @@ def test_alignment_loss_is_eq6_on_the_forward_outputs(tiny):
     torch.testing.assert_close(out.alignment_visual_loss, visual)
     torch.testing.assert_close(out.alignment_text_loss, text)
     torch.testing.assert_close(out.alignment_loss, visual + text)
+
+
+def test_loss_terms_table_names_the_output_fields_the_weights_and_the_logged_terms(tiny):
+    from dataclasses import fields
+
+    from lare_hf.modeling.latent_losses import LOSS_TERMS
+    from lare_hf.modeling.modeling_lare import LaReCausalLMOutputWithPast
+    from lare_hf.training.trainer import LOSS_COMPONENTS
+
+    names = [term.name for term in LOSS_TERMS]
+    output_fields = [field.name for field in fields(LaReCausalLMOutputWithPast)]
+    assert output_fields[0] == "loss" and output_fields[1 : 1 + len(names)] == names
+    assert list(LOSS_COMPONENTS) == names
+    config = LaReConfig()
+    assert all(term.weight in (None, "1") or isinstance(getattr(config, term.weight), float) for term in LOSS_TERMS)
+    # the weighted sum reads its weights from the table: changing a weight in the config changes the sum
+    model, processor = tiny
+    model.train()
+    model.config.window_loss_weight = 0.0
+    out = model(**training_batch(processor), compute_latent_losses=True)
+    losses = {name: getattr(out, name) for name in names[1:] if getattr(out, name) is not None}
+    model.config.text_loss_weight = 0.25
+    expected = out.lm_loss + sum(
+        getattr(model.config, term.weight) * losses[term.name]
+        for term in LOSS_TERMS
+        if term.weight not in (None, "1") and term.name in losses
+    )
+    torch.testing.assert_close(model.weighted_loss(out.lm_loss, losses), expected)
+    model.config.text_loss_weight = 0.9

@@ -105,14 +105,16 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
 @dataclass
 class LaReCausalLMOutputWithPast(ModelOutput):
     r"""
-    loss: the weighted training objective L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text (Eq. 9-10).
-    lm_loss: next-token prediction on the answer tokens (L_ntp).
-    alignment_loss: symmetric alignment L_sym = L_Z<->T + L_Z<->V (Eq. 6), with its two parts
-        `alignment_text_loss` and `alignment_visual_loss`.
-    image_reconstruction_loss: denoising score matching of the window crops conditioned on Z^(k) (Eq. 7).
-    text_reconstruction_loss: cross-entropy of the rationale prefix predicted from the latents alone (Eq. 8).
-    window_loss: the window-grounding loss (not in the paper; `window_loss_weight`), -log of each latent step's
-        saliency share at the image token its reasoning step needs, averaged over the steps with a target.
+    loss: the weighted training objective of Eq. 10, L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text, plus the
+        window-grounding loss (not in the paper) weighted by `window_loss_weight` (see `weighted_loss`).
+    lm_loss ... window_loss: the terms of `latent_losses.LOSS_TERMS`, in its order (None where not computed):
+        lm_loss: next-token prediction on the answer tokens (L_ntp).
+        alignment_loss: symmetric alignment L_sym = L_Z<->T + L_Z<->V (Eq. 6), with its two parts
+            `alignment_text_loss` and `alignment_visual_loss`.
+        image_reconstruction_loss: denoising score matching of the window crops conditioned on Z^(k) (Eq. 7).
+        text_reconstruction_loss: cross-entropy of the rationale prefix predicted from the latents alone (Eq. 8).
+        window_loss: the window-grounding loss (not in the paper; `window_loss_weight`), -log of each latent step's
+            saliency share at the image token its reasoning step needs, averaged over the steps with a target.
     Other fields: see `LaReModelOutputWithPast`.
     """
 
