@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
 
@@ -63,7 +64,7 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
     image_hidden_states (`torch.Tensor` of shape `(batch_size, num_image_tokens, hidden_size)`):
         The projected visual tokens V_T.
     latent_embeds (`torch.Tensor` of shape `(batch_size, K, m, hidden_size)`):
-        The latent tokens Z^(1..K) written into the `<|latent|>` slots (Eq. 2-5).
+        The latent tokens Z^(1..K) written into the `<|latent|>` slots (Eq. 1-5).
     saliency_maps (`torch.Tensor` of shape `(batch_size, K, grid, grid)`):
         Attention of the last fed position to the image tokens that chose step k's window (Sec. 3.1).
     window_positions (`torch.LongTensor` of shape `(batch_size, K, 2)`):
@@ -850,7 +851,7 @@ class LaReForConditionalGeneration(LaReLatentLossesMixin, LaRePreTrainedModel, G
         r"""
         Teacher-forced forward over `prompt <|latent_start|> [K*m slots] <|latent_end|> answer`: the latent loop
         fills the slots (Eq. 1-5), then the answer is scored with next-token prediction on `labels` (-100 on the
-        prompt and the latent region), plus the semantic-augmentation losses (Eq. 6-10).
+        prompt and the latent region), plus the semantic-augmentation losses (Eq. 6-8, summed with L_ntp as in Eq. 10).
 
         rationale_input_ids / rationale_attention_mask: the tokenized explicit rationale (right-padded), needed by
             L_Z<->T (Eq. 6) and L_text (Eq. 8).
@@ -884,12 +885,7 @@ class LaReForConditionalGeneration(LaReLatentLossesMixin, LaRePreTrainedModel, G
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
         lm_loss = None
         if labels is not None:
