@@ -1,17 +1,23 @@
-"""The record of a latent refocusing run (Eq. 1-5) and its adaptive halting (Table 4).
+"""The latent refocusing loop (Sec. 3.1, Eq. 1-5): `LaReLatentRefocusMixin.latent_refocus`, run by `LaReModel`.
 
-`LaReModel.latent_refocus` runs the loop; what each step k chose and produced is a `LatentStep` in the run's
-`LatentTrace`, and `LatentHalting` decides which samples stop early and keeps the attention mask and positions the
-language-model calls use.
+What each step k chose and produced is a `LatentStep` in the run's `LatentTrace`; `LatentHalting` decides which
+samples stop early (Table 4) and keeps the attention mask and positions the language-model calls use.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .refocus import latent_steps_converged
+from .latent_region import LatentLayout
+from .outputs import LaReModelOutputWithPast
+from .refocus import SaliencyRecorder, check_latent_halting, latent_steps_converged, record_saliency, select_windows
+from .validation import check_halting_mask
 
 
 @dataclass
@@ -143,4 +149,268 @@ def mask_unused_slots(
     return attention_mask, position_ids
 
 
-__all__ = ["LatentHalting", "LatentStep", "LatentTrace", "mask_unused_slots"]
+class LaReLatentRefocusMixin:
+    """The latent refocusing loop of `LaReModel` (which holds `language_model`, `extractor` and `config`)."""
+
+    @torch.no_grad()
+    def embedding_scale(self) -> torch.Tensor:
+        """RMS of the LM's token embeddings, the scale latents are normalised to. A statistic over the whole
+        vocabulary, so it is recomputed only when the embedding weight changed (an optimizer step, a resize, a move)
+        rather than on every forward / generate call."""
+        weight = self.get_input_embeddings().weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        cached = getattr(self, "_embedding_scale_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.float().pow(2).mean().sqrt())
+            self._embedding_scale_cache = cached
+        return cached[1]
+
+    def _select_window(
+        self, saliency: torch.Tensor, image_features: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The sliding window (Sec. 3.1): each sample's window position and V_s, the visual tokens of V_T under its
+        most salient window; the whole grid when the window is ablated."""
+        batch = image_features.shape[0]
+        if not self.config.use_sliding_window:
+            return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
+        config = self.config
+        positions, token_indices = select_windows(
+            saliency, config.patch_grid_size, config.window_size, config.window_stride
+        )
+        index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
+        return positions, image_features.gather(1, index)
+
+    def _extract_latents(
+        self,
+        last_hidden: torch.Tensor,
+        window_features: torch.Tensor,
+        history: torch.Tensor | None,
+        embedding_scale: torch.Tensor,
+        return_attention: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Z^(k) from the Extractor (Eq. 3-5) given H^(k), V_s and Z^(<k), or the pooled window when the Extractor
+        is ablated."""
+        if self.extractor is not None:
+            return self.extractor(last_hidden, window_features, history, embedding_scale, return_attention)
+        m = self.config.latent_tokens_per_step
+        pooled = F.adaptive_avg_pool1d(window_features.transpose(1, 2), m).transpose(1, 2)
+        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6) * embedding_scale
+        return pooled, None
+
+    def latent_refocus(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layout: LatentLayout,
+        image_features: torch.Tensor | None,
+        image_positions: torch.LongTensor | None,
+        cache: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool = True,
+        return_extractor_attention: bool = False,
+        latent_halting: str | None = None,
+        latent_halting_threshold: float | None = None,
+        **kwargs,
+    ) -> LaReModelOutputWithPast:
+        """The latent refocusing loop (Eq. 1-5), run by `forward()` for a fresh sequence (also the prefill step of
+        `generate()`), in K+1 language-model calls on one KV cache:
+
+        1. Feed the prompt through `<|latent_start|>`: H^(1) and the saliency of its last position over V_T.
+        2. For k = 1..K: select the window V_s of V_T with the largest saliency (Eq. 1-2); the Extractor turns
+           (H^(k), V_s, Z^(<k)) into Z^(k) (Eq. 3-5); record the step; stop the samples that halt; for k < K feed
+           Z^(k) into its m slots, which gives H^(k+1) and the next saliency.
+        3. Feed the rest (Z^(K), `<|latent_end|>`, a teacher-forced answer) in one call.
+
+        Rows without an image (`layout.rows` False) have no latent region: their tokens in the region's columns are
+        fed as they are (in the same chunks, on the same cache, which gives what one pass gives), so they continue
+        exactly as the prompt alone with K=0; the windows and latents the loop computes for them are discarded.
+        Adaptive halting (Table 4; `latent_halting` = "cosine" | "l1" | "l2" with `latent_halting_threshold`): see
+        `LatentHalting`; once every sample has halted the remaining steps are not computed.
+
+        `kwargs` (`output_attentions`, `output_hidden_states`, ...) go to every language-model call; the returned
+        `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
+        """
+        check_latent_halting(latent_halting, latent_halting_threshold)
+        check_halting_mask(latent_halting, attention_mask)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if layout.num_steps == 0:
+            # one pass of the language model alone (packed sequences included: no mask, no cache)
+            lm_output = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
+            return self._merge_lm_calls(
+                {"image_hidden_states": image_features}, [lm_output], lm_output.past_key_values
+            )
+        if image_features is None:
+            raise ValueError(
+                "Latent refocusing needs one image per prompt with a latent region (its <|image|> tokens and "
+                "pixel_values); use num_latent_steps=0 for multi-image prompts."
+            )
+        own_cache = cache is None
+        cache = DynamicCache(config=self.config.text_config) if own_cache else cache
+        m, slots_start = self.config.latent_tokens_per_step, layout.start + 1
+        rows = layout.rows.to(inputs_embeds.device) if layout.rows is not None else None
+        trace = LatentTrace(rows=None if rows is None or bool(rows.all()) else rows)
+        halting = LatentHalting(
+            latent_halting, latent_halting_threshold, trace.rows, layout.num_steps, attention_mask, position_ids,
+            (slots_start, slots_start + layout.num_steps * m, m), inputs_embeds.shape[0], inputs_embeds.device,
+        )  # fmt: skip
+        embedding_scale = self.embedding_scale().to(inputs_embeds.dtype)
+        feed = functools.partial(self._feed, halting=halting, cache=cache, image_positions=image_positions, **kwargs)
+        lm_output, saliency = feed(inputs_embeds[:, :slots_start], 0)  # H^(1) and its saliency
+        lm_calls = [lm_output]
+        for step in range(layout.num_steps):
+            window_position, window_features = self._select_window(saliency, image_features)  # Eq. 1-2: V_s
+            latents, extractor_attention = self._extract_latents(  # Eq. 3-5: Z^(k)
+                lm_output.last_hidden_state[:, -1], window_features, trace.history(), embedding_scale,
+                return_extractor_attention,
+            )  # fmt: skip
+            slot_embeds = inputs_embeds[:, slots_start + step * m : slots_start + (step + 1) * m]
+            trace.record(
+                LatentStep(latents, saliency, window_position, window_features, extractor_attention), slot_embeds
+            )
+            if halting.update(step, trace) or step == layout.num_steps - 1:
+                break
+            lm_output, saliency = feed(trace.latents, slots_start + step * m)  # H^(k+1)
+            lm_calls.append(lm_output)
+        # the last computed step's latents, then (after an early stop: masked, unused slots) <|latent_end|> and the rest
+        tail_start = slots_start + (len(trace.steps) - 1) * m
+        tail_embeds = torch.cat([trace.latents, inputs_embeds[:, tail_start + m :]], dim=1)
+        lm_calls.append(feed(tail_embeds, tail_start, with_saliency=False)[0])
+        fields = {
+            "image_hidden_states": image_features,
+            **trace.output_fields(self.config.patch_grid_size, return_extractor_attention),
+            "latent_rows": rows.long() if rows is not None else torch.ones_like(halting.steps_used),
+            **halting.output_fields(),
+        }
+        if (
+            own_cache
+            and torch.is_grad_enabled()
+            and (kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+        ):
+            replay = self._replay(inputs_embeds, trace, slots_start, halting, use_cache, **kwargs)
+            return self._merge_lm_calls(fields, [replay], replay.past_key_values)
+        return self._merge_lm_calls(fields, lm_calls, cache if use_cache else None)
+
+    def _feed(
+        self,
+        inputs_embeds: torch.Tensor,
+        start: int,
+        halting: LatentHalting,
+        cache: Cache,
+        image_positions: torch.LongTensor,
+        with_saliency: bool = True,
+        **kwargs,
+    ) -> tuple[BaseModelOutputWithPast, torch.Tensor | None]:
+        """Feed the positions [start, start + length) on top of the cache, with the mask and positions of
+        `halting`; `kwargs` (output_attentions, ...) go to the language model. Returns its output and (with
+        `with_saliency`) the saliency of its last position over the image tokens, recorded on the language model's
+        own attention backend."""
+        end = start + inputs_embeds.shape[1]
+        recorder = None
+        if with_saliency:
+            track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
+            num_layers = self.config.text_config.num_hidden_layers
+            recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
+            kwargs["saliency_recorder"] = recorder
+        with record_saliency(self.language_model, recorder):
+            lm_output = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=halting.attention_mask[:, :end],
+                position_ids=halting.position_ids[..., start:end],
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return lm_output, recorder.saliency() if recorder is not None else None
+
+    def _replay(
+        self,
+        inputs_embeds: torch.Tensor,
+        trace: LatentTrace,
+        slots_start: int,
+        halting: LatentHalting,
+        use_cache: bool,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """The finished sequence (prompt, latents, tail) in one pass. The per-layer outputs of the loop's calls are
+        joined after the fact, so no later computation reads the joined tensors and `retain_grad()` on them would
+        see no gradient; with autograd on and per-layer outputs asked for, this pass gives the same values (causal
+        attention over the same embeddings) and the same gradients, through tensors the outputs depend on."""
+        m = self.config.latent_tokens_per_step
+        final_embeds = torch.cat(
+            [
+                inputs_embeds[:, :slots_start],
+                *(step.latents for step in trace.steps),
+                inputs_embeds[:, slots_start + len(trace.steps) * m :],
+            ],
+            dim=1,
+        )
+        return self._single_pass(final_embeds, halting.attention_mask, halting.position_ids, None, use_cache, **kwargs)
+
+    def _single_pass(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """The language model over a whole sequence at once (its own cache when `cache` is None and `use_cache`);
+        `past_key_values` of the result is None without `use_cache`."""
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if not use_cache:
+            outputs.past_key_values = None
+        return outputs
+
+    @staticmethod
+    def _merge_lm_calls(
+        fields: dict[str, torch.Tensor | None], lm_calls: list[BaseModelOutputWithPast], cache: Cache | None
+    ) -> LaReModelOutputWithPast:
+        """The model output of the language-model calls of a run, joined along the sequence, with the latent `fields`: last hidden state, per-layer hidden
+        states, and per-layer attention maps (each call's keys padded to the longest with zeros, the weight a causal
+        single pass gives to future positions)."""
+        if len(lm_calls) == 1:  # one pass: its own tensors (a copy would cut them off the graph of the outputs)
+            (outputs,) = lm_calls
+            return LaReModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state,
+                past_key_values=cache,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                **fields,
+            )
+        hidden_states = attentions = None
+        if lm_calls[0].hidden_states is not None:
+            # layers left out of `output_hidden_states=[indices]` are None in every call
+            hidden_states = tuple(
+                torch.cat(layer_states, dim=1) if layer_states[0] is not None else None
+                for layer_states in zip(*(outputs.hidden_states for outputs in lm_calls))
+            )
+        if lm_calls[0].attentions:
+            merged = []
+            for layer_maps in zip(*(outputs.attentions for outputs in lm_calls)):
+                if layer_maps[0] is None:
+                    merged.append(None)
+                    continue
+                key_length = max(attention.shape[-1] for attention in layer_maps)
+                merged.append(
+                    torch.cat([F.pad(attention, (0, key_length - attention.shape[-1])) for attention in layer_maps], 2)
+                )
+            attentions = tuple(merged)
+        return LaReModelOutputWithPast(
+            last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in lm_calls], dim=1),
+            past_key_values=cache,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            **fields,
+        )
+
+
+__all__ = ["LaReLatentRefocusMixin", "LatentHalting", "LatentStep", "LatentTrace", "mask_unused_slots"]

@@ -25,7 +25,7 @@ from .losses import text_prefix_loss
 from .validation import check_tensor
 
 if TYPE_CHECKING:
-    from .modeling_lare import LaReModelOutputWithPast
+    from .outputs import LaReModelOutputWithPast
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (
@@ -22,10 +19,9 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_masks_for_generate
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
@@ -34,113 +30,22 @@ from .builders import from_components
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
-from .latent_loop import LatentHalting, LatentStep, LatentTrace
+from .generation import LaReGenerationHooksMixin
+from .latent_loop import LaReLatentRefocusMixin
 from .latent_losses import LaReLatentLossesMixin
 from .latent_region import LatentLayout, latent_layout, rewrite_latent_steps
 from .losses import LaReAlignmentHead
 from .model_card import write_model_card
+from .outputs import LaReCausalLMOutputWithPast, LaReModelOutputWithPast
 from .reconstruction import LaReImageReconstructor
-from .refocus import (
-    SaliencyRecorder,
-    check_latent_halting,
-    record_saliency,
-    select_windows,
-)
 from .validation import (
     check_continuation,
     check_forward_kwargs,
-    check_generation_inputs,
-    check_halting_mask,
     check_halting_not_in_training,
     check_model_inputs,
     check_training_inputs,
     warn_placeholders_without_pixels,
 )
-
-
-@dataclass
-class LaReModelOutputWithPast(BaseModelOutputWithPast):
-    r"""
-    image_hidden_states (`torch.Tensor` of shape `(batch_size, num_image_tokens, hidden_size)`):
-        The projected visual tokens V_T.
-    latent_embeds (`torch.Tensor` of shape `(batch_size, K, m, hidden_size)`):
-        The latent tokens Z^(1..K) written into the `<|latent|>` slots (Eq. 1-5).
-    saliency_maps (`torch.Tensor` of shape `(batch_size, K, grid, grid)`):
-        Attention of the last fed position to the image tokens that chose step k's window (Sec. 3.1).
-    window_positions (`torch.LongTensor` of shape `(batch_size, K, 2)`):
-        (row, column) in the patch grid of the top-left corner of each step's window.
-    window_features (`torch.Tensor` of shape `(batch_size, K, window_tokens, hidden_size)`):
-        V_s, the visual tokens under each step's window.
-    extractor_attentions (`torch.Tensor` of shape `(batch_size, K, m, window_tokens)`, *optional*):
-        The Extractor's last cross-attention over V_s (only with `return_extractor_attention=True`).
-    latent_rows (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-        1 for the rows that ran the latent phase: those with an image (and a latent region); a 0/1 mask like
-        `attention_mask` (not bool, so outputs stay comparable by subtraction as transformers' tests compare them).
-        A text-only row has no region and runs as its prompt with K=0; its entries of the latent fields are
-        placeholders (its own token embeddings in the region's columns, zero saliency, window at (0, 0), zero window
-        features). None when no row has a latent region.
-    latent_steps (`torch.LongTensor` of shape `(batch_size,)`):
-        The number of latent steps each sample used: K, or fewer where adaptive halting (`latent_halting`) stopped
-        it; 0 for a text-only row (no latent phase). Entries of the per-step fields past a sample's count belong to
-        slots it masked out.
-    halted_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        With adaptive halting: the attention mask with each halted sample's unused latent slots set to 0 (what the
-        decoding steps of `generate()` continue with).
-    halted_position_ids (`torch.LongTensor`, *optional*):
-        With adaptive halting: the position ids the sequence was run with (a halted sample's positions after its
-        last step count on as if its unused slots were not there).
-    """
-
-    image_hidden_states: torch.Tensor | None = None
-    latent_embeds: torch.Tensor | None = None
-    saliency_maps: torch.Tensor | None = None
-    window_positions: torch.LongTensor | None = None
-    window_features: torch.Tensor | None = None
-    extractor_attentions: torch.Tensor | None = None
-    latent_rows: torch.LongTensor | None = None
-    latent_steps: torch.LongTensor | None = None
-    halted_attention_mask: torch.LongTensor | None = None
-    halted_position_ids: torch.LongTensor | None = None
-
-
-@dataclass
-class LaReCausalLMOutputWithPast(ModelOutput):
-    r"""
-    loss: the weighted training objective of Eq. 10, L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text, plus the
-        window-grounding loss (not in the paper) weighted by `window_loss_weight` (see `weighted_loss`).
-    lm_loss ... window_loss: the terms of `latent_losses.LOSS_TERMS`, in its order (None where not computed):
-        lm_loss: next-token prediction on the answer tokens (L_ntp).
-        alignment_loss: symmetric alignment L_sym = L_Z<->T + L_Z<->V (Eq. 6), with its two parts
-            `alignment_text_loss` and `alignment_visual_loss`.
-        image_reconstruction_loss: denoising score matching of the window crops conditioned on Z^(k) (Eq. 7).
-        text_reconstruction_loss: cross-entropy of the rationale prefix predicted from the latents alone (Eq. 8).
-        window_loss: the window-grounding loss (not in the paper; `window_loss_weight`), -log of each latent step's
-            saliency share at the image token its reasoning step needs, averaged over the steps with a target.
-    Other fields: see `LaReModelOutputWithPast`.
-    """
-
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    alignment_loss: torch.Tensor | None = None
-    alignment_text_loss: torch.Tensor | None = None
-    alignment_visual_loss: torch.Tensor | None = None
-    image_reconstruction_loss: torch.Tensor | None = None
-    text_reconstruction_loss: torch.Tensor | None = None
-    window_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    latent_embeds: torch.Tensor | None = None
-    saliency_maps: torch.Tensor | None = None
-    window_positions: torch.LongTensor | None = None
-    window_features: torch.Tensor | None = None
-    extractor_attentions: torch.Tensor | None = None
-    latent_rows: torch.LongTensor | None = None
-    latent_steps: torch.LongTensor | None = None
-    halted_attention_mask: torch.LongTensor | None = None
-    halted_position_ids: torch.LongTensor | None = None
 
 
 class LaReMultiModalProjector(nn.Module):
@@ -243,7 +148,7 @@ class LaRePreTrainedModel(PreTrainedModel):
             module.reset_parameters()  # learnable log(1/tau) starts at log(1/alignment_temperature)
 
 
-class LaReModel(LaRePreTrainedModel):
+class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
     """Vision tower + projector + language model + Extractor, and the latent refocusing loop (Eq. 1-5)."""
 
     # A full checkpoint (LaReForConditionalGeneration) also holds the LM head and the training-only heads of
@@ -382,266 +287,6 @@ class LaReModel(LaRePreTrainedModel):
             return inputs_embeds, features, image_positions
         return inputs_embeds, None, None
 
-    @torch.no_grad()
-    def embedding_scale(self) -> torch.Tensor:
-        """RMS of the LM's token embeddings, the scale latents are normalised to. A statistic over the whole
-        vocabulary, so it is recomputed only when the embedding weight changed (an optimizer step, a resize, a move)
-        rather than on every forward / generate call."""
-        weight = self.get_input_embeddings().weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
-        cached = getattr(self, "_embedding_scale_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, weight.float().pow(2).mean().sqrt())
-            self._embedding_scale_cache = cached
-        return cached[1]
-
-    def _select_window(
-        self, saliency: torch.Tensor, image_features: torch.Tensor
-    ) -> tuple[torch.LongTensor, torch.Tensor]:
-        """The sliding window (Sec. 3.1): each sample's window position and V_s, the visual tokens of V_T under its
-        most salient window; the whole grid when the window is ablated."""
-        batch = image_features.shape[0]
-        if not self.config.use_sliding_window:
-            return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
-        config = self.config
-        positions, token_indices = select_windows(
-            saliency, config.patch_grid_size, config.window_size, config.window_stride
-        )
-        index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
-        return positions, image_features.gather(1, index)
-
-    def _extract_latents(
-        self,
-        last_hidden: torch.Tensor,
-        window_features: torch.Tensor,
-        history: torch.Tensor | None,
-        embedding_scale: torch.Tensor,
-        return_attention: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Z^(k) from the Extractor (Eq. 3-5) given H^(k), V_s and Z^(<k), or the pooled window when the Extractor
-        is ablated."""
-        if self.extractor is not None:
-            return self.extractor(last_hidden, window_features, history, embedding_scale, return_attention)
-        m = self.config.latent_tokens_per_step
-        pooled = F.adaptive_avg_pool1d(window_features.transpose(1, 2), m).transpose(1, 2)
-        pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6) * embedding_scale
-        return pooled, None
-
-    def latent_refocus(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        layout: LatentLayout,
-        image_features: torch.Tensor | None,
-        image_positions: torch.LongTensor | None,
-        cache: Cache | None = None,
-        position_ids: torch.LongTensor | None = None,
-        use_cache: bool = True,
-        return_extractor_attention: bool = False,
-        latent_halting: str | None = None,
-        latent_halting_threshold: float | None = None,
-        **kwargs,
-    ) -> LaReModelOutputWithPast:
-        """The latent refocusing loop (Eq. 1-5), run by `forward()` for a fresh sequence (also the prefill step of
-        `generate()`), in K+1 language-model calls on one KV cache:
-
-        1. Feed the prompt through `<|latent_start|>`: H^(1) and the saliency of its last position over V_T.
-        2. For k = 1..K: select the window V_s of V_T with the largest saliency (Eq. 1-2); the Extractor turns
-           (H^(k), V_s, Z^(<k)) into Z^(k) (Eq. 3-5); record the step; stop the samples that halt; for k < K feed
-           Z^(k) into its m slots, which gives H^(k+1) and the next saliency.
-        3. Feed the rest (Z^(K), `<|latent_end|>`, a teacher-forced answer) in one call.
-
-        Rows without an image (`layout.rows` False) have no latent region: their tokens in the region's columns are
-        fed as they are (in the same chunks, on the same cache, which gives what one pass gives), so they continue
-        exactly as the prompt alone with K=0; the windows and latents the loop computes for them are discarded.
-        Adaptive halting (Table 4; `latent_halting` = "cosine" | "l1" | "l2" with `latent_halting_threshold`): see
-        `LatentHalting`; once every sample has halted the remaining steps are not computed.
-
-        `kwargs` (`output_attentions`, `output_hidden_states`, ...) go to every language-model call; the returned
-        `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
-        """
-        check_latent_halting(latent_halting, latent_halting_threshold)
-        check_halting_mask(latent_halting, attention_mask)
-        if position_ids is None and attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if layout.num_steps == 0:
-            # one pass of the language model alone (packed sequences included: no mask, no cache)
-            lm_output = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-            return self._merge_lm_calls(
-                {"image_hidden_states": image_features}, [lm_output], lm_output.past_key_values
-            )
-        if image_features is None:
-            raise ValueError(
-                "Latent refocusing needs one image per prompt with a latent region (its <|image|> tokens and "
-                "pixel_values); use num_latent_steps=0 for multi-image prompts."
-            )
-        own_cache = cache is None
-        cache = DynamicCache(config=self.config.text_config) if own_cache else cache
-        m, slots_start = self.config.latent_tokens_per_step, layout.start + 1
-        rows = layout.rows.to(inputs_embeds.device) if layout.rows is not None else None
-        trace = LatentTrace(rows=None if rows is None or bool(rows.all()) else rows)
-        halting = LatentHalting(
-            latent_halting, latent_halting_threshold, trace.rows, layout.num_steps, attention_mask, position_ids,
-            (slots_start, slots_start + layout.num_steps * m, m), inputs_embeds.shape[0], inputs_embeds.device,
-        )  # fmt: skip
-        embedding_scale = self.embedding_scale().to(inputs_embeds.dtype)
-        feed = functools.partial(self._feed, halting=halting, cache=cache, image_positions=image_positions, **kwargs)
-        lm_output, saliency = feed(inputs_embeds[:, :slots_start], 0)  # H^(1) and its saliency
-        lm_calls = [lm_output]
-        for step in range(layout.num_steps):
-            window_position, window_features = self._select_window(saliency, image_features)  # Eq. 1-2: V_s
-            latents, extractor_attention = self._extract_latents(  # Eq. 3-5: Z^(k)
-                lm_output.last_hidden_state[:, -1], window_features, trace.history(), embedding_scale,
-                return_extractor_attention,
-            )  # fmt: skip
-            slot_embeds = inputs_embeds[:, slots_start + step * m : slots_start + (step + 1) * m]
-            trace.record(
-                LatentStep(latents, saliency, window_position, window_features, extractor_attention), slot_embeds
-            )
-            if halting.update(step, trace) or step == layout.num_steps - 1:
-                break
-            lm_output, saliency = feed(trace.latents, slots_start + step * m)  # H^(k+1)
-            lm_calls.append(lm_output)
-        # the last computed step's latents, then (after an early stop: masked, unused slots) <|latent_end|> and the rest
-        tail_start = slots_start + (len(trace.steps) - 1) * m
-        tail_embeds = torch.cat([trace.latents, inputs_embeds[:, tail_start + m :]], dim=1)
-        lm_calls.append(feed(tail_embeds, tail_start, with_saliency=False)[0])
-        fields = {
-            "image_hidden_states": image_features,
-            **trace.output_fields(self.config.patch_grid_size, return_extractor_attention),
-            "latent_rows": rows.long() if rows is not None else torch.ones_like(halting.steps_used),
-            **halting.output_fields(),
-        }
-        if (
-            own_cache
-            and torch.is_grad_enabled()
-            and (kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
-        ):
-            replay = self._replay(inputs_embeds, trace, slots_start, halting, use_cache, **kwargs)
-            return self._merge_lm_calls(fields, [replay], replay.past_key_values)
-        return self._merge_lm_calls(fields, lm_calls, cache if use_cache else None)
-
-    def _feed(
-        self,
-        inputs_embeds: torch.Tensor,
-        start: int,
-        halting: LatentHalting,
-        cache: Cache,
-        image_positions: torch.LongTensor,
-        with_saliency: bool = True,
-        **kwargs,
-    ) -> tuple[BaseModelOutputWithPast, torch.Tensor | None]:
-        """Feed the positions [start, start + length) on top of the cache, with the mask and positions of
-        `halting`; `kwargs` (output_attentions, ...) go to the language model. Returns its output and (with
-        `with_saliency`) the saliency of its last position over the image tokens, recorded on the language model's
-        own attention backend."""
-        end = start + inputs_embeds.shape[1]
-        recorder = None
-        if with_saliency:
-            track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
-            num_layers = self.config.text_config.num_hidden_layers
-            recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
-            kwargs["saliency_recorder"] = recorder
-        with record_saliency(self.language_model, recorder):
-            lm_output = self.language_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=halting.attention_mask[:, :end],
-                position_ids=halting.position_ids[..., start:end],
-                past_key_values=cache,
-                use_cache=True,
-                **kwargs,
-            )
-        return lm_output, recorder.saliency() if recorder is not None else None
-
-    def _replay(
-        self,
-        inputs_embeds: torch.Tensor,
-        trace: LatentTrace,
-        slots_start: int,
-        halting: LatentHalting,
-        use_cache: bool,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """The finished sequence (prompt, latents, tail) in one pass. The per-layer outputs of the loop's calls are
-        joined after the fact, so no later computation reads the joined tensors and `retain_grad()` on them would
-        see no gradient; with autograd on and per-layer outputs asked for, this pass gives the same values (causal
-        attention over the same embeddings) and the same gradients, through tensors the outputs depend on."""
-        m = self.config.latent_tokens_per_step
-        final_embeds = torch.cat(
-            [
-                inputs_embeds[:, :slots_start],
-                *(step.latents for step in trace.steps),
-                inputs_embeds[:, slots_start + len(trace.steps) * m :],
-            ],
-            dim=1,
-        )
-        return self._single_pass(final_embeds, halting.attention_mask, halting.position_ids, None, use_cache, **kwargs)
-
-    def _single_pass(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-        cache: Cache | None,
-        use_cache: bool,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """The language model over a whole sequence at once (its own cache when `cache` is None and `use_cache`);
-        `past_key_values` of the result is None without `use_cache`."""
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        if not use_cache:
-            outputs.past_key_values = None
-        return outputs
-
-    @staticmethod
-    def _merge_lm_calls(
-        fields: dict[str, torch.Tensor | None], lm_calls: list[BaseModelOutputWithPast], cache: Cache | None
-    ) -> LaReModelOutputWithPast:
-        """The model output of the language-model calls of a run, joined along the sequence, with the latent `fields`: last hidden state, per-layer hidden
-        states, and per-layer attention maps (each call's keys padded to the longest with zeros, the weight a causal
-        single pass gives to future positions)."""
-        if len(lm_calls) == 1:  # one pass: its own tensors (a copy would cut them off the graph of the outputs)
-            (outputs,) = lm_calls
-            return LaReModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state,
-                past_key_values=cache,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-                **fields,
-            )
-        hidden_states = attentions = None
-        if lm_calls[0].hidden_states is not None:
-            # layers left out of `output_hidden_states=[indices]` are None in every call
-            hidden_states = tuple(
-                torch.cat(layer_states, dim=1) if layer_states[0] is not None else None
-                for layer_states in zip(*(outputs.hidden_states for outputs in lm_calls))
-            )
-        if lm_calls[0].attentions:
-            merged = []
-            for layer_maps in zip(*(outputs.attentions for outputs in lm_calls)):
-                if layer_maps[0] is None:
-                    merged.append(None)
-                    continue
-                key_length = max(attention.shape[-1] for attention in layer_maps)
-                merged.append(
-                    torch.cat([F.pad(attention, (0, key_length - attention.shape[-1])) for attention in layer_maps], 2)
-                )
-            attentions = tuple(merged)
-        return LaReModelOutputWithPast(
-            last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in lm_calls], dim=1),
-            past_key_values=cache,
-            hidden_states=hidden_states,
-            attentions=attentions,
-            **fields,
-        )
-
     @can_return_tuple
     def forward(
         self,
@@ -737,7 +382,9 @@ class LaReModel(LaRePreTrainedModel):
         )
 
 
-class LaReForConditionalGeneration(LaReLatentLossesMixin, LaRePreTrainedModel, GenerationMixin):
+class LaReForConditionalGeneration(
+    LaReLatentLossesMixin, LaReGenerationHooksMixin, LaRePreTrainedModel, GenerationMixin
+):
     """LaRe with a language-modeling head; `generate()` runs the latent loop, then decodes with GenerationMixin."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -968,97 +615,6 @@ class LaReForConditionalGeneration(LaReLatentLossesMixin, LaRePreTrainedModel, G
         pad = self.generation_config.pad_token_id if self.generation_config is not None else None
         pad = pad if isinstance(pad, int) else 0
         return rewrite_latent_steps(input_ids, attention_mask, num_latent_steps, self.config, pad)
-
-    def create_masks_for_generate(
-        self, attention_mask: torch.Tensor | None = None, is_first_iteration=False, **kwargs
-    ):
-        """With a static cache GenerationMixin prebuilds 4D masks; the prefill step runs the latent loop, which feeds
-        the sequence in several calls and builds each call's mask from the 2D padding mask, so it keeps that."""
-        if is_first_iteration:
-            return attention_mask
-        return create_masks_for_generate(
-            attention_mask=attention_mask, is_first_iteration=is_first_iteration, **kwargs
-        )
-
-    def _update_model_kwargs_for_generation(
-        self,
-        outputs: ModelOutput,
-        model_kwargs: dict,
-        is_encoder_decoder: bool = False,
-        num_new_tokens: int = 1,
-    ) -> dict:
-        """As GenerationMixin's; after a pass that halted samples early (adaptive halting), decoding continues with
-        the mask and positions in which their unused latent slots are gone, and `generate()` reports the step
-        counts."""
-        if getattr(outputs, "halted_attention_mask", None) is not None:
-            model_kwargs["attention_mask"] = outputs.halted_attention_mask
-            if model_kwargs.get("position_ids") is not None:
-                model_kwargs["position_ids"] = outputs.halted_position_ids
-            self._halted_latent_steps = outputs.latent_steps
-        return super()._update_model_kwargs_for_generation(
-            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        num_latent_steps: int | None = None,
-        latent_halting: str | None = None,
-        latent_halting_threshold: float | None = None,
-        **kwargs,
-    ):
-        """`GenerationMixin.generate`, whose prefill step (`forward()` on the fresh prompt) runs the latent loop;
-        decoding then continues from the latent-filled cache. Every decoding mode and output option of
-        GenerationMixin applies (`return_dict_in_generate`, `output_scores`, beam search, `use_cache=False`, a static
-        cache, `inputs_embeds`, ...), except assisted / prompt-lookup decoding, which is refused.
-
-        `num_latent_steps` rewrites the latent region of the prompts with an image to K x m slots first (0 = plain
-        LLaVA baseline). The latent phase refocuses on the image, so a text-only prompt runs without one whatever K
-        is (a latent region it carries is removed): it is answered exactly as with K=0, alone or batched with image
-        prompts. The returned sequences still start with the caller's `input_ids`, so `out[:, input_ids.shape[1]:]`
-        is the answer for any K.
-
-        `latent_halting` ("cosine" | "l1" | "l2") with `latent_halting_threshold`: adaptive halting (Table 4). Each
-        sample stops its latent phase after the first step k >= 2 whose latents Z^(k) have converged to Z^(k-1)
-        (cosine similarity >= threshold, or L1 / L2 distance <= threshold, see `latent_step_distance`), at the latest
-        after K; its answer is then the one `num_latent_steps=k` gives it. With `return_dict_in_generate=True` the
-        output's `latent_steps` (`[batch]`) holds each sample's step count.
-        """
-        check_latent_halting(latent_halting, latent_halting_threshold)
-        check_generation_inputs(input_ids, num_latent_steps, latent_halting, kwargs)
-        if latent_halting is not None:
-            kwargs.update(latent_halting=latent_halting, latent_halting_threshold=latent_halting_threshold)
-        prompt_ids = input_ids
-        if input_ids is not None and input_ids.shape[1] > 0 and kwargs.get("past_key_values") is None:
-            rewritten = self.set_latent_steps(
-                input_ids,
-                attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-                num_latent_steps,
-            )
-            if rewritten[0] is not input_ids:
-                input_ids, attention_mask = rewritten
-        self._halted_latent_steps = None
-        outputs = super().generate(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, **kwargs
-        )
-        latent_steps, self._halted_latent_steps = self._halted_latent_steps, None
-        if latent_steps is not None and not isinstance(outputs, torch.Tensor):
-            outputs["latent_steps"] = latent_steps
-        if prompt_ids is None or input_ids is prompt_ids:
-            return outputs
-        # K changed the prompt's length: hand back the caller's prompt followed by the new tokens.
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        repeats = sequences.shape[0] // prompt_ids.shape[0]
-        sequences = torch.cat(
-            [prompt_ids.repeat_interleave(repeats, dim=0), sequences[:, input_ids.shape[1] :]], dim=1
-        )
-        if isinstance(outputs, torch.Tensor):
-            return sequences
-        outputs.sequences = sequences
-        return outputs
 
 
 __all__ = ["LaRePreTrainedModel", "LaReModel", "LaReForConditionalGeneration"]
