@@ -2,7 +2,8 @@
 
 The processor writes K*m `<|latent|>` slots between the two markers; the latent loop (Eq. 1-5) fills them with
 Z^(1..K). `find_latent_regions` parses a batch once; `latent_layout` checks that the region can be run (aligned
-columns, K*m slots, an image per row that carries one) and `rewrite_latent_steps` rewrites it to another K.
+columns, K*m slots, an image per row that carries one) and `rewrite_latent_steps` rewrites it to another K. Given
+`inputs_embeds` instead of ids, `placeholder_ids_from_embeds` recovers the placeholder ids they are parsed from.
 """
 
 from __future__ import annotations
@@ -53,6 +54,27 @@ def find_latent_regions(input_ids: torch.LongTensor, config: LaReConfig) -> Late
         start_columns=starts.int().argmax(dim=1),
         end_columns=ends.int().argmax(dim=1),
     )
+
+
+def placeholder_ids_from_embeds(
+    inputs_embeds: torch.Tensor, embedding: torch.nn.Module, config: LaReConfig
+) -> torch.LongTensor:
+    """Token ids of the `<|image|>` and latent-region placeholders in `inputs_embeds`, found by comparing each
+    position with their token embeddings (as transformers' VLMs find image tokens); -1 elsewhere. Embeddings
+    whose latent slots are already filled (no `<|latent|>` embedding left) have no latent region to run."""
+
+    def positions_of(token_id: int) -> torch.Tensor:
+        token = embedding(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == token).all(-1)
+
+    placeholder_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+    placeholder_ids[positions_of(config.image_token_id)] = config.image_token_id
+    slots = positions_of(config.latent_token_id)
+    if slots.any():
+        placeholder_ids[slots] = config.latent_token_id
+        placeholder_ids[positions_of(config.latent_start_token_id)] = config.latent_start_token_id
+        placeholder_ids[positions_of(config.latent_end_token_id)] = config.latent_end_token_id
+    return placeholder_ids
 
 
 def latent_layout(input_ids: torch.LongTensor, config: LaReConfig) -> LatentLayout:
@@ -209,5 +231,6 @@ __all__ = [
     "check_num_latent_steps",
     "find_latent_regions",
     "latent_layout",
+    "placeholder_ids_from_embeds",
     "rewrite_latent_steps",
 ]

@@ -33,7 +33,7 @@ from .extractor import LaReExtractor
 from .generation import LaReGenerationHooksMixin
 from .latent_loop import LaReLatentRefocusMixin
 from .latent_losses import LaReLatentLossesMixin
-from .latent_region import LatentLayout, latent_layout, rewrite_latent_steps
+from .latent_region import LatentLayout, latent_layout, placeholder_ids_from_embeds, rewrite_latent_steps
 from .losses import LaReAlignmentHead
 from .model_card import write_model_card
 from .outputs import LaReCausalLMOutputWithPast, LaReModelOutputWithPast
@@ -217,24 +217,9 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         return outputs
 
     def get_placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
-        """Token ids of the `<|image|>` and latent-region placeholders in `inputs_embeds`, found by comparing each
-        position with their token embeddings (as transformers' VLMs find image tokens); -1 elsewhere. Embeddings
-        whose latent slots are already filled (no `<|latent|>` embedding left) have no latent region to run."""
-        embedding = self.get_input_embeddings()
-        config = self.config
-
-        def positions_of(token_id: int) -> torch.Tensor:
-            token = embedding(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
-            return (inputs_embeds == token).all(-1)
-
-        placeholder_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
-        placeholder_ids[positions_of(config.image_token_id)] = config.image_token_id
-        slots = positions_of(config.latent_token_id)
-        if slots.any():
-            placeholder_ids[slots] = config.latent_token_id
-            placeholder_ids[positions_of(config.latent_start_token_id)] = config.latent_start_token_id
-            placeholder_ids[positions_of(config.latent_end_token_id)] = config.latent_end_token_id
-        return placeholder_ids
+        """Token ids of the `<|image|>` and latent-region placeholders in `inputs_embeds`, -1 elsewhere (see
+        `latent_region.placeholder_ids_from_embeds`)."""
+        return placeholder_ids_from_embeds(inputs_embeds, self.get_input_embeddings(), self.config)
 
     def latent_layout(self, input_ids: torch.LongTensor) -> LatentLayout:
         """The latent region of `input_ids`, checked (see `latent_region.latent_layout`)."""
