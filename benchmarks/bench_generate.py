@@ -82,9 +82,9 @@ def reference_generate(model: LaReForConditionalGeneration, inputs: dict, new_to
                 inputs_embeds=sequence, attention_mask=attention_mask[:, :end], position_ids=position_ids[:, :end],
                 use_cache=False, saliency_recorder=recorder,
             ).last_hidden_state  # fmt: skip
-        _, window = inner._window_features(recorder.saliency(), image_features)
+        _, window = inner._select_window(recorder.saliency(), image_features)
         history = torch.cat(latents, dim=1) if latents else None
-        latents.append(inner._latents_for_step(hidden[:, -1], window, history, scale, False)[0].to(embeds.dtype))
+        latents.append(inner._extract_latents(hidden[:, -1], window, history, scale, False)[0].to(embeds.dtype))
     full = torch.cat([embeds[:, :slots_start], *latents, embeds[:, slots_start + layout.num_steps * m :]], dim=1)
     output = super(LaReForConditionalGeneration, model).generate(
         inputs_embeds=full, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+import lare_hf.modeling
 from conftest import chat, make_image
 from lare_hf import LaReConfig, LaReForConditionalGeneration, LaReModel
 from lare_hf.modeling.refocus import select_windows
@@ -309,6 +312,11 @@ def test_save_load_round_trip_keeps_outputs(tmp_path, tiny_model_and_processor):
     model.save_pretrained(tmp_path)
     files = {path.name for path in tmp_path.iterdir()}
     assert {"model.safetensors", "config.json", "modeling_lare.py", "configuration_lare.py", "refocus.py"} <= files
+    # every module the modeling code imports (relatively) travels with it as the checkpoint's custom code
+    modeling = Path(lare_hf.modeling.__file__).parent
+    imported = set(re.findall(r"^from \.(\w+) import", (modeling / "modeling_lare.py").read_text(), re.MULTILINE))
+    assert {"latent_loop", "latent_losses", "latent_region", "generation", "outputs", "builders"} <= imported
+    assert {f"{name}.py" for name in imported} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_lare.LaReForConditionalGeneration"
     assert auto_map["AutoModel"] == "modeling_lare.LaReModel"

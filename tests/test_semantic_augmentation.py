@@ -179,3 +179,57 @@ def test_table7_unet_builds():
     num_params = sum(p.numel() for p in unet.parameters())
     assert unet.config.cross_attention_dim == 768 and unet.config.layers_per_block == 3
     assert 50e6 < num_params < 200e6, num_params
+
+
+def test_alignment_loss_is_eq6_on_the_forward_outputs(tiny):
+    """L_sym of a forward is the alignment head's Eq. 6 on the forward's own latents, windows and rationale states:
+    pooled latents of the rows with an image against their pooled window features (L_Z<->V) and, for the rows with
+    a rationale, against the LM's pooled hidden states of it (L_Z<->T)."""
+    from lare_hf.modeling.losses import mean_max_pool, symmetric_info_nce
+
+    model, processor = tiny
+    model.train()
+    batch = training_batch(processor, size=4)
+    batch["rationale_attention_mask"][1] = 0  # a sample without a rationale: only its visual part counts
+    out = model(**batch, compute_latent_losses=True)
+    tau = model.alignment_head.temperature
+    pooled = mean_max_pool(out.latent_embeds.flatten(1, 2))
+    visual = symmetric_info_nce(pooled, mean_max_pool(out.window_features.flatten(1, 2)), tau)
+    text_rows = batch["rationale_attention_mask"].bool().any(dim=1)
+    mask = batch["rationale_attention_mask"][text_rows]
+    hidden = model.model.language_model(
+        input_ids=batch["rationale_input_ids"][text_rows], attention_mask=mask, use_cache=False
+    ).last_hidden_state
+    text = symmetric_info_nce(pooled[text_rows], mean_max_pool(hidden, mask), tau)
+    torch.testing.assert_close(out.alignment_visual_loss, visual)
+    torch.testing.assert_close(out.alignment_text_loss, text)
+    torch.testing.assert_close(out.alignment_loss, visual + text)
+
+
+def test_loss_terms_table_names_the_output_fields_the_weights_and_the_logged_terms(tiny):
+    from dataclasses import fields
+
+    from lare_hf.modeling.latent_losses import LOSS_TERMS
+    from lare_hf.modeling.modeling_lare import LaReCausalLMOutputWithPast
+    from lare_hf.training.trainer import LOSS_COMPONENTS
+
+    names = [term.name for term in LOSS_TERMS]
+    output_fields = [field.name for field in fields(LaReCausalLMOutputWithPast)]
+    assert output_fields[0] == "loss" and output_fields[1 : 1 + len(names)] == names
+    assert list(LOSS_COMPONENTS) == names
+    config = LaReConfig()
+    assert all(term.weight in (None, "1") or isinstance(getattr(config, term.weight), float) for term in LOSS_TERMS)
+    # the weighted sum reads its weights from the table: changing a weight in the config changes the sum
+    model, processor = tiny
+    model.train()
+    model.config.window_loss_weight = 0.0
+    out = model(**training_batch(processor), compute_latent_losses=True)
+    losses = {name: getattr(out, name) for name in names[1:] if getattr(out, name) is not None}
+    model.config.text_loss_weight = 0.25
+    expected = out.lm_loss + sum(
+        getattr(model.config, term.weight) * losses[term.name]
+        for term in LOSS_TERMS
+        if term.weight not in (None, "1") and term.name in losses
+    )
+    torch.testing.assert_close(model.weighted_loss(out.lm_loss, losses), expected)
+    model.config.text_loss_weight = 0.9

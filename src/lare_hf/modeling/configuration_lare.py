@@ -233,7 +233,7 @@ class LaReConfig(PreTrainedConfig):
 
     @property
     def effective_window_size(self) -> int:
-        """Side of the refocused window V_s (Eq. 2): `window_size`, or the whole patch grid when the sliding window
+        """Side of the refocused window V_s (Eq. 1-2): `window_size`, or the whole patch grid when the sliding window
         is ablated (`use_sliding_window=False`, Table 3)."""
         return self.window_size if self.use_sliding_window else self.patch_grid_size
 

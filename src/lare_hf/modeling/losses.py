@@ -210,6 +210,7 @@ class LaReAlignmentHead(nn.Module):
         text_mask: torch.Tensor | None,
         visual: torch.Tensor,
         visual_mask: torch.Tensor | None,
+        text_rows: torch.BoolTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """
         Args:
@@ -217,6 +218,8 @@ class LaReAlignmentHead(nn.Module):
             text_hidden: LLM hidden states of the explicit rationale T `[batch, Lt, D]`, `text_mask` `[batch, Lt]`;
                 `text_hidden=None` skips the text term (then `z_t` is None and `total = z_v`).
             visual: window visual features V `[batch, Lv, D]`, `visual_mask` `[batch, Lv]` or None.
+            text_rows: `[batch]` bool, the rows of `latents` that `text_hidden` belongs to (rows without a rationale
+                have none); None: every row. The latents are pooled once for both terms.
 
         Returns:
             `(total, z_t, z_v)` with `z_t = symmetric_info_nce(pool(Z), pool(T))`,
@@ -227,7 +230,8 @@ class LaReAlignmentHead(nn.Module):
         z_v = symmetric_info_nce(pooled_latents, mean_max_pool(visual, visual_mask), tau)
         if text_hidden is None:
             return z_v, None, z_v
-        z_t = symmetric_info_nce(pooled_latents, mean_max_pool(text_hidden, text_mask), tau)
+        text_latents = pooled_latents if text_rows is None else pooled_latents[text_rows]
+        z_t = symmetric_info_nce(text_latents, mean_max_pool(text_hidden, text_mask), tau)
         return z_t + z_v, z_t, z_v
 
     def extra_repr(self) -> str:

@@ -14,17 +14,10 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from ..data.collator import DATA_COLUMNS
 from ..destinations import last_complete_checkpoint
+from ..modeling.latent_losses import LOSS_TERM_NAMES
 
-# Loss components a LaRe forward returns; each is logged as the mean over the logging window.
-LOSS_COMPONENTS = (
-    "lm_loss",
-    "alignment_loss",
-    "alignment_text_loss",
-    "alignment_visual_loss",
-    "image_reconstruction_loss",
-    "text_reconstruction_loss",
-    "window_loss",
-)
+# Loss components a LaRe forward returns (the model's LOSS_TERMS); each is logged as the mean over the logging window.
+LOSS_COMPONENTS = LOSS_TERM_NAMES
 
 # Parameter groups of a LaRe model, by module-name prefix (relative to LaReForConditionalGeneration).
 MODULE_GROUPS = {

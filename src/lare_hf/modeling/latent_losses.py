@@ -1,0 +1,317 @@
+"""The training objective of LaRe (Sec. 3.2): the loss terms, their weights and their sum (Eq. 6-8, 10).
+
+`LOSS_TERMS` is the one list of the terms a forward reports: the output fields of `LaReCausalLMOutputWithPast`, the
+weighted sum (`weighted_loss`) and the trainer's logging all read it. `LaReLatentLossesMixin` computes the terms on
+the latents of a forward of `LaReForConditionalGeneration`:
+
+- L_sym (Eq. 6), symmetric alignment of the pooled latents with the rationale (L_Z<->T) and the window (L_Z<->V),
+  computed by the alignment head (`losses.LaReAlignmentHead`);
+- L_img (Eq. 7), denoising score matching of the window crops conditioned on Z^(k) (`reconstruction.py`);
+- L_text (Eq. 8), the rationale prefix predicted from the latents alone (`losses.text_prefix_loss`);
+- the window-grounding loss (not in the paper; `window_loss_weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import text_prefix_loss
+from .validation import check_tensor
+
+if TYPE_CHECKING:
+    from .outputs import LaReModelOutputWithPast
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the objective: its output field, the `LaReConfig` field of its weight in Eq. 10 (`"1"` for
+    L_ntp, which is not weighted; None for a part that is reported but summed through its whole), and what it is."""
+
+    name: str
+    weight: str | None
+    description: str
+
+
+LOSS_TERMS: tuple[LossTerm, ...] = (
+    LossTerm("lm_loss", "1", "next-token prediction on the answer tokens (L_ntp)"),
+    LossTerm("alignment_loss", "sym_loss_weight", "symmetric alignment L_sym = L_Z<->T + L_Z<->V (Eq. 6)"),
+    LossTerm("alignment_text_loss", None, "L_Z<->T, the rationale part of L_sym (Eq. 6)"),
+    LossTerm("alignment_visual_loss", None, "L_Z<->V, the window part of L_sym (Eq. 6)"),
+    LossTerm("image_reconstruction_loss", "image_loss_weight", "denoising score matching of the window crops (Eq. 7)"),
+    LossTerm("text_reconstruction_loss", "text_loss_weight", "the rationale prefix from the latents alone (Eq. 8)"),
+    LossTerm(
+        "window_loss", "window_loss_weight", "window grounding of each latent step's saliency (not in the paper)"
+    ),
+)
+LOSS_TERM_NAMES: tuple[str, ...] = tuple(term.name for term in LOSS_TERMS)
+
+
+class LaReLatentLossesMixin:
+    """The losses of Sec. 3.2 for `LaReForConditionalGeneration` (which holds `model`, `lm_head`, `alignment_head`
+    and `reconstructor`)."""
+
+    def latent_losses(
+        self,
+        outputs: LaReModelOutputWithPast,
+        pixel_values: torch.Tensor | None,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+        window_targets: torch.LongTensor | None,
+        compute: bool | None,
+    ) -> dict[str, torch.Tensor]:
+        """Every latent term of this forward that has a non-zero weight (see `forward`'s `compute_latent_losses`)."""
+        losses = self.semantic_augmentation_losses(
+            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute
+        )
+        if window_targets is not None and self.config.window_loss_weight > 0 and compute is not False:
+            losses["window_loss"] = self.window_grounding_loss(outputs, window_targets)
+        return losses
+
+    def weighted_loss(
+        self, lm_loss: torch.Tensor | None, latent_losses: dict[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Eq. 10, L = L_ntp + l_sym L_sym + l_img L_img + l_text L_text, plus the window-grounding loss (not in the
+        paper) weighted by `window_loss_weight`, over the terms that were computed (`LOSS_TERMS`)."""
+        weights = {term.name: term.weight for term in LOSS_TERMS}
+        terms = [] if lm_loss is None else [lm_loss]
+        for name, value in latent_losses.items():  # in the order they were computed
+            if weights.get(name) is not None:
+                terms.append(getattr(self.config, weights[name]) * value)
+        return torch.stack(terms).sum() if terms else None
+
+    def semantic_augmentation_losses(
+        self,
+        outputs: LaReModelOutputWithPast,
+        pixel_values: torch.Tensor | None,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+        compute: bool | None,
+    ) -> dict[str, torch.Tensor]:
+        """L_sym (Eq. 6), L_img (Eq. 7) and L_text (Eq. 8) for the latents of this forward; a term whose weight is
+        0 is not computed.
+
+        Each term is taken over the samples that have what it needs, and averaged over them (as if they were
+        batched alone): L_img and the visual part of L_sym over the rows that ran the latent phase (an image),
+        L_text and the text part of L_sym over those that also have a rationale (a row whose
+        `rationale_attention_mask` is all 0 has none). A term with no such row is 0, still tied to the graph.
+        """
+        config = self.config
+        inputs = self._latent_loss_inputs(
+            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute
+        )
+        if inputs is None:
+            return {}
+        rows, text_rows, rationale_input_ids, rationale_attention_mask = inputs
+        losses: dict[str, torch.Tensor] = {}
+        if config.sym_loss_weight > 0:
+            text_part, visual_part = self._alignment(
+                outputs, rows, text_rows, rationale_input_ids, rationale_attention_mask
+            )
+            # tied to the head and the Extractor also where a part has rows only on other ranks (DDP sees them used)
+            tie = self._zero_loss(outputs, self.alignment_head)
+            text_part = tie if text_part is None else text_part + tie
+            visual_part = tie if visual_part is None else visual_part + tie
+            losses.update(
+                alignment_loss=text_part + visual_part,
+                alignment_text_loss=text_part,
+                alignment_visual_loss=visual_part,
+            )
+        if config.text_loss_weight > 0:
+            if text_rows.any():
+                losses["text_reconstruction_loss"] = self.text_prefix_reconstruction_loss(
+                    self._flat_latents(outputs, text_rows),
+                    rationale_input_ids[text_rows],
+                    rationale_attention_mask[text_rows],
+                )
+            else:
+                losses["text_reconstruction_loss"] = self._zero_loss(outputs)
+        if config.image_loss_weight > 0:
+            image_loss = self._image_reconstruction_loss(outputs, rows, pixel_values, compute)
+            if image_loss is not None:
+                losses["image_reconstruction_loss"] = image_loss
+        return losses
+
+    def _latent_loss_inputs(
+        self,
+        outputs: LaReModelOutputWithPast,
+        pixel_values: torch.Tensor | None,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+        compute: bool | None,
+    ) -> tuple[torch.BoolTensor, torch.BoolTensor, torch.LongTensor | None, torch.Tensor | None] | None:
+        """`(rows, text_rows, rationale_input_ids, rationale_attention_mask)` for the latent losses: the rows that ran
+        the latent phase, those of them with a rationale, and the rationale (all-0 placeholders when training without
+        one); None when no latent loss is computed."""
+        config = self.config
+        if compute is False:
+            return None
+        if compute is None and rationale_input_ids is None:
+            if not self.training or outputs.latent_embeds is None:
+                return None
+            # training without a rationale: no row has one, so L_text and L_Z<->T are 0 (tied to the graph) and the
+            # terms that need only the image and the latents, L_img and L_Z<->V, train
+            batch = outputs.last_hidden_state.shape[0]
+            rationale_input_ids = torch.zeros(batch, 1, dtype=torch.long, device=outputs.last_hidden_state.device)
+            rationale_attention_mask = torch.zeros_like(rationale_input_ids)
+        rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
+        if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
+            hidden = outputs.last_hidden_state
+            rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        if rows is None:
+            if compute:
+                raise ValueError(
+                    "Latent losses were asked for but the batch has no latent steps; build it with num_latent_steps "
+                    "> 0 (stage I trains without latent losses)."
+                )
+            return None
+        needs_rationale = config.sym_loss_weight > 0 or config.text_loss_weight > 0
+        if needs_rationale and rationale_input_ids is None:
+            raise ValueError(
+                "The symmetric alignment (Eq. 6) and text reconstruction (Eq. 8) losses need the explicit rationale: "
+                "pass rationale_input_ids / rationale_attention_mask (LaReDataCollator with with_rationale=True), "
+                "or set sym_loss_weight and text_loss_weight to 0."
+            )
+        if rationale_input_ids is not None and rationale_attention_mask is None:
+            rationale_attention_mask = torch.ones_like(rationale_input_ids)
+        text_rows = rows
+        if rationale_input_ids is not None:
+            text_rows = rows & rationale_attention_mask.to(rows.device).bool().any(dim=1)
+        return rows, text_rows, rationale_input_ids, rationale_attention_mask
+
+    def _zero_loss(self, outputs: LaReModelOutputWithPast, head: nn.Module | None = None) -> torch.Tensor:
+        """A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor
+        and of its head, so that backward works in any stage and DDP sees those parameters used on every step."""
+        tensors = [outputs.last_hidden_state] + [
+            parameter
+            for module in (self.model.extractor, head)
+            if module is not None
+            for parameter in module.parameters()
+            if parameter.requires_grad
+        ]
+        return torch.stack([(tensor.float() * 0).sum() for tensor in tensors]).sum()
+
+    def _alignment(
+        self,
+        outputs: LaReModelOutputWithPast,
+        rows: torch.BoolTensor,
+        text_rows: torch.BoolTensor,
+        rationale_input_ids: torch.LongTensor | None,
+        rationale_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Eq. 6 by the alignment head, as `(L_Z<->T over text_rows, L_Z<->V over rows)`: the latents Z, the window
+        features V_s and (for the text part) the LM's hidden states of the rationales T; a part without rows is None.
+
+        Under `torch.distributed` every rank joins both parts' gathers on every step, with 0 rows when it has none
+        (a text-only batch, no rationale), so that the collectives of all ranks stay in step."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (rows.any() or distributed):
+            return None, None
+        # 0 rows still tied to the graph: every rank must also run the gathers' backward (all-to-all) in step.
+        empty = outputs.last_hidden_state[:0, :1]
+        latents = visual = empty
+        if rows.any():
+            latents = self._flat_latents(outputs, rows)
+            window_features = outputs.window_features[rows]
+            visual = window_features.reshape(window_features.shape[0], -1, window_features.shape[-1])
+        text_hidden = text_mask = None
+        if rationale_input_ids is not None and (text_rows.any() or distributed):
+            text_hidden = empty
+            if text_rows.any():
+                text_mask = rationale_attention_mask[text_rows]
+                text_hidden = self.model.language_model(
+                    input_ids=rationale_input_ids[text_rows], attention_mask=text_mask, use_cache=False
+                ).last_hidden_state
+        _, text_part, visual_part = self.alignment_head(
+            latents, None, text_hidden, text_mask, visual, None, text_rows=text_rows[rows]
+        )
+        return text_part, visual_part
+
+    def text_prefix_reconstruction_loss(
+        self, latents: torch.Tensor, rationale_input_ids: torch.LongTensor, rationale_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 8: from the latent tokens alone (no image, no prompt) the LM predicts the first
+        `text_prefix_length` rationale tokens (teacher forcing), cross-entropy with padding ignored."""
+        prefix_length = min(self.config.text_prefix_length, rationale_input_ids.shape[1])
+        target_ids = rationale_input_ids[:, :prefix_length]
+        target_mask = rationale_attention_mask[:, :prefix_length]
+        num_latents = latents.shape[1]
+        inputs_embeds = torch.cat([latents, self.get_input_embeddings()(target_ids[:, :-1])], dim=1)
+        attention_mask = torch.cat([target_mask.new_ones(latents.shape[:2]), target_mask[:, :-1]], dim=1)
+        hidden = self.model.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        logits = self.lm_head(hidden[:, num_latents - 1 :])
+        return text_prefix_loss(logits, target_ids, target_mask)
+
+    def _image_reconstruction_loss(
+        self,
+        outputs: LaReModelOutputWithPast,
+        rows: torch.BoolTensor,
+        pixel_values: torch.Tensor | None,
+        compute: bool | None,
+    ) -> torch.Tensor | None:
+        """Eq. 7 over the crops of every latent step's window in `rows` (None without a reconstructor)."""
+        if self.reconstructor is None:
+            if compute:
+                raise ValueError(
+                    "image_loss_weight > 0 but this checkpoint has no reconstructor (use_reconstructor=False); "
+                    "set image_loss_weight=0 or build the model with use_reconstructor=True."
+                )
+            return None
+        if not rows.any():
+            return self._zero_loss(outputs, self.reconstructor)
+        _, num_steps, m, hidden = outputs.latent_embeds.shape
+        positions = outputs.window_positions[rows].reshape(-1, 2)
+        crops = self.reconstructor.crop_windows(
+            pixel_values.repeat_interleave(num_steps, dim=0), positions, self.config.effective_window_size
+        )
+        return self.reconstructor(outputs.latent_embeds[rows].reshape(-1, m, hidden), crops)
+
+    def window_grounding_loss(
+        self, outputs: LaReModelOutputWithPast, window_targets: torch.LongTensor
+    ) -> torch.Tensor:
+        """-log of step k's saliency share (its map normalised over the image tokens) at `window_targets[:, k]`,
+        averaged over the steps that have a target, in rows that ran the latent phase (0, tied to the graph, when
+        none has). Not in the paper: the window is the argmax of this map, so this is what gives its choice a
+        gradient (`window_loss_weight`)."""
+        if outputs.saliency_maps is None:
+            return outputs.last_hidden_state.float().sum() * 0
+        if self.is_activation_checkpointing and self.training:
+            raise ValueError(
+                "The window-grounding loss (window_loss_weight > 0) records the saliency inside autograd, which "
+                "gradient checkpointing would recompute without it; disable gradient checkpointing for it."
+            )
+        saliency = outputs.saliency_maps.flatten(2).float()  # [batch, steps, image tokens]
+        batch, steps, num_tokens = saliency.shape
+        check_tensor("window_targets", window_targets, dims=2, integer=True)
+        if window_targets.shape[0] != batch:
+            raise ValueError(f"window_targets has {window_targets.shape[0]} rows but the batch has {batch}.")
+        targets = window_targets.to(saliency.device)[:, :steps]
+        if targets.shape[1] < steps:
+            targets = F.pad(targets, (0, steps - targets.shape[1]), value=-100)
+        if (((targets < 0) & (targets != -100)) | (targets >= num_tokens)).any():
+            raise ValueError(
+                f"window_targets must hold image-token indices in [0, {num_tokens}) or -100 (no target), got "
+                f"{sorted(set(targets.flatten().tolist()))}."
+            )
+        valid = (targets >= 0) & outputs.latent_rows.bool().to(saliency.device)[:, None]
+        share = saliency / saliency.sum(-1, keepdim=True).clamp_min(1e-12)
+        picked = share.gather(2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        if not valid.any():
+            return (share * 0).sum()
+        return -picked.clamp_min(1e-12).log()[valid].mean()
+
+    @staticmethod
+    def _flat_latents(outputs: LaReModelOutputWithPast, rows: torch.BoolTensor) -> torch.Tensor:
+        """The latent tokens of `rows`, all K steps concatenated: `[rows, K*m, D]`."""
+        latents = outputs.latent_embeds[rows]
+        return latents.reshape(latents.shape[0], -1, latents.shape[-1])
+
+
+__all__ = ["LOSS_TERMS", "LOSS_TERM_NAMES", "LaReLatentLossesMixin", "LossTerm"]
