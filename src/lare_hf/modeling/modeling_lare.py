@@ -32,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import select_hidden_states
 
+from .cache_naming import CACHE_ARGUMENT, accepts_cache_argument, cache_argument, given_cache, output_cache
 from .components import (
     add_lare_special_tokens,
     component_record,
@@ -256,7 +257,7 @@ class LaRePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -532,8 +533,8 @@ class LaReModel(LaRePreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask[:, :end],
                 position_ids=position_ids[..., start:end],
-                past_key_values=cache,
                 use_cache=True,
+                **cache_argument(cache),
                 **kwargs,
             )
 
@@ -628,7 +629,7 @@ class LaReModel(LaRePreTrainedModel):
         m = self.config.latent_tokens_per_step
         if num_steps == 0:  # one pass of the language model alone (packed sequences included: no mask, no cache)
             outputs = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-            return self._merge_steps({"image_hidden_states": image_features}, [outputs], outputs.past_key_values)
+            return self._merge_steps({"image_hidden_states": image_features}, [outputs], output_cache(outputs))
         own_cache = cache is None
         if own_cache:
             cache = DynamicCache(config=self.config.text_config)
@@ -739,7 +740,7 @@ class LaReModel(LaRePreTrainedModel):
                 [inputs_embeds[:, :slots_start], *latents, inputs_embeds[:, slots_start + len(latents) * m :]], dim=1
             )
             replay = self._single_pass(final_embeds, attention_mask, position_ids, None, use_cache, **kwargs)
-            return self._merge_steps(record, [replay], replay.past_key_values)
+            return self._merge_steps(record, [replay], output_cache(replay))
         return self._merge_steps(record, step_outputs, cache if use_cache else None)
 
     def _single_pass(
@@ -752,17 +753,17 @@ class LaReModel(LaRePreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """The language model over a whole sequence at once (its own cache when `cache` is None and `use_cache`);
-        `past_key_values` of the result is None without `use_cache`."""
+        the cache of the result is None without `use_cache`."""
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=use_cache,
+            **cache_argument(cache),
             **kwargs,
         )
         if not use_cache:
-            outputs.past_key_values = None
+            setattr(outputs, CACHE_ARGUMENT, None)
         return outputs
 
     @staticmethod
@@ -824,6 +825,7 @@ class LaReModel(LaRePreTrainedModel):
             **record,
         )
 
+    @accepts_cache_argument
     @can_return_tuple
     def forward(
         self,
@@ -875,7 +877,7 @@ class LaReModel(LaRePreTrainedModel):
             outputs = self._single_pass(
                 inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
             )
-            return self._merge_steps({}, [outputs], outputs.past_key_values)
+            return self._merge_steps({}, [outputs], output_cache(outputs))
 
         if pixel_values is None:
             layout = LatentLayout(start=None, num_steps=0)
@@ -1142,6 +1144,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
+    @accepts_cache_argument
     @can_return_tuple
     def forward(
         self,
@@ -1624,9 +1627,13 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             if model_kwargs.get("position_ids") is not None:
                 model_kwargs["position_ids"] = outputs.halted_position_ids
             self._halted_latent_steps = outputs.latent_steps
-        return super()._update_model_kwargs_for_generation(
+        model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
+        # LaRe's outputs carry the cache as `past_key_values`; GenerationMixin reads it under the installed name
+        if outputs.past_key_values is not None:
+            model_kwargs.update(cache_argument(outputs.past_key_values))
+        return model_kwargs
 
     @torch.no_grad()
     def generate(
@@ -1658,7 +1665,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
         if latent_halting is not None:
-            if kwargs.get("past_key_values") is not None:
+            if given_cache(kwargs) is not None:
                 raise ValueError(
                     "latent_halting cannot be combined with past_key_values: the latent phase is run by the prefill of a "
                     "fresh prompt. Drop past_key_values."
@@ -1687,12 +1694,12 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
                     "num_latent_steps rewrites the latent slots of input_ids, but no input_ids were given. With "
                     "inputs_embeds, build the prompt with the wanted K instead (LaReProcessor(num_latent_steps=K))."
                 )
-            if kwargs.get("past_key_values") is not None:
+            if given_cache(kwargs) is not None:
                 raise ValueError(
                     "num_latent_steps cannot be combined with past_key_values: the cache already holds the prompt's "
                     "latent region. Continue without num_latent_steps, or drop past_key_values."
                 )
-        if input_ids is not None and input_ids.shape[1] > 0 and kwargs.get("past_key_values") is None:
+        if input_ids is not None and input_ids.shape[1] > 0 and given_cache(kwargs) is None:
             rewritten = self.set_latent_steps(
                 input_ids,
                 attention_mask if attention_mask is not None else torch.ones_like(input_ids),
