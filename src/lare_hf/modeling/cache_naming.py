@@ -6,8 +6,9 @@ supports 5.23 through the current release, so it reads the name from the install
 branching on its version: `CACHE_ARGUMENT` is the cache field of `BaseModelOutputWithPast`, the output class every
 decoder-only language model returns.
 
-LaRe's own forward takes the cache as `past_key_values` and also accepts the new name (`accepts_cache_argument`),
-which is what `generate` passes from 5.24 on; its outputs keep the `past_key_values` field on every version.
+LaRe's own forwards take the cache as `past_key_values` and also accept the new name (`accepts_cache_argument`),
+which is what `generate` passes from 5.24 on. `LaReModelOutputWithPast` inherits the cache field of
+`BaseModelOutputWithPast` (so it has the installed name); `LaReCausalLMOutputWithPast` declares `past_key_values`.
 """
 
 from __future__ import annotations

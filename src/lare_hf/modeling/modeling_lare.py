@@ -794,7 +794,7 @@ class LaReModel(LaRePreTrainedModel):
             (outputs,) = step_outputs
             return LaReModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
-                past_key_values=cache,
+                **cache_argument(cache),
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
                 **record,
@@ -819,7 +819,7 @@ class LaReModel(LaRePreTrainedModel):
             attentions = tuple(merged)
         return LaReModelOutputWithPast(
             last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in step_outputs], dim=1),
-            past_key_values=cache,
+            **cache_argument(cache),
             hidden_states=hidden_states,
             attentions=attentions,
             **record,
@@ -1239,7 +1239,7 @@ class LaReForConditionalGeneration(LaRePreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             **latent_losses,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            past_key_values=output_cache(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
