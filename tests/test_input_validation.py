@@ -25,13 +25,12 @@ from PIL import Image
 from conftest import chat, make_image
 from lare_hf.build import build_tiny
 from lare_hf.cli import main
+from lare_hf.configs import packaged_configs_dir
 from lare_hf.data.formats import MalformedLineError, MalformedRecordError, load_records
 from lare_hf.destinations import last_complete_checkpoint
 from lare_hf.modeling.configuration_lare import LaReConfig
 from lare_hf.training.arguments import parse_train_arguments
 from lare_hf.training.run import run_stage
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -68,7 +67,7 @@ def stage_args(ctx: Context, output: Path, *extra: str, stage: int = 3):
     overrides = ["--model_name_or_path", ctx.checkpoint, "--train_file", str(ctx.data / "train.jsonl"),
                  "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size", "2",
                  "--save_steps", "1000", *extra]  # fmt: skip
-    return parse_train_arguments(str(REPO / "configs" / "tiny" / f"stage{stage}.yaml"), overrides)
+    return parse_train_arguments(str(packaged_configs_dir() / "tiny" / f"stage{stage}.yaml"), overrides)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -217,7 +216,7 @@ def _cli_demo_non_empty(ctx):
 
 
 def _train_argv(ctx: Context, output: Path, *extra: str) -> list[str]:
-    return ["train", "--config", str(REPO / "configs" / "tiny" / "stage2.yaml"), "--model", ctx.checkpoint,
+    return ["train", "--config", str(packaged_configs_dir() / "tiny" / "stage2.yaml"), "--model", ctx.checkpoint,
             "--train_file", str(ctx.data / "train.jsonl"), "--output_dir", str(output), "--max_steps", "1", *extra]  # fmt: skip
 
 

@@ -13,10 +13,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import chat, make_image
 from lare_hf.build import build_tiny
+from lare_hf.configs import packaged_configs_dir
 from lare_hf.training.arguments import parse_train_arguments
 from lare_hf.training.run import run_stage
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +115,7 @@ def train_two_steps(checkpoint: str, data: str, output: Path, *extra: str) -> di
     overrides = ["--model_name_or_path", checkpoint, "--train_file", data, "--output_dir", str(output),
                  "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
                  "--latent_lr", "1e-2", "--optim", "sgd", "--save_steps", "1000", "--logging_steps", "1", *extra]  # fmt: skip
-    run_stage(*parse_train_arguments(str(REPO / "configs" / "tiny" / "stage2.yaml"), overrides))
+    run_stage(*parse_train_arguments(str(packaged_configs_dir() / "tiny" / "stage2.yaml"), overrides))
     return load_file(output / "model.safetensors")
 
 

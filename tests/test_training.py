@@ -14,12 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from conftest import chat, make_image
+from lare_hf.configs import packaged_configs_dir
 from lare_hf.hub import build_model_card, files_to_upload
 from lare_hf.training.arguments import parse_train_arguments
 from lare_hf.training.run import HISTORY_FILE, merge_lora, run_stage
 from lare_hf.training.trainer import STAGE_TRAINERS, module_group
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def start_checkpoint(tiny_checkpoint) -> str:
 
 
 def stage_args(stage: int, model: str, data: str, output: Path, *extra: str):
-    recipe = REPO / "configs" / "tiny" / f"stage{stage}.yaml"
+    recipe = packaged_configs_dir() / "tiny" / f"stage{stage}.yaml"
     overrides = ["--model_name_or_path", model, "--train_file", data, "--output_dir", str(output),
                  "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
                  "--projector_lr", "1e-2", "--latent_lr", "1e-2", "--language_model_lr", "1e-2",
@@ -198,7 +197,7 @@ def test_model_card_and_push_files(start_checkpoint, reasoning_file, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_run(start_checkpoint, reasoning_file, tmp_path):
-    recipe = REPO / "configs" / "tiny" / "stage2.yaml"
+    recipe = packaged_configs_dir() / "tiny" / "stage2.yaml"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lare_hf.cli", "train",
                "--config", str(recipe), "--model_name_or_path", start_checkpoint, "--train_file", reasoning_file,
                "--output_dir", str(tmp_path / "ddp"), "--max_steps", "2", "--per_device_train_batch_size", "2",
@@ -213,9 +212,9 @@ def test_two_process_ddp_run(start_checkpoint, reasoning_file, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_ddp_run(start_checkpoint, reasoning_file, tmp_path):
-    recipe = REPO / "configs" / "tiny" / "stage3.yaml"
+    recipe = packaged_configs_dir() / "tiny" / "stage3.yaml"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "ddp_cpu.yaml"), "-m", "lare_hf.cli", "train",
+               str(packaged_configs_dir() / "accelerate" / "ddp_cpu.yaml"), "-m", "lare_hf.cli", "train",
                "--config", str(recipe), "--model_name_or_path", start_checkpoint, "--train_file", reasoning_file,
                "--output_dir", str(tmp_path / "acc"), "--max_steps", "2", "--per_device_train_batch_size", "2"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -232,7 +231,7 @@ def test_all_four_stages_chain(start_checkpoint, reasoning_file, tmp_path):
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     for stage in (1, 2, 3, 4):
-        text = (REPO / "configs" / "tiny" / f"stage{stage}.yaml").read_text()
+        text = (packaged_configs_dir() / "tiny" / f"stage{stage}.yaml").read_text()
         text = text.replace("outputs/tiny", str(tmp_path / "run")).replace("max_steps: 4", "max_steps: 2")
         (recipes / f"stage{stage}.yaml").write_text(text)
     code = main(["train", "--all", "--recipes", str(recipes), "--model", start_checkpoint,

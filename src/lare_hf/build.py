@@ -1,4 +1,4 @@
-"""Build LaRe checkpoints: from a preset in `configs/`, or from pretrained parts (`lare build`)."""
+"""Build LaRe checkpoints: from a packaged preset (`lare_hf/configs/`), or from pretrained parts (`lare build`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
+from .configs import available_presets, packaged_configs_dir
 from .modeling.components import load_text_tokenizer
 from .modeling.configuration_lare import LaReConfig
 from .modeling.modeling_lare import LaReForConditionalGeneration
@@ -15,20 +16,13 @@ from .modeling.reconstruction import TINY_IMAGE_TOKENIZER_CONFIG, TINY_RECONSTRU
 from .processing.processing_lare import LaReProcessor, build_processor
 from .processing.tokenization import add_lare_special_tokens, build_tiny_tokenizer
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def available_presets() -> list[str]:
-    """Names of the model presets shipped in `configs/` (`lare-*.yaml`)."""
-    return sorted(path.stem for path in CONFIGS_DIR.glob("lare-*.yaml"))
-
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
     """Read a model preset by name (`lare-tiny`, `tiny`, `lare-1.5b`, ...) or from a YAML file path."""
     path = Path(name_or_path)
     if not path.is_file():
         name = name_or_path if name_or_path.startswith("lare-") else f"lare-{name_or_path}"
-        path = CONFIGS_DIR / f"{name}.yaml"
+        path = packaged_configs_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(
             f"Unknown preset {name_or_path!r}. Available presets: {', '.join(available_presets())}; "

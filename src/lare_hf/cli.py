@@ -133,11 +133,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .configs import resolve_recipe_set
     from .training.arguments import parse_train_arguments
     from .training.run import run_all, run_stage
 
     if args.all:
-        recipe_dir = Path(args.recipes)
+        recipe_dir = resolve_recipe_set(args.recipes)
         files = [str(recipe_dir / f"stage{stage}.yaml") for stage in (1, 2, 3, 4)]
         missing = [file for file in files if not Path(file).is_file()]
         if missing:
@@ -270,9 +271,17 @@ def _add_model_commands(sub) -> None:
         help="run a training stage (recipe YAML + --key value overrides of the HfArgumentParser arguments)",
     )
     train.add_argument("--stage", type=int, choices=(1, 2, 3, 4), default=None)
-    train.add_argument("--config", default=None, help="stage recipe YAML, e.g. configs/stage2.yaml")
+    train.add_argument(
+        "--config",
+        default=None,
+        help="stage recipe: a YAML path or a packaged recipe by name (stage2 = the paper's, tiny/stage2 = small-scale)",
+    )
     train.add_argument("--all", action="store_true", help="chain stages 1-4 (recipes from --recipes)")
-    train.add_argument("--recipes", default="configs", help="folder with stage1.yaml ... stage4.yaml")
+    train.add_argument(
+        "--recipes",
+        default="paper",
+        help="folder with stage1.yaml ... stage4.yaml, or a packaged set by name: paper (default), tiny",
+    )
     train.add_argument("--model", default=None, help="start checkpoint (overrides the recipe)")
     train.set_defaults(func=cmd_train, takes_overrides=True)
 

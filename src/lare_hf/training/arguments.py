@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..configs import resolve_recipe
 from ..modeling.validation import check_known_keys
 
 
@@ -93,9 +93,7 @@ def parse_train_arguments(
     """Recipe YAML first, command-line `--key value` overrides after it (later wins)."""
     recipe: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ValueError(f"Recipe {config_file} does not exist.")
+        path = resolve_recipe(config_file)
         recipe = yaml.safe_load(path.read_text()) or {}
         if not isinstance(recipe, dict):
             raise ValueError(f"Recipe {config_file} must be a mapping of argument names to values.")
