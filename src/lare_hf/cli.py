@@ -196,6 +196,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lm(args: argparse.Namespace) -> int:
+    from .serving import export_language_model
+
+    output = export_language_model(
+        args.model, args.output, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code
+    )
+    print(f"Wrote the bare language model (a plain causal-LM checkpoint) to {output}")
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import files_to_upload, push_to_hub, write_model_card
 
@@ -406,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True)
     merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     merge.set_defaults(func=cmd_merge)
+
+    export_lm = sub.add_parser(
+        "export-lm",
+        help="write the bare language model as a plain causal-LM checkpoint (split serving: vLLM decodes from the "
+        "embeddings lare_hf.serving builds)",
+    )
+    export_lm.add_argument("--model", required=True, help="a LaRe checkpoint folder")
+    export_lm.add_argument("--output", required=True)
+    export_lm.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+    export_lm.add_argument("--trust-remote-code", action="store_true", help="load the checkpoint's own code")
+    export_lm.set_defaults(func=cmd_export_lm)
 
     push = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hub")
     push.add_argument("folder")
