@@ -113,3 +113,21 @@ def test_exported_lm_from_latent_phase_embeds_answers_as_generate(
     assert batched.tolist() == answers
     alone = [language_model.generate(inputs_embeds=sequence[None], **GREEDY)[0].tolist() for sequence in sequences]
     assert alone == answers
+
+
+def test_generate_takes_a_tokenizer_for_stop_strings(tiny_model_and_processor):
+    """`transformers serve` always passes `tokenizer=` to generate(), which hands it on to forward()."""
+    model, processor = tiny_model_and_processor
+    inputs = processor.apply_chat_template(
+        chat(make_image(5), "Which digit?"), add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    length = inputs["input_ids"].shape[1]
+    full = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, length:].tolist()
+    text = processor.decode(full, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    stopped = model.generate(
+        **inputs, max_new_tokens=12, do_sample=False, stop_strings=[stop], tokenizer=processor.tokenizer
+    )[0, length:].tolist()
+    assert len(stopped) < len(full) and stopped == full[: len(stopped)]
+    assert stop in processor.decode(stopped, skip_special_tokens=True)
