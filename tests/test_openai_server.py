@@ -82,13 +82,13 @@ def request(image, text: str, num_latent_steps: int | None = None, **extra) -> d
     return body
 
 
-def offline_answer(model, processor, image, text: str, num_latent_steps: int | None = None) -> str:
+def offline_answer(model, processor, image, text: str, num_latent_steps: int | None = None, **generate_kwargs) -> str:
     template_kwargs = {} if num_latent_steps is None else {"num_latent_steps": num_latent_steps}
     inputs = processor.apply_chat_template(
         chat(image, text), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
         **template_kwargs,
     )  # fmt: skip
-    output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, **generate_kwargs)
     return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -131,6 +131,14 @@ def test_served_answers_equal_offline_generate(server, tiny_model_and_processor)
             pieces.append(choice["delta"].get("content") or "")
             finish = choice.get("finish_reason") or finish
     assert "".join(pieces) == expected[0] and finish in ("length", "stop")
+
+    # `stop` strings end the answer where generate(stop_strings=...) ends it
+    stop = expected[0][len(expected[0]) // 2 :][:2]
+    stopped = offline_answer(model, processor, *cases[0], stop_strings=[stop], tokenizer=processor.tokenizer)
+    assert len(stopped) < len(expected[0])
+    response = post(server, request(*cases[0], stop=[stop]))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == stopped
 
 
 def test_malformed_requests_get_a_400_and_the_server_keeps_serving(server, tiny_model_and_processor):

@@ -13,6 +13,9 @@ it in transformers 5.23 replaced (the same code is still there in 5.25):
   paths on the server and whose failures (bad base64, bytes that are no image) surface as 500 errors.
   `LaReRequestsMixin` decodes `data:` URLs itself (http(s) URLs through `load_image`), refuses anything else, and
   answers every bad image, bad K and invalid message with a 400 that says what to fix.
+- `GenerateManager.generate_streaming` / `generate_non_streaming` pass the processor as `generate(tokenizer=...)`,
+  which `stop` strings need to be a tokenizer (`StopStringCriteria` calls `get_vocab`): a request with `stop` fails
+  for any processor-backed model. `LaReGenerateManager` hands them the processor's tokenizer.
 - `ModelManager.get_gen_models` (`/v1/models`) lists the models of the local Hub cache, not the one being served;
   `LaReModelManager` lists the served checkpoint.
 
@@ -42,7 +45,7 @@ try:
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.systemone import SystemOneHandler
     from transformers.cli.serving.transcription import TranscriptionHandler
-    from transformers.cli.serving.utils import BaseHandler, GenerationState, Modality
+    from transformers.cli.serving.utils import BaseHandler, GenerateManager, GenerationState, Modality
     from transformers.image_utils import load_image
 except ImportError as error:  # fastapi / uvicorn / openai are not installed
     raise ImportError(
@@ -130,6 +133,30 @@ class LaReModelManager(ModelManager):
         return [{"id": self.served_model_name, "object": "model", "owned_by": "lare_hf", "created": int(time.time())}]
 
 
+class LaReGenerateManager(GenerateManager):
+    """transformers' sequential `GenerateManager`, given the processor's tokenizer where it hands the processor to
+    `generate(tokenizer=...)` (for `stop` strings) and decodes with it (the same text: the processor decodes with its
+    tokenizer)."""
+
+    def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
+        tokenizer = getattr(processor, "tokenizer", processor)
+        return super().generate_streaming(model, tokenizer, inputs, gen_config, request_id, response_parser)
+
+    async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
+        tokenizer = getattr(processor, "tokenizer", processor)
+        return await super().generate_non_streaming(model, tokenizer, inputs, gen_config, request_id)
+
+
+class LaReGenerationState(GenerationState):
+    """transformers' `GenerationState` whose per-model managers are `LaReGenerateManager`s (LaRe runs without
+    continuous batching: its prefill is the latent loop)."""
+
+    def get_manager(self, model_id: str, use_cb: bool = False):
+        if not use_cb and model_id not in self._generate_managers:
+            self._generate_managers[model_id] = LaReGenerateManager()
+        return super().get_manager(model_id, use_cb=use_cb)
+
+
 class LaReRequestsMixin:
     """Request handling of LaRe's chat endpoints: images decoded (or refused with a 400) before the processor sees
     them, K checked against the model, and invalid messages answered with a 400 naming the problem."""
@@ -211,7 +238,7 @@ def build_app(
         force_model=model,
         served_model_name=served_model_name,
     )
-    generation_state = GenerationState()
+    generation_state = LaReGenerationState()
     handler_kwargs = dict(model_manager=model_manager, generation_state=generation_state)
     return build_server(
         model_manager,
@@ -245,6 +272,8 @@ def serve(
 
 __all__ = [
     "LaReChatCompletionHandler",
+    "LaReGenerateManager",
+    "LaReGenerationState",
     "LaReModelManager",
     "LaReResponseHandler",
     "build_app",
