@@ -158,6 +158,7 @@ def test_malformed_requests_get_a_400_and_the_server_keeps_serving(server, tiny_
         ({**good, "model": "someone/else"}, "pinned"),
         (request(make_image(5), "Which digit?", num_latent_steps=99), "num_latent_steps must be an integer"),
         ({**good, "messages": [{"role": "robot", "content": "hi"}]}, "role 'robot'"),
+        ({"model": NAME, "max_tokens": MAX_TOKENS}, "needs `messages`"),
     ]
     for body, message in cases:
         response = post(server, body)

@@ -201,9 +201,12 @@ class LaReRequestsMixin:
                 f"max_latent_steps), got {steps!r}."
             )
 
+    # the request field holding the conversation: "messages" (chat completions) or "input" (responses)
+    conversation_field = "messages"
+
     async def handle_request(self, body: dict, request_id: str):
-        if not isinstance(body.get("messages", body.get("input")), (list, str)):
-            raise _bad_request("The request needs `messages` (chat completions) or `input` (responses).")
+        if not isinstance(body.get(self.conversation_field), (list, str)):
+            raise _bad_request(f"The request needs `{self.conversation_field}`: the conversation to answer.")
         self.check_latent_steps(body)
         try:
             return await super().handle_request(body, request_id)
@@ -217,6 +220,8 @@ class LaReChatCompletionHandler(LaReRequestsMixin, ChatCompletionHandler):
 
 class LaReResponseHandler(LaReRequestsMixin, ResponseHandler):
     """`/v1/responses` for LaRe."""
+
+    conversation_field = "input"
 
 
 def build_app(
