@@ -167,6 +167,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lm(args: argparse.Namespace) -> int:
+    from .serving import export_language_model
+
+    output = export_language_model(
+        args.model, args.output, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code
+    )
+    print(f"Wrote the bare language model (a plain causal-LM checkpoint) to {output}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .openai_server import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        served_model_name=args.served_model_name,
+        log_level=args.log_level,
+    )
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import files_to_upload, push_to_hub, write_model_card
 
@@ -290,6 +316,33 @@ def _add_model_commands(sub) -> None:
     merge.add_argument("--output", required=True)
     merge.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     merge.set_defaults(func=cmd_merge)
+
+    export_lm = sub.add_parser(
+        "export-lm",
+        help="write the bare language model as a plain causal-LM checkpoint (split serving: vLLM decodes from the "
+        "embeddings lare_hf.serving builds)",
+    )
+    export_lm.add_argument("--model", required=True, help="a LaRe checkpoint folder")
+    export_lm.add_argument("--output", required=True)
+    export_lm.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+    export_lm.add_argument("--trust-remote-code", action="store_true", help="load the checkpoint's own code")
+    export_lm.set_defaults(func=cmd_export_lm)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a checkpoint behind an OpenAI-compatible API (transformers serve, made to load LaRe)",
+    )
+    serve.add_argument("model", help="a LaRe checkpoint folder (or Hub id); requests name it as their `model`")
+    serve.add_argument("--host", default="localhost", help="listen address (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
+    serve.add_argument("--dtype", default="auto", help="'auto' (the checkpoint's), 'bfloat16', 'float32', ...")
+    serve.add_argument("--trust-remote-code", action="store_true", help="load the checkpoint's own code")
+    serve.add_argument(
+        "--served-model-name", default=None, help="a name requests may give as `model` (and /v1/models lists)"
+    )
+    serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+    serve.set_defaults(func=cmd_serve)
 
     push = sub.add_parser("push", help="upload a checkpoint with a generated model card to the Hub")
     push.add_argument("folder")

@@ -146,9 +146,13 @@ def check_pixel_values(pixel_values: Any, image_size: int | None = None) -> None
 
 
 # Keyword arguments a LaRe forward() passes on (to the language model, or to `loss_function`): transformers'
-# `TransformersKwargs` (attention-backend and output options) plus the loss's `shift_labels`.
+# `TransformersKwargs` (attention-backend and output options) plus the loss's `shift_labels`; and `tokenizer`, which
+# `GenerationMixin.generate` (transformers 5.23: `_extract_generation_mode_kwargs`, then
+# `decoding_method(**generation_mode_kwargs, **model_kwargs)`) hands on to every model call when one is given for
+# `stop_strings` (as `transformers serve` always does); transformers' own models swallow it in `**kwargs`.
 FORWARD_KWARGS = frozenset(
     {
+        "tokenizer",
         "num_items_in_batch",
         "output_hidden_states",
         "output_attentions",
