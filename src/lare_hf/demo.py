@@ -20,7 +20,7 @@ from .destinations import refuse_non_empty
 
 # The LaRe the demo trains, K = the longest chain: answer-only (the latent steps are the only reasoning) with the
 # window-grounding loss, which is not in the paper (`LaReConfig.window_loss_weight`); without it the windows do not
-# land on the evidence at this scale (README, "Small-scale reproduction"). `--variant lare_k2` trains the paper's
+# land on the evidence at this scale (docs/reproduction.md). `--variant lare_k2` trains the paper's
 # LaRe (reasoning text after the latents) instead.
 DEMO_VARIANT = "lare_grounded_k2"
 DEMO_HOPS = (1, 2)

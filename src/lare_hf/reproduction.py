@@ -223,11 +223,11 @@ def _train(model, processor, trainer_cls, records, collator, output_dir, steps, 
 
 # The alignment stage's peak learning rate. At 3e-3 its caption loss sat on the ~0.97 plateau (marks not read) for
 # most of 1,500 steps and broke through on some seeds only; at 1e-3 it broke through within ~300-500 steps
-# (README, "Reproduction").
+# (docs/reproduction.md, "The run at lr 3e-3: a negative result").
 ALIGN_LEARNING_RATE = 1e-3
 # The peak learning rate every variant trains with (the default of `train_variant` / `run_variant`, and what
 # `benchmarks/reproduce.py` and `lare demo` pass): at 3e-3, K=0 did not learn the one-hop question on an aligned model
-# within 300 steps (20% against 86% at 1e-3; README, "Reproduction").
+# within 300 steps (20% against 86% at 1e-3; docs/reproduction.md).
 VARIANT_LEARNING_RATE = 1e-3
 
 

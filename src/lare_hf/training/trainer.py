@@ -1,4 +1,4 @@
-"""Trainers for the four training stages (Appendix A-B; DESIGN.md stage table)."""
+"""Trainers for the four training stages (Appendix A-B; docs/design.md, the stage table)."""
 
 from __future__ import annotations
 
