@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from transformers import set_seed
 
+from .destinations import staged_write
 from .modeling.components import load_text_tokenizer
 from .modeling.configuration_lare import LaReConfig
 from .modeling.modeling_lare import LaReForConditionalGeneration
@@ -127,11 +128,13 @@ def build_preset(name_or_path: str, overrides: dict[str, Any] | None = None, **c
 
 
 def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcessor, output_dir: str) -> Path:
-    """Write model (safetensors + custom code) and processor into one folder."""
+    """Write model (safetensors + custom code) and processor into one folder: into a staging folder first, then
+    moved in with atomic renames, so an interrupted write (a crash, a full disk: `DiskFullError`) leaves the
+    folder's previous files as they were."""
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    processor.save_pretrained(output)
+    with staged_write(output, "the checkpoint") as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return output
 
 

@@ -30,7 +30,6 @@ def _parse_override(items: list[str] | None) -> dict:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
     from .modeling.configuration_lare import LaReConfig
 
     overrides = _parse_override(args.set)
@@ -43,6 +42,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["use_reconstructor"] = False
         overrides.setdefault("image_loss_weight", 0.0)  # no U-Net, so no L_img (Eq. 7) if it is trained later
     refuse_non_empty(args.output, "lare build --output", args.overwrite)
+    return _build(args, overrides)
+
+
+def _build(args: argparse.Namespace, overrides: dict) -> int:
+    from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
+
     if args.vision or args.text:
         if not (args.vision and args.text):
             raise ValueError("--vision and --text go together (or use --preset).")
