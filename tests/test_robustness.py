@@ -1,14 +1,16 @@
-"""When the machine misbehaves: damaged checkpoints, a full disk, a killed run.
+"""When the machine misbehaves: damaged checkpoints, a full disk, two runs into one folder, a killed run.
 
 Real subprocesses, real signals and a real file size limit (`RLIMIT_FSIZE`, with SIGXFSZ ignored so a write fails
 with EFBIG as on a full disk), on the tiny preset."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,10 +24,13 @@ from transformers.testing_utils import CaptureLogger
 
 from lare_hf.destinations import (
     CHECKPOINT_MANIFEST,
+    LOCK_NAME,
     STAGING_NAME,
     checkpoint_damage,
     last_intact_checkpoint,
 )
+from lare_hf.output_lock import OutputFolderLockedError, OutputLock
+from lare_hf.output_lock import logger as lock_logger
 from lare_hf.training import run as run_module
 from lare_hf.training.run import run_stage
 from test_training import REPO, stage_args
@@ -210,6 +215,7 @@ def test_full_disk_during_merge_keeps_the_previous_merge(tiny_checkpoint, reason
     assert snapshot(merged) == before
 
 
+# ---------------------------------------------------------------- two runs, one folder
 def wait_for(condition, timeout: float = 300.0, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -217,6 +223,53 @@ def wait_for(condition, timeout: float = 300.0, process: subprocess.Popen | None
             raise AssertionError(f"the process ended first: {process.communicate()[1][-3000:]}")
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_second_run_into_a_locked_folder_refuses_and_a_dead_ones_lock_is_taken_over(
+    tiny_checkpoint, reasoning_file, tmp_path
+):
+    output = tmp_path / "out"
+    first = lare(train_args(tiny_checkpoint, reasoning_file, output, "--max_steps", "500", "--save_steps", "1000"))
+    try:
+        lock = output / LOCK_NAME
+        wait_for(lambda: lock.is_file() and f'"pid": {first.pid}' in lock.read_text(), process=first)
+        started = time.monotonic()
+        second = run_lare(train_args(tiny_checkpoint, reasoning_file, output, "--max_steps", "2"))
+        assert second.returncode == 2
+        error = second.stderr.strip().splitlines()[-1]
+        assert f"{output} is being written by another LaRe run: pid {first.pid} on host" in error, error
+        assert time.monotonic() - started < 60  # refused before loading anything
+        built = run_lare(["build", "--preset", "tiny", "--output", str(output), "--overwrite"])
+        assert built.returncode == 2 and f"pid {first.pid}" in built.stderr
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    assert (output / LOCK_NAME).is_file()  # a killed process leaves its lock file behind...
+    third = run_lare(train_args(tiny_checkpoint, reasoning_file, output, "--max_steps", "2", "--overwrite", "True"))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"Taking over the stale lock {output / LOCK_NAME} left by pid {first.pid}" in third.stderr
+    assert "no longer running" in third.stderr
+    assert not (output / LOCK_NAME).exists() and (output / "model.safetensors").is_file()
+
+
+def test_lock_of_another_host_is_refused_naming_the_file(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere-" + socket.gethostname()}))
+    with pytest.raises(OutputFolderLockedError, match=f"another host.*delete {tmp_path / LOCK_NAME}"):
+        OutputLock(tmp_path).acquire()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "x"}))
+    with CaptureLogger(lock_logger) as captured, OutputLock(tmp_path, "test"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(OutputFolderLockedError, match=f"pid {os.getpid()}"):
+            OutputLock(tmp_path).acquire()  # a second holder in the same process is refused too
+    assert f"left by pid {pid}" in captured.out and "no longer running" in captured.out
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 # ---------------------------------------------------------------- SIGKILL at real kill points, then resume

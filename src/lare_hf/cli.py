@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from .destinations import check_lare_checkpoint, refuse_non_empty
+from .output_lock import OutputLock
 
 # Errors that come from what the user gave (arguments, files, data): one line `error: ...`, exit code 2.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -42,7 +43,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["use_reconstructor"] = False
         overrides.setdefault("image_loss_weight", 0.0)  # no U-Net, so no L_img (Eq. 7) if it is trained later
     refuse_non_empty(args.output, "lare build --output", args.overwrite)
-    return _build(args, overrides)
+    with OutputLock(args.output):
+        return _build(args, overrides)
 
 
 def _build(args: argparse.Namespace, overrides: dict) -> int:

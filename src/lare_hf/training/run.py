@@ -26,6 +26,7 @@ from ..destinations import (
     staged_write,
 )
 from ..modeling.model_card import HISTORY_FILE, read_history, write_model_card
+from ..output_lock import OutputLock, is_main_process
 from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
 from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
 
@@ -139,7 +140,10 @@ def run_stage(
     """Train one stage; the final model (or LoRA adapters), processor and stage history go to output_dir."""
     if model_args.stage not in STAGE_TRAINERS:
         raise ValueError(f"stage must be 1, 2, 3 or 4, got {model_args.stage}.")
-    return _run_stage(model_args, data_args, training_args)
+    if not is_main_process():
+        return _run_stage(model_args, data_args, training_args)
+    with OutputLock(training_args.output_dir):
+        return _run_stage(model_args, data_args, training_args)
 
 
 def _run_stage(
@@ -271,27 +275,29 @@ def _save_final(trainer, processor, output_dir: str, history: list[dict], card: 
 
 def merge_lora(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Path:
     """Merge LoRA adapters into their base checkpoint and write a full LaRe checkpoint with its processor
-    (a non-empty `output_dir` is refused unless `overwrite`; the files are written into a staging folder first, so
-    an interrupted merge leaves the folder's previous files as they were)."""
+    (a non-empty `output_dir` is refused unless `overwrite`; the folder is locked while it is written, and the files
+    are written into a staging folder first, so an interrupted merge leaves the folder's previous files as they
+    were)."""
     from peft import PeftConfig, PeftModel
 
     output = Path(output_dir)
     refuse_non_empty(output, "merge output", overwrite)
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"adapter {adapter_dir} has no adapter_config.json; pass the output_dir of a `lare train ... --lora "
-            "True` run."
-        )
-    peft_config = PeftConfig.from_pretrained(adapter_dir)
-    base = AutoModelForImageTextToText.from_pretrained(peft_config.base_model_name_or_path)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    with staged_write(output, "the merged model") as staging:
-        merged.save_pretrained(staging)
-        AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
-        history = Path(adapter_dir) / HISTORY_FILE
-        if history.is_file():
-            shutil.copy(history, staging / HISTORY_FILE)
-    write_model_card(output)  # after the files: a README.md the user wrote in the folder is kept
+    with OutputLock(output):
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"adapter {adapter_dir} has no adapter_config.json; pass the output_dir of a `lare train ... --lora "
+                "True` run."
+            )
+        peft_config = PeftConfig.from_pretrained(adapter_dir)
+        base = AutoModelForImageTextToText.from_pretrained(peft_config.base_model_name_or_path)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        with staged_write(output, "the merged model") as staging:
+            merged.save_pretrained(staging)
+            AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
+            history = Path(adapter_dir) / HISTORY_FILE
+            if history.is_file():
+                shutil.copy(history, staging / HISTORY_FILE)
+        write_model_card(output)  # after the files: a README.md the user wrote in the folder is kept
     return output
 
 
