@@ -145,6 +145,13 @@ def run_lare(args: list[str], file_size_limit: int | None = None) -> subprocess.
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def error_line(stderr: str) -> str:
+    """The CLI's one-line `error: ...` (progress bars may be flushed after it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert lines, stderr[-3000:]
+    return lines[-1]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -176,7 +183,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(
     args = train_args(tiny_checkpoint, reasoning_file, output, "--max_steps", "6", "--save_steps", "2", "--seed", "3")
     result = run_lare([*args, "--resume", "True"], file_size_limit=limit)
     assert result.returncode == 2, result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-1]
+    error = error_line(result.stderr)
     assert "The disk is full: writing checkpoint-6 to" in error and str(output) in error, error
     assert f"the last complete checkpoint {checkpoint} is intact" in error
     assert sorted(p.name for p in output.iterdir()) == sorted({p.split("/")[0] for p in before})  # nothing new
@@ -193,7 +200,7 @@ def test_full_disk_during_build_keeps_the_previous_checkpoint(tmp_path):
     limit = (output / "model.safetensors").stat().st_size // 2
     result = run_lare(["build", "--preset", "tiny", "--seed", "1", "--output", str(output), "--overwrite"], limit)
     assert result.returncode == 2, result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-1]
+    error = error_line(result.stderr)
     assert "The disk is full: writing the checkpoint to" in error and str(output) in error, error
     assert "previous files are unchanged" in error
     assert snapshot(output) == before  # no staging folder, no lock, the same bytes
@@ -210,7 +217,7 @@ def test_full_disk_during_merge_keeps_the_previous_merge(tiny_checkpoint, reason
     limit = (merged / "model.safetensors").stat().st_size // 2
     result = run_lare(["merge", "--adapter", str(adapters), "--output", str(merged), "--overwrite"], limit)
     assert result.returncode == 2, result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-1]
+    error = error_line(result.stderr)
     assert "The disk is full: writing the merged model to" in error and str(merged) in error, error
     assert snapshot(merged) == before
 
@@ -237,7 +244,7 @@ def test_second_run_into_a_locked_folder_refuses_and_a_dead_ones_lock_is_taken_o
         started = time.monotonic()
         second = run_lare(train_args(tiny_checkpoint, reasoning_file, output, "--max_steps", "2"))
         assert second.returncode == 2
-        error = second.stderr.strip().splitlines()[-1]
+        error = error_line(second.stderr)
         assert f"{output} is being written by another LaRe run: pid {first.pid} on host" in error, error
         assert time.monotonic() - started < 60  # refused before loading anything
         built = run_lare(["build", "--preset", "tiny", "--output", str(output), "--overwrite"])
