@@ -338,7 +338,15 @@ class LaReProcessor(ProcessorMixin):
         survived tokenization (truncation would cut them)."""
         if images is not None:
             images = _convert_images(images)
-        outputs = super().__call__(images=images, text=texts, **kwargs)
+        try:
+            outputs = super().__call__(images=images, text=texts, **kwargs)
+        except ValueError as error:
+            if texts is None or len(texts) < 2 or not str(error).startswith("Unable to create tensor"):
+                raise
+            raise ValueError(
+                f"The {len(texts)} prompts of this batch have different lengths, so they cannot be stacked into one "
+                "tensor; pass padding=True (LaReProcessor pads on the left, so the latent slots share columns)."
+            ) from None
         if texts is not None and "input_ids" in outputs:
             self._check_latent_slots(texts, outputs["input_ids"])
             self._check_prompt_length(outputs)
@@ -368,6 +376,14 @@ class LaReProcessor(ProcessorMixin):
             if isinstance(texts, list) and all(isinstance(sample, str) for sample in texts):
                 per_prompt = [sample.count(self.image_token) for sample in texts]
                 num_images = 0 if images is None else len(make_flat_list_of_images(images))
+                for index, (sample, count) in enumerate(zip(texts, per_prompt)):
+                    if count > 1 and self.latent_start_token in sample:
+                        raise ValueError(
+                            f"Prompt {index} has {count} images, but LaRe takes one image per prompt: its latent steps "
+                            f"(the {self.latent_start_token} region) refocus on one image's patch grid. Give each "
+                            "prompt one image, or render multi-image prompts without latent steps "
+                            "(apply_chat_template(..., num_latent_steps=0))."
+                        )
                 if sum(per_prompt) != num_images:
                     raise ValueError(
                         f"The number of {self.image_token} tokens in the prompts should be the same as the number of "
