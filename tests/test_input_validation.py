@@ -536,6 +536,12 @@ PROCESSOR_CASES = [
      jinja2.TemplateError, ("Unknown chat role bot", "'user'")),
     ("prompt-longer-than-tokenizer-allows", lambda m, p: _too_long_for_tokenizer(p), ValueError,
      ("tokens", "at most 40", "model_max_length", "Shorten the prompt")),
+    ("nan-pixels-in-array", lambda m, p: p(images=[np.full((8, 8, 3), np.nan, np.float32)], text="<|image|>Which?"),
+     ValueError, ("`images`", "NaN or infinite pixels")),
+    ("int-array-out-of-range", lambda m, p: p(images=[np.full((8, 8), 300, np.int64)], text="<|image|>Which?"),
+     ValueError, ("`images`", "[300, 300]", "[0, 255]")),
+    ("five-channel-array", lambda m, p: p(images=[np.zeros((8, 8, 5), np.uint8)], text="<|image|>Which?"),
+     ValueError, ("`images`", "shape (8, 8, 5)", "C = 1, 3 or 4")),
     ("batch-of-1-and-2-images", lambda m, p: _one_and_two_images(p, padding=True), ValueError,
      ("Prompt 1 has 2 images", "LaRe takes one image per prompt", "num_latent_steps=0")),
     ("batch-of-1-and-2-images-unpadded", lambda m, p: _one_and_two_images(p), ValueError,
@@ -558,6 +564,25 @@ def _one_and_two_images(processor, **kwargs):
     processor.apply_chat_template(
         _ONE_AND_TWO, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
     )
+
+
+def test_array_images_match_their_pil_equivalents(tiny_model_and_processor):
+    """Grey [H, W] arrays, channels-first tensors, uint16, bool and float arrays give the pixels of the PIL image they
+    describe (the image processor alone refuses a 2D array and clips or misreads the others)."""
+    _, processor = tiny_model_and_processor
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    cases = [
+        (grey, Image.fromarray(grey).convert("RGB")),
+        (torch.from_numpy(rgb).permute(2, 0, 1), Image.fromarray(rgb)),
+        (grey.astype(np.uint16) * 257, Image.fromarray(grey).convert("RGB")),
+        (rgb.astype(np.float32) / 255, Image.fromarray(rgb)),
+        (grey > 127, Image.fromarray(np.where(grey > 127, 255, 0).astype(np.uint8)).convert("RGB")),
+    ]
+    for array, image in cases:
+        from_array = processor(images=[array], text="<|image|>Which?")["pixel_values"]
+        from_image = processor(images=[image], text="<|image|>Which?")["pixel_values"]
+        torch.testing.assert_close(from_array, from_image, msg=str(type(array)))
 
 
 def test_multi_image_prompts_without_latent_steps_run(tiny_model_and_processor):
