@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,26 @@ def make_image(seed: int, size: int = 64) -> Image.Image:
 def chat(image: Image.Image | None, text: str) -> list[dict]:
     content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="session")
+def reasoning_file(tmp_path_factory) -> str:
+    """Eight reasoning records with PNG images, as JSONL with relative image paths."""
+    root = tmp_path_factory.mktemp("reasoning")
+    (root / "images").mkdir()
+    with open(root / "train.jsonl", "w") as handle:
+        for index in range(8):
+            make_image(100 + index).save(root / "images" / f"{index}.png")
+            digit = index % 10
+            record = {
+                "id": f"r{index}",
+                "image": f"images/{index}.png",
+                "question": "Which digit is in the red square?",
+                "rationale": f"The red square is at the top left. It contains the digit {digit}.",
+                "answer": str(digit),
+            }
+            handle.write(json.dumps(record) + "\n")
+    return str(root / "train.jsonl")
 
 
 @pytest.fixture

@@ -22,26 +22,6 @@ from lare_hf.training.trainer import STAGE_TRAINERS, module_group
 
 
 @pytest.fixture(scope="module")
-def reasoning_file(tmp_path_factory) -> str:
-    """Eight reasoning records with PNG images, as JSONL with relative image paths."""
-    root = tmp_path_factory.mktemp("reasoning")
-    (root / "images").mkdir()
-    with open(root / "train.jsonl", "w") as handle:
-        for index in range(8):
-            make_image(100 + index).save(root / "images" / f"{index}.png")
-            digit = index % 10
-            record = {
-                "id": f"r{index}",
-                "image": f"images/{index}.png",
-                "question": "Which digit is in the red square?",
-                "rationale": f"The red square is at the top left. It contains the digit {digit}.",
-                "answer": str(digit),
-            }
-            handle.write(json.dumps(record) + "\n")
-    return str(root / "train.jsonl")
-
-
-@pytest.fixture(scope="module")
 def start_checkpoint(tiny_checkpoint) -> str:
     """Training reads it from disk and writes elsewhere, so the shared tiny checkpoint is the starting point."""
     return tiny_checkpoint

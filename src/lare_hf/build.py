@@ -9,6 +9,7 @@ import yaml
 from transformers import set_seed
 
 from .configs import available_presets, packaged_configs_dir
+from .destinations import staged_write
 from .modeling.components import load_text_tokenizer
 from .modeling.configuration_lare import LaReConfig
 from .modeling.modeling_lare import LaReForConditionalGeneration
@@ -152,11 +153,13 @@ def build_checkpoint_parts(
 
 
 def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcessor, output_dir: str) -> Path:
-    """Write model (safetensors + custom code) and processor into one folder."""
+    """Write model (safetensors + custom code) and processor into one folder: into a staging folder first, then
+    moved in with atomic renames, so an interrupted write (a crash, a full disk: `DiskFullError`) leaves the
+    folder's previous files as they were."""
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    processor.save_pretrained(output)
+    with staged_write(output, "the checkpoint") as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return output
 
 

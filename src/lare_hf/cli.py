@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from .destinations import refuse_non_empty
+from .output_lock import OutputLock
 
 # Errors that come from what the user gave (arguments, files, data): one line `error: ...`, exit code 2.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -30,9 +31,7 @@ def _parse_override(items: list[str] | None) -> dict:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_checkpoint_parts, save_checkpoint
     from .modeling.configuration_lare import LaReConfig
-    from .modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 
     overrides = _parse_override(args.set)
     LaReConfig.check_field_names(overrides, "--set key")
@@ -44,6 +43,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["use_reconstructor"] = False
         overrides.setdefault("image_loss_weight", 0.0)  # no U-Net, so no L_img (Eq. 7) if it is trained later
     refuse_non_empty(args.output, "lare build --output", args.overwrite)
+    with OutputLock(args.output):
+        return _build(args, overrides)
+
+
+def _build(args: argparse.Namespace, overrides: dict) -> int:
+    from .build import build_checkpoint_parts, save_checkpoint
+    from .modeling.image_tokenizer_check import warn_if_random_image_tokenizer
+
     model, processor = build_checkpoint_parts(
         args.preset, args.vision, args.text, args.image_tokenizer, overrides, seed=args.seed
     )

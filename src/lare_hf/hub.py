@@ -20,7 +20,11 @@ def files_to_upload(folder: str | Path) -> list[str]:
         if not path.is_file():
             continue
         relative = path.relative_to(root).as_posix()
-        if relative.startswith("checkpoint-") or path.name in ("optimizer.pt", "scheduler.pt", "training_args.bin"):
+        if relative.startswith(("checkpoint-", ".partial-checkpoint-", ".lare-partial")) or path.name in (
+            "optimizer.pt",
+            "scheduler.pt",
+            "training_args.bin",
+        ):
             continue
         if path.name.startswith("rng_state") or path.suffix == ".lock":
             continue

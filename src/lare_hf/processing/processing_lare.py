@@ -16,8 +16,14 @@ import re
 import torch
 from transformers import CLIPImageProcessorPil
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_transforms import convert_to_rgb
-from transformers.image_utils import ImageInput, is_pil_image, is_valid_image, make_flat_list_of_images
+from transformers.image_transforms import convert_to_rgb, to_pil_image
+from transformers.image_utils import (
+    ChannelDimension,
+    ImageInput,
+    is_pil_image,
+    is_valid_image,
+    make_flat_list_of_images,
+)
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import TextInput
 
@@ -338,7 +344,15 @@ class LaReProcessor(ProcessorMixin):
         survived tokenization (truncation would cut them)."""
         if images is not None:
             images = _convert_images(images)
-        outputs = super().__call__(images=images, text=texts, **kwargs)
+        try:
+            outputs = super().__call__(images=images, text=texts, **kwargs)
+        except ValueError as error:
+            if texts is None or len(texts) < 2 or not str(error).startswith("Unable to create tensor"):
+                raise
+            raise ValueError(
+                f"The {len(texts)} prompts of this batch have different lengths, so they cannot be stacked into one "
+                "tensor; pass padding=True (LaReProcessor pads on the left, so the latent slots share columns)."
+            ) from None
         if texts is not None and "input_ids" in outputs:
             self._check_latent_slots(texts, outputs["input_ids"])
             self._check_prompt_length(outputs)
@@ -368,6 +382,14 @@ class LaReProcessor(ProcessorMixin):
             if isinstance(texts, list) and all(isinstance(sample, str) for sample in texts):
                 per_prompt = [sample.count(self.image_token) for sample in texts]
                 num_images = 0 if images is None else len(make_flat_list_of_images(images))
+                for index, (sample, count) in enumerate(zip(texts, per_prompt)):
+                    if count > 1 and self.latent_start_token in sample:
+                        raise ValueError(
+                            f"Prompt {index} has {count} images, but LaRe takes one image per prompt: its latent steps "
+                            f"(the {self.latent_start_token} region) refocus on one image's patch grid. Give each "
+                            "prompt one image, or render multi-image prompts without latent steps "
+                            "(apply_chat_template(..., num_latent_steps=0))."
+                        )
                 if sum(per_prompt) != num_images:
                     raise ValueError(
                         f"The number of {self.image_token} tokens in the prompts should be the same as the number of "
@@ -728,12 +750,68 @@ def to_rgb(image):
     return convert_to_rgb(_to_8bit_rgb(image))
 
 
+def _array_to_pil(array):
+    """One image given as a numpy array or torch tensor ([H, W], [H, W, C] or [C, H, W] with C in 1, 3, 4) as an
+    8-bit PIL image: bool as 0/255, uint16 scaled by 1/257, floats in [0, 1] scaled by 255 (in [0, 255] taken as
+    they are), like the PIL path; anything else is refused naming `images` (the image processor's own errors do
+    not say which input or how to fix it). torch only: this module is copied next to checkpoints as custom code."""
+    shape = tuple(array.shape)
+    dtype = str(array.dtype).removeprefix("torch.")
+    if isinstance(array, torch.Tensor):  # torch implements few operations on uint16-uint64: widen them first
+        pixels = array.detach().cpu()
+        pixels = pixels.to(torch.int64) if dtype in ("uint16", "uint32", "uint64") else pixels
+    else:
+        try:
+            pixels = torch.as_tensor(array.astype("int64") if dtype in ("uint16", "uint32", "uint64") else array)
+        except (TypeError, RuntimeError):
+            raise ValueError(f"`images` holds an array of dtype {dtype}, which is not an image's pixels.") from None
+    if dtype == "uint16":
+        pixels = torch.round(pixels / 257.0)
+    if pixels.dim() == 3 and pixels.shape[-1] not in (1, 3, 4) and pixels.shape[0] in (1, 3, 4):
+        pixels = pixels.permute(1, 2, 0)  # channels first
+    if pixels.dim() == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.dim() == 3 and pixels.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"`images` holds an array of shape {shape}: an image array is [H, W], [H, W, C] or [C, H, W] with C = 1, "
+            "3 or 4 channels."
+        )
+    if pixels.dtype == torch.bool:
+        pixels = pixels.to(torch.uint8) * 255
+    elif pixels.is_floating_point():
+        if not torch.isfinite(pixels).all():
+            raise ValueError("`images` holds an array with NaN or infinite pixels; give finite pixel values.")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"`images` holds a float array with pixels in [{low}, {high}]; float pixels must lie in [0, 1] "
+                "(or [0, 255])."
+            )
+        pixels = torch.round(pixels.double() * (255.0 if high <= 1.0 else 1.0))
+    elif pixels.is_complex():
+        raise ValueError(f"`images` holds an array of dtype {dtype}, which is not an image's pixels.")
+    elif pixels.dtype != torch.uint8:
+        low, high = int(pixels.min()), int(pixels.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"`images` holds a {dtype} array with pixels in [{low}, {high}]; integer pixels must lie in [0, 255] "
+                "(uint8), or be uint16."
+            )
+    if pixels.dim() == 2:
+        pixels = pixels.unsqueeze(-1).expand(*pixels.shape, 3)
+    return to_pil_image(
+        pixels.to(torch.uint8).contiguous().numpy(), do_rescale=False, input_data_format=ChannelDimension.LAST
+    )
+
+
 def _convert_images(images):
     """Check every image of `images` (nested lists allowed) and bring high-bit-depth PIL images to 8-bit RGB."""
     if isinstance(images, (list, tuple)):
         return type(images)(_convert_images(image) for image in images)
     if is_pil_image(images):
         return _to_8bit_rgb(images)
+    if not is_pil_image(images) and is_valid_image(images) and len(images.shape) in (2, 3):  # numpy / torch
+        return _array_to_pil(images)
     if images is None or isinstance(images, str) or is_valid_image(images):
         return images
     raise ValueError(

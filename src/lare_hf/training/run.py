@@ -14,13 +14,20 @@ from ..data.collator import LaReDataCollator
 from ..data.formats import load_records
 from ..destinations import (
     CHECKPOINT_PATTERN,
+    STAGING_NAME,
     check_lare_checkpoint,
+    disk_full_error,
+    fsync_tree,
     holds_finished_model,
-    last_complete_checkpoint,
+    is_disk_full,
+    last_intact_checkpoint,
+    publish_folder,
     refuse_non_empty,
+    staged_write,
 )
 from ..modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 from ..modeling.model_card import HISTORY_FILE, read_history, write_model_card
+from ..output_lock import OutputLock, is_main_process
 from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
 from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
 
@@ -73,7 +80,8 @@ def _apply_overrides(model, overrides: str | None) -> None:
 def _check_output_dir(training_args: LaReTrainingArguments) -> str | None:
     """Never overwrite what is already in output_dir: resuming (--resume) and overwriting (--overwrite) are explicit.
 
-    Returns the last completely written checkpoint to resume from (None: start from the beginning)."""
+    Returns the last completely written checkpoint whose files are whole to resume from (None: start from the
+    beginning); newer damaged ones (a truncated file) are skipped with a warning naming them."""
     output = Path(training_args.output_dir)
     resume, overwrite = training_args.resume, training_args.overwrite
     written = (
@@ -81,7 +89,18 @@ def _check_output_dir(training_args: LaReTrainingArguments) -> str | None:
         if output.is_dir()
         else []
     )
-    last = last_complete_checkpoint(output)
+    last, damaged = last_intact_checkpoint(output) if resume else (None, [])
+    if damaged and last is None:
+        listed = "; ".join(f"{path} ({why})" for path, why in damaged)
+        raise ValueError(
+            f"Cannot resume: every checkpoint in {output} is damaged: {listed}. Delete the damaged checkpoint "
+            "folders to start over, or pass --overwrite True without --resume to train again from the start."
+        )
+    for path, why in damaged:
+        logger.warning(
+            f"Skipping the damaged checkpoint {path}: {why}. Resuming from the previous complete one, {last}; "
+            f"{path.name} is written again when training reaches that step."
+        )
     if resume:
         if last is None and holds_finished_model(output) and not overwrite:
             raise FileExistsError(
@@ -122,6 +141,15 @@ def run_stage(
     """Train one stage; the final model (or LoRA adapters), processor and stage history go to output_dir."""
     if model_args.stage not in STAGE_TRAINERS:
         raise ValueError(f"stage must be 1, 2, 3 or 4, got {model_args.stage}.")
+    if not is_main_process():
+        return _run_stage(model_args, data_args, training_args)
+    with OutputLock(training_args.output_dir):
+        return _run_stage(model_args, data_args, training_args)
+
+
+def _run_stage(
+    model_args: LaReModelArguments, data_args: LaReDataArguments, training_args: LaReTrainingArguments
+) -> dict[str, Any]:
     trainer_cls = STAGE_TRAINERS[model_args.stage]
     resume_from = _check_output_dir(training_args)
     check_lare_checkpoint(model_args.model_name_or_path, "model_name_or_path")
@@ -188,8 +216,6 @@ def run_stage(
         module_learning_rates=training_args.module_learning_rates(),
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(training_args.output_dir)
-    processor.save_pretrained(training_args.output_dir)
 
     final_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     record = {
@@ -208,12 +234,10 @@ def run_stage(
             k: final_logs[-1][k] for k in ("loss", *LOSS_COMPONENTS) if final_logs and k in final_logs[-1]
         },
     }
-    if not trainer.is_world_process_zero():  # only the main process saved the model: it writes history and card
-        return record
     history = read_history(model_args.model_name_or_path) + [record]
-    Path(training_args.output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2))
-    if not model_args.lora:  # the card describes a full checkpoint (a LoRA folder gets one when merged)
-        write_model_card(training_args.output_dir)
+    _save_final(trainer, processor, training_args.output_dir, history, card=not model_args.lora)
+    if not trainer.is_world_process_zero():  # only the main process wrote the model, history and card
+        return record
     if push_repo:
         from ..hub import push_to_hub
 
@@ -221,27 +245,62 @@ def run_stage(
     return record
 
 
+def _save_final(trainer, processor, output_dir: str, history: list[dict], card: bool) -> None:
+    """Model (or LoRA adapters), processor, stage history and model card, written into a staging folder and moved
+    into `output_dir` once complete (every process saves: sharded models gather their weights); a failure leaves
+    the folder's previous files as they were and a full disk is reported as `DiskFullError`."""
+    output = Path(output_dir)
+    staging = output / STAGING_NAME
+    main = trainer.is_world_process_zero()
+    if main and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.save_model(str(staging))
+        if main:
+            processor.save_pretrained(staging)
+            (staging / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+            fsync_tree(staging)
+    except Exception as error:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            last, _ = last_intact_checkpoint(output)
+            kept = f"the last complete checkpoint {last} is intact" if last else "no checkpoint was written"
+            raise disk_full_error(error, "the final model", output, kept + " (resume with --resume True)") from error
+        raise
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        publish_folder(staging, output)
+        if card:  # the card describes a full checkpoint (a LoRA folder gets one when merged); a user's README is kept
+            write_model_card(output)
+
+
 def merge_lora(adapter_dir: str, output_dir: str, overwrite: bool = False) -> Path:
     """Merge LoRA adapters into their base checkpoint and write a full LaRe checkpoint with its processor
-    (a non-empty `output_dir` is refused unless `overwrite`)."""
+    (a non-empty `output_dir` is refused unless `overwrite`; the folder is locked while it is written, and the files
+    are written into a staging folder first, so an interrupted merge leaves the folder's previous files as they
+    were)."""
     from peft import PeftConfig, PeftModel
 
-    refuse_non_empty(output_dir, "merge output", overwrite)
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"adapter {adapter_dir} has no adapter_config.json; pass the output_dir of a `lare train ... --lora True` "
-            "run."
-        )
-    peft_config = PeftConfig.from_pretrained(adapter_dir)
-    base = AutoModelForImageTextToText.from_pretrained(peft_config.base_model_name_or_path)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     output = Path(output_dir)
-    merged.save_pretrained(output)
-    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(output)
-    history = Path(adapter_dir) / HISTORY_FILE
-    if history.is_file():
-        shutil.copy(history, output / HISTORY_FILE)
-    write_model_card(output)
+    refuse_non_empty(output, "merge output", overwrite)
+    with OutputLock(output):
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"adapter {adapter_dir} has no adapter_config.json; pass the output_dir of a `lare train ... --lora "
+                "True` run."
+            )
+        peft_config = PeftConfig.from_pretrained(adapter_dir)
+        base = AutoModelForImageTextToText.from_pretrained(peft_config.base_model_name_or_path)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        with staged_write(output, "the merged model") as staging:
+            merged.save_pretrained(staging)
+            AutoProcessor.from_pretrained(adapter_dir).save_pretrained(staging)
+            history = Path(adapter_dir) / HISTORY_FILE
+            if history.is_file():
+                shutil.copy(history, staging / HISTORY_FILE)
+        write_model_card(output)  # after the files: a README.md the user wrote in the folder is kept
     return output
 
 

@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from ..data.collator import DATA_COLUMNS
-from ..destinations import last_complete_checkpoint
+from ..destinations import disk_full_error, is_disk_full, last_complete_checkpoint, write_manifest
 from ..modeling.latent_losses import LOSS_TERM_NAMES
 
 # Loss components a LaRe forward returns (the model's LOSS_TERMS); each is logged as the mean over the logging window.
@@ -123,9 +123,10 @@ class LaReTrainer(Trainer):
         )
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write each checkpoint into a hidden staging folder and rename it to `checkpoint-N` once complete, so a run
-        killed mid-save never leaves a `checkpoint-N` that loads half-written (--resume picks the last complete one).
-        """
+        """Write each checkpoint into a hidden staging folder, record its files' sizes (`write_manifest`, flushed to
+        disk) and rename it to `checkpoint-N` once complete, so a run killed mid-save never leaves a `checkpoint-N`
+        that loads half-written (--resume picks the last intact one). A save that fails for lack of space removes
+        its staging folder and raises `DiskFullError` naming the folder and the checkpoint kept."""
         run_dir = super()._get_output_dir(trial=trial)
         step = self.state.global_step
         staging = os.path.join(run_dir, f".partial-checkpoint-{step}")
@@ -135,11 +136,23 @@ class LaReTrainer(Trainer):
         self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)
+            written = os.path.join(staging, f"checkpoint-{step}")
+            if self.args.should_save:
+                write_manifest(written)  # every file's size, flushed to disk: resume checks the files are whole
+        except Exception as error:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if not is_disk_full(error):
+                raise
+            last = last_complete_checkpoint(run_dir)
+            kept = f"the last complete checkpoint {last} is intact" if last else "no earlier checkpoint was written"
+            raise disk_full_error(
+                error, f"checkpoint-{step}", run_dir, kept + "; resume with --resume True"
+            ) from error
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            written = os.path.join(staging, f"checkpoint-{step}")
             final = os.path.join(run_dir, f"checkpoint-{step}")
             if os.path.isdir(final):  # the same step saved again (a resumed run): the new one replaces it
                 shutil.rmtree(final)
