@@ -929,12 +929,7 @@ def test_cli_data_errors_are_one_line(case, words, ctx, capsys):
         assert word in errors[0], f"{word!r} not in {errors[0]!r}"
 
 
-# Issue 27, item 4: a fix that belongs in modeling_lare.py's latent_layout (being split into modules by another
-# change at the time of writing); a strict xfail, so it fails once fixed and the marker must go.
-NEEDS_MODELING_FIX = "issue 27 item 4: the fix lives in modeling_lare.py (latent_layout)"
-
-
-@pytest.mark.xfail(strict=True, reason=NEEDS_MODELING_FIX, raises=AssertionError)
+# Issue 27, item 4: a text token inside the latent region is named, not reported as a slot-count mismatch.
 def test_text_token_inside_the_latent_region_is_named(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     inputs = processor.apply_chat_template(
@@ -950,3 +945,16 @@ def test_text_token_inside_the_latent_region_is_named(tiny_model_and_processor):
                        pixel_values=inputs["pixel_values"], max_new_tokens=1)  # fmt: skip
     message = str(caught.value)
     assert f"column {column}" in message and str(foreign) in message, message
+
+
+def test_text_only_prompt_with_adaptive_halting_is_answered_as_with_k0(tiny_model_and_processor):
+    """Issue 27, item 4 (found by fuzzing): a chat without an image has no latent region, so adaptive halting has
+    nothing to stop; it is answered as with K=0 instead of failing on the halting mask."""
+    model, processor = tiny_model_and_processor
+    inputs = processor.apply_chat_template(
+        chat(None, "Which digit?"), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    halted = model.generate(**inputs, max_new_tokens=3, do_sample=False, latent_halting="cosine",
+                            latent_halting_threshold=0.9)  # fmt: skip
+    plain = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_latent_steps=0)
+    assert torch.equal(halted, plain)

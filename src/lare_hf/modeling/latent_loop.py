@@ -231,7 +231,6 @@ class LaReLatentRefocusMixin:
         `hidden_states` / `attentions` cover every position, one entry per layer, as a single pass would.
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
-        check_halting_mask(latent_halting, attention_mask)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if layout.num_steps == 0:
@@ -240,6 +239,7 @@ class LaReLatentRefocusMixin:
             return self._merge_lm_calls(
                 {"image_hidden_states": image_features}, [lm_output], lm_output.past_key_values
             )
+        check_halting_mask(latent_halting, attention_mask)  # only a latent region has slots to mask
         if image_features is None:
             raise ValueError(
                 "Latent refocusing needs one image per prompt with a latent region (its <|image|> tokens and "

@@ -107,6 +107,15 @@ def latent_layout(input_ids: torch.LongTensor, config: LaReConfig) -> LatentLayo
     start, end = int(start_columns[0]), int(end_columns[0])
     num_slots = end - start - 1
     m = config.latent_tokens_per_step
+    foreign = (~slots[:, start + 1 : end]) & rows[:, None]
+    if foreign.any():
+        row, offset = (int(index) for index in foreign.nonzero()[0])
+        column = start + 1 + offset
+        raise ValueError(
+            f"Token id {int(input_ids[row, column])} at row {row}, column {column} sits inside the latent region "
+            f"(columns {start + 1}-{end - 1}), which holds only <|latent|> slots (id {config.latent_token_id}). "
+            "Build prompts with LaReProcessor / its chat template, and keep user text out of the region."
+        )
     if num_slots <= 0 or num_slots % m != 0 or not slots[rows, start + 1 : end].all():
         raise ValueError(
             f"The latent region must hold K x {m} <|latent|> slots (m = latent_tokens_per_step) between "
