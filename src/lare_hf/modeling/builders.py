@@ -21,6 +21,10 @@ from .components import (
 from .configuration_lare import LaReConfig
 from .reconstruction import load_image_tokenizer
 
+# Appendix B: the Extractor is "uniformly set to 1536" wide with 12 heads for every backbone, projected from and
+# back to the LM width; the builders use it unless the caller sets `extractor_hidden_size`.
+PAPER_EXTRACTOR_HIDDEN_SIZE = 1536
+
 
 def from_components(
     model_class: type[PreTrainedModel],
@@ -51,10 +55,13 @@ def from_components(
         image_tokenizer: a pretrained KL-16 `AutoencoderKL` (or its folder / Hub id) for the reconstructor;
             its config replaces `image_tokenizer_config` and its weights are copied (frozen).
         tokenizer: the tokenizer the model will be used with; the LaRe tokens are added to it in place.
-        config_kwargs: any other `LaReConfig` field (num_latent_steps, window_size, use_reconstructor, ...).
+        config_kwargs: any other `LaReConfig` field (num_latent_steps, window_size, use_reconstructor, ...). The
+            Extractor is the paper's (Appendix B: 1536 wide, 12 heads, projected in and out of the LM width) unless
+            `extractor_hidden_size` is given (None: the LM width).
 
     The projector, Extractor and reconstructor start from random initialisation (stage I/II train them).
     """
+    config_kwargs.setdefault("extractor_hidden_size", PAPER_EXTRACTOR_HIDDEN_SIZE)
     special_token_ids, tokenizer = _special_token_ids(text, special_token_ids, tokenizer)
     if vocab_size is None and tokenizer is not None:
         vocab_size = len(tokenizer)
@@ -142,4 +149,4 @@ def _load_components(
     return vision, text, image_tokenizer
 
 
-__all__ = ["from_components"]
+__all__ = ["PAPER_EXTRACTOR_HIDDEN_SIZE", "from_components"]
