@@ -1,4 +1,5 @@
-"""Builders of a LaRe model from pretrained parts (Sec. 4.2 setup): `from_components(vision, text)`.
+"""Builders of a LaRe model from pretrained parts (Sec. 4.2 setup): `from_components(vision, text)`, and from a
+whole LLaVA checkpoint: `from_llava(llava)`.
 
 They sit next to `components.py` (loading and describing the parts); `LaReForConditionalGeneration.from_components`
 delegates here.
@@ -9,7 +10,15 @@ from __future__ import annotations
 import os
 
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .components import (
     add_lare_special_tokens,
@@ -24,6 +33,19 @@ from .reconstruction import load_image_tokenizer
 # Appendix B: the Extractor is "uniformly set to 1536" wide with 12 heads for every backbone, projected from and
 # back to the LM width; the builders use it unless the caller sets `extractor_hidden_size`.
 PAPER_EXTRACTOR_HIDDEN_SIZE = 1536
+
+# LLaVA-family checkpoints that are not plain LLaVA, and why a conversion would not be faithful.
+UNSUPPORTED_LLAVA_TYPES = {
+    "llava_next": "LLaVA-NeXT tiles each image into several crops (anyres) and adds newline tokens between rows, so "
+    "an image is not one square patch grid",
+    "llava_onevision": "LLaVA-OneVision tiles each image into several crops (anyres) and handles video, so an image "
+    "is not one square patch grid",
+    "llava_next_video": "LLaVA-NeXT-Video tiles images into several crops and pools video frames, so an image is not "
+    "one square patch grid",
+    "video_llava": "Video-LLaVA encodes videos with a separate video tower; LaRe refocuses on one image",
+    "vipllava": "VipLLaVA reads several vision layers through its own projector (layer norm first), which LaRe's "
+    "LLaVA projector does not reproduce",
+}
 
 
 def from_components(
@@ -149,4 +171,115 @@ def _load_components(
     return vision, text, image_tokenizer
 
 
-__all__ = ["PAPER_EXTRACTOR_HIDDEN_SIZE", "from_components"]
+def from_llava(
+    model_class: type[PreTrainedModel],
+    llava: str | os.PathLike | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_tokenizer: str | nn.Module | None = None,
+    **config_kwargs,
+) -> PreTrainedModel:
+    """Convert a transformers `LlavaForConditionalGeneration` checkpoint (e.g. llava-hf/llava-1.5-7b-hf) into LaRe.
+
+    The vision tower, the projector, the language model, its embeddings and the LM head are copied; LLaVA's
+    `vision_feature_layer`, `vision_feature_select_strategy`, `projector_hidden_act`, `multimodal_projector_bias`,
+    `image_seq_length` and image token carry over. The latent tokens `<|latent_start|>`, `<|latent|>`,
+    `<|latent_end|>` are added to the tokenizer (in place); only their embedding rows (when the table must grow),
+    the Extractor, the alignment head and the reconstructor are newly initialised. With K=0 the converted model
+    computes exactly what the LLaVA model computes. A converted LLaVA-1.5 has done stage I (the projector is
+    trained): start at stage II.
+
+    Args:
+        model_class: the LaRe class to build (`LaReForConditionalGeneration`).
+        llava: a `LlavaForConditionalGeneration` or its folder / Hub id.
+        tokenizer: the checkpoint's tokenizer (needed when `llava` is a loaded model; loaded from the folder
+            otherwise). Pass the same tokenizer object to `LaReProcessor.from_llava(..., tokenizer=...)` or save it.
+        image_tokenizer: a pretrained KL-16 `AutoencoderKL` (or its folder / Hub id) for the reconstructor.
+        config_kwargs: any other `LaReConfig` field. The Extractor is the paper's (1536 wide, 12 heads) unless
+            `extractor_hidden_size` is given; `image_mean` / `image_std` default to the checkpoint's image
+            processor's when it is a folder.
+
+    Raises:
+        ValueError: for a checkpoint that is not plain LLaVA (LLaVA-NeXT / OneVision tiling, video), naming why.
+    """
+    source = llava
+    if not isinstance(llava, PreTrainedModel):
+        check_llava_config(AutoConfig.from_pretrained(llava), str(llava))
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(llava)
+        if "image_mean" not in config_kwargs and "image_std" not in config_kwargs:
+            config_kwargs.update(_llava_image_normalization(llava))
+        llava = LlavaForConditionalGeneration.from_pretrained(llava)
+    else:
+        check_llava_config(llava.config, type(llava).__name__)
+        if tokenizer is None:
+            raise ValueError(
+                "from_llava(<a loaded model>) cannot find its tokenizer: pass tokenizer=... (the checkpoint's), or "
+                "pass the checkpoint's folder / Hub id."
+            )
+    llava_config = llava.config
+    image_token = tokenizer.convert_ids_to_tokens(llava_config.image_token_id)
+    special_token_ids = add_lare_special_tokens(tokenizer, image_token=image_token)
+    config_kwargs.setdefault("extractor_hidden_size", PAPER_EXTRACTOR_HIDDEN_SIZE)
+    config_kwargs.setdefault("components", {"llava": component_record(source)})
+    if isinstance(image_tokenizer, (str, os.PathLike)):
+        image_tokenizer = load_image_tokenizer(image_tokenizer)
+    if image_tokenizer is not None:
+        config_kwargs["image_tokenizer_config"] = {
+            key: value for key, value in image_tokenizer.config.items() if not key.startswith("_")
+        }
+    config = LaReConfig(
+        vision_config=llava_config.vision_config.to_dict(),
+        text_config=llava_config.text_config.to_dict(),
+        **special_token_ids,
+        image_seq_length=llava_config.image_seq_length,
+        projector_hidden_act=llava_config.projector_hidden_act,
+        vision_feature_layer=llava_config.vision_feature_layer,
+        vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
+        multimodal_projector_bias=llava_config.multimodal_projector_bias,
+        tie_word_embeddings=llava_config.tie_word_embeddings,
+        **config_kwargs,
+    )
+    model = model_class(config)
+    model.model.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
+    model.model.multi_modal_projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
+    model.model.language_model.load_state_dict(llava.model.language_model.state_dict())
+    model.lm_head.load_state_dict(llava.lm_head.state_dict())
+    if image_tokenizer is not None and model.reconstructor is not None:
+        model.reconstructor.image_tokenizer.load_state_dict(image_tokenizer.state_dict())
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # new rows: the added latent tokens only
+    model._set_generation_defaults(llava.generation_config, tokenizer)
+    return model
+
+
+def check_llava_config(config, where: str) -> None:
+    """Refuse a checkpoint that is not a plain LLaVA one, saying what it is and why it cannot be converted."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava":
+        return
+    reason = UNSUPPORTED_LLAVA_TYPES.get(
+        model_type, "from_llava converts transformers' LlavaForConditionalGeneration checkpoints only"
+    )
+    raise ValueError(
+        f"{where} is a {model_type!r} checkpoint, which cannot be converted to LaRe: {reason}. LaRe's latent "
+        "refocusing slides a window over the single square patch grid of one image (Eq. 1-2). Convert a plain "
+        "LLaVA checkpoint (model_type 'llava'), or assemble a model from its parts with from_components."
+    )
+
+
+def _llava_image_normalization(llava: str | os.PathLike) -> dict[str, list[float]]:
+    """`image_mean` / `image_std` of a LLaVA checkpoint's image processor (none when it has no image processor)."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        values, _ = ImageProcessingMixin.get_image_processor_dict(str(llava))
+    except OSError:
+        return {}
+    if "image_mean" not in values or "image_std" not in values:
+        return {}
+    return {"image_mean": list(values["image_mean"]), "image_std": list(values["image_std"])}
+
+
+__all__ = ["PAPER_EXTRACTOR_HIDDEN_SIZE", "check_llava_config", "from_components", "from_llava"]

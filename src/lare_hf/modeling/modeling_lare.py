@@ -26,7 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
 
-from .builders import from_components
+from .builders import from_components, from_llava
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
@@ -441,6 +441,18 @@ class LaReForConditionalGeneration(
             tokenizer=tokenizer,
             **config_kwargs,
         )
+
+    @classmethod
+    def from_llava(
+        cls,
+        llava: str | os.PathLike | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        image_tokenizer: str | nn.Module | None = None,
+        **config_kwargs,
+    ) -> LaReForConditionalGeneration:
+        """Convert a transformers `LlavaForConditionalGeneration` checkpoint into LaRe (vision tower, projector, LM
+        and embeddings copied; at K=0 it computes what LLaVA computes); see `builders.from_llava`."""
+        return from_llava(cls, llava, tokenizer=tokenizer, image_tokenizer=image_tokenizer, **config_kwargs)
 
     def _set_generation_defaults(
         self, lm_generation_config: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase | None
