@@ -29,6 +29,7 @@ from transformers import (
 
 from conftest import make_image
 from lare_hf import LaReForConditionalGeneration, LaReProcessor
+from lare_hf.cli import main
 from lare_hf.modeling.reconstruction import TINY_IMAGE_TOKENIZER_CONFIG, TINY_RECONSTRUCTOR_CONFIG
 from lare_hf.processing.tokenization import LARE_SPECIAL_TOKENS, build_tiny_tokenizer
 
@@ -224,3 +225,27 @@ def test_llava_next_is_refused_naming_the_tiling(tmp_path):
         LaReForConditionalGeneration.from_llava(str(tmp_path))
     with pytest.raises(ValueError, match="'llava_next' checkpoint"):
         LaReProcessor.from_llava(str(tmp_path))
+
+
+def test_lare_build_from_llava_folder(tmp_path):
+    llava, llava_processor = tiny_llava("clip", "full", -2)
+    llava.save_pretrained(tmp_path / "llava")
+    llava_processor.save_pretrained(tmp_path / "llava")
+    out = tmp_path / "lare"
+    code = main(["build", "--from-llava", str(tmp_path / "llava"), "--output", str(out), "--no-reconstructor",
+                 "--set", "extractor_hidden_size=null", "extractor_num_heads=4", "latent_tokens_per_step=2",
+                 "window_size=4", "window_stride=2", "num_latent_steps=0"])  # fmt: skip
+    assert code == 0
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.components["llava"]["source"] == str(tmp_path / "llava")
+    assert model.config.vision_feature_select_strategy == "full" and model.config.image_seq_length == 65
+    image = make_image(4)
+    text = llava_processor.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    llava_inputs = llava_processor(images=image, text=text, return_tensors="pt")
+    inputs = processor(images=image, text=processor.apply_chat_template(MESSAGES, add_generation_prompt=True))
+    assert inputs["input_ids"] == llava_inputs["input_ids"].tolist()
+    with torch.no_grad():
+        expected = llava(**llava_inputs).logits
+        logits = model(**processor(images=image, text=text, return_tensors="pt")).logits
+    assert (logits[..., : expected.shape[-1]] - expected).abs().max().item() <= 1e-5

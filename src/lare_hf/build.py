@@ -88,6 +88,28 @@ def build_from_components(
     return model, _processor_for(model.config, tokenizer)
 
 
+def build_from_llava(
+    llava: str, image_tokenizer: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
+    """Model and processor converted from a LLaVA checkpoint folder / Hub id (`lare build --from-llava`): the
+    model's and the processor's `from_llava` on one tokenizer, so the latent tokens get the same ids."""
+    from transformers import AutoTokenizer
+
+    overrides = dict(overrides or {})
+    LaReConfig.check_field_names(overrides, "LaReConfig field (override)")
+    tokenizer = AutoTokenizer.from_pretrained(llava)
+    model = LaReForConditionalGeneration.from_llava(
+        llava, tokenizer=tokenizer, image_tokenizer=image_tokenizer, **overrides
+    )
+    processor = LaReProcessor.from_llava(
+        llava,
+        tokenizer=tokenizer,
+        num_latent_steps=model.config.num_latent_steps,
+        latent_tokens_per_step=model.config.latent_tokens_per_step,
+    )
+    return model, processor
+
+
 def _processor_for(config: LaReConfig, tokenizer) -> LaReProcessor:
     """The processor matching a model config: its image size, patch count, K, m and pixel normalisation."""
     return build_processor(
@@ -138,6 +160,7 @@ def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcesso
 __all__ = [
     "available_presets",
     "build_from_components",
+    "build_from_llava",
     "build_preset",
     "build_tiny",
     "load_preset",

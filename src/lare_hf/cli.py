@@ -43,7 +43,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["use_reconstructor"] = False
         overrides.setdefault("image_loss_weight", 0.0)  # no U-Net, so no L_img (Eq. 7) if it is trained later
     refuse_non_empty(args.output, "lare build --output", args.overwrite)
-    if args.vision or args.text:
+    if args.from_llava:
+        if args.vision or args.text or args.preset:
+            raise ValueError(
+                "--from-llava converts a whole LLaVA checkpoint; it cannot go with --preset/--vision/--text."
+            )
+        from .build import build_from_llava
+
+        model, processor = build_from_llava(args.from_llava, image_tokenizer=args.image_tokenizer, overrides=overrides)
+    elif args.vision or args.text:
         if not (args.vision and args.text):
             raise ValueError("--vision and --text go together (or use --preset).")
         base = load_preset(args.preset)["model"] if args.preset else {}
@@ -370,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--text", default=None, help="causal LM folder or Hub id (with its tokenizer), or a GGUF file / folder"
     )
+    build.add_argument(
+        "--from-llava", default=None, help="convert a LlavaForConditionalGeneration checkpoint (folder or Hub id)"
+    )
     build.add_argument("--image-tokenizer", default=None, help="KL-16 AutoencoderKL folder or Hub id")
     build.add_argument("--output", required=True, help="folder to write")
     build.add_argument("--seed", type=int, default=None, help="init seed (tiny preset)")
@@ -523,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "build" and not (args.preset or args.vision):
-        parser.error("lare build needs --preset or --vision/--text")
+    if args.command == "build" and not (args.preset or args.vision or args.from_llava):
+        parser.error("lare build needs --preset, --vision/--text or --from-llava")
     try:
         if getattr(args, "takes_overrides", False):
             return args.func(args, unknown)
