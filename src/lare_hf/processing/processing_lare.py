@@ -850,9 +850,7 @@ def _images_in_messages(messages) -> list:
 def _llava_image_seq_length(llava_processor) -> int:
     """The `<image>` copies a `LlavaProcessor` writes for one image (its patch grid, plus CLS with "full" on
     CLIP), counted on a blank image at the processor's own input size."""
-    from PIL import Image
-
-    image = Image.new("RGB", (64, 64))
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     ids = llava_processor(images=image, text=llava_processor.image_token, return_tensors="pt")["input_ids"]
     return int((ids == llava_processor.image_token_id).sum())
 
