@@ -196,6 +196,23 @@ def test_converted_lare_at_k4_trains_generates_saves_and_loads(tmp_path, vision,
         torch.testing.assert_close(loaded(**again).logits, model(**inputs).logits)
 
 
+def test_converted_template_renders_string_content_and_earlier_turns():
+    """Data in the chat format gives earlier answers as strings; LLaVA-1.5's template selects content parts by type,
+    so the processor passes string content as one text part (LaRe's own template renders both forms alike)."""
+    llava, llava_processor = tiny_llava("clip", "default", -2)
+    processor = LaReProcessor.from_llava(llava_processor, num_latent_steps=1, latent_tokens_per_step=2)
+    conversation = MESSAGES + [
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "And the next one?"},
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == (
+        "USER: <image>\nWhich colour is the cell? ASSISTANT: Red. USER: And the next one? "
+        "ASSISTANT:<|latent_start|><|latent|><|latent|><|latent_end|>"
+    )
+    assert processor.end_of_turn_token == llava_processor.tokenizer.eos_token
+
+
 def test_from_llava_copies_every_weight_and_defaults_to_the_paper_extractor():
     """Nothing LLaVA trained is re-initialised; the Extractor is Appendix B's (1536 wide, 12 heads)."""
     llava, llava_processor = tiny_llava("clip", "default", -2)
@@ -206,8 +223,7 @@ def test_from_llava_copies_every_weight_and_defaults_to_the_paper_extractor():
     lare_state = model.state_dict()
     vocab = llava.config.text_config.vocab_size
     for name, tensor in llava.state_dict().items():
-        lare_name = name.replace("model.", "model.", 1)
-        lare_tensor = lare_state[lare_name]
+        lare_tensor = lare_state[name]
         if name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
             lare_tensor = lare_tensor[:vocab]  # the rows after `vocab` are the added latent tokens
         torch.testing.assert_close(lare_tensor, tensor, rtol=0, atol=0, msg=name)

@@ -376,6 +376,9 @@ class LaReProcessor(ProcessorMixin):
         template = self._resolve_chat_template(chat_template)
         if isinstance(template, str) and _LATENT_DEFAULTS_RE.search(template):  # a LaRe template: its message format
             _check_conversation(conversation)
+            # A string content as one text part: the same text for LaRe's template, and what a converted
+            # checkpoint's template (LLaVA's selects parts by type) needs to render it at all.
+            conversation = _content_as_parts(conversation)
         for name in ("num_latent_steps", "latent_tokens_per_step"):
             if isinstance(template, str) and name in template and kwargs.get(name) is None:
                 kwargs[name] = getattr(self, name)
@@ -796,6 +799,24 @@ def _check_conversation(conversation) -> None:
             raise ValueError(
                 f"{where}the messages hold no text and no image (all content is empty); give the question to answer."
             )
+
+
+def _content_as_parts(conversation):
+    """The conversation (or batch of conversations) with every string `content` as `[{"type": "text", ...}]`."""
+
+    def convert(messages):
+        return [
+            dict(message, content=[{"type": "text", "text": message["content"]}])
+            if isinstance(message.get("content"), str)
+            else message
+            for message in messages
+        ]
+
+    if hasattr(conversation, "messages"):
+        conversation = conversation.messages
+    if conversation and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")):
+        return [convert(getattr(messages, "messages", messages)) for messages in conversation]
+    return convert(conversation)
 
 
 def _to_8bit_rgb(image):
