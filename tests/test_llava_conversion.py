@@ -265,3 +265,36 @@ def test_lare_build_from_llava_folder(tmp_path):
         expected = llava(**llava_inputs).logits
         logits = model(**processor(images=image, text=text, return_tensors="pt")).logits
     assert (logits[..., : expected.shape[-1]] - expected).abs().max().item() <= 1e-5
+
+
+def test_a_converted_llava_starts_at_stage_2_training_only_the_latent_modules(tmp_path):
+    """`lare build --from-llava` then `lare train --stage 2`: the Extractor learns, the converted vision tower,
+    projector and LM stay as LLaVA trained them (stage II trains on the frozen model)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    llava, llava_processor = tiny_llava("clip", "default", -2)
+    llava.save_pretrained(tmp_path / "llava")
+    llava_processor.save_pretrained(tmp_path / "llava")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    with open(tmp_path / "data" / "train.jsonl", "w") as handle:
+        for index in range(4):
+            make_image(100 + index).save(tmp_path / "data" / "images" / f"{index}.png")
+            record = {"id": f"r{index}", "image": f"images/{index}.png", "question": "Which digit?",
+                      "rationale": f"The red square holds the digit {index}.", "answer": str(index)}  # fmt: skip
+            handle.write(json.dumps(record) + "\n")
+    start, trained = tmp_path / "lare", tmp_path / "stage2"
+    assert main(["build", "--from-llava", str(tmp_path / "llava"), "--output", str(start), "--no-reconstructor",
+                 "--set", "extractor_hidden_size=null", "extractor_num_heads=4", "latent_tokens_per_step=2",
+                 "window_size=4", "window_stride=2", "num_latent_steps=2"]) == 0  # fmt: skip
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage2.yaml"
+    assert main(["train", "--stage", "2", "--config", str(recipe), "--model", str(start),
+                 "--train_file", str(tmp_path / "data" / "train.jsonl"), "--output_dir", str(trained),
+                 "--max_steps", "2", "--per_device_train_batch_size", "2", "--latent_lr", "1e-2",
+                 "--save_steps", "1000", "--num_latent_steps", "2"]) == 0  # fmt: skip
+    before, after = load_file(start / "model.safetensors"), load_file(trained / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(name.startswith("model.extractor.") for name in changed)
+    frozen = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
+    assert not {name for name in changed if name.startswith(frozen)}
