@@ -130,3 +130,26 @@ def test_from_components_with_the_lm_width_asked_for_names_the_heads_that_do_not
         LaReForConditionalGeneration.from_components(
             vision, text, special_token_ids=ids, use_reconstructor=False, window_size=4, extractor_hidden_size=None
         )
+
+
+def test_from_components_with_a_siglip_tower_keeps_every_patch():
+    """SigLIP has no CLS token: LLaVA's "default" selection would drop a real patch, so `from_components` selects
+    "full" and the 8x8 grid keeps its 64 tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from lare_hf import LaReForConditionalGeneration
+
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, patch_size=8, image_size=64))  # fmt: skip
+    text = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=1, vocab_size=300))  # fmt: skip
+    ids = {"image_token_id": 296, "latent_start_token_id": 297, "latent_token_id": 298, "latent_end_token_id": 299}
+    model = LaReForConditionalGeneration.from_components(
+        vision, text, special_token_ids=ids, use_reconstructor=False, image_loss_weight=0.0, window_size=4,
+        extractor_hidden_size=None, extractor_num_heads=4, latent_tokens_per_step=2, num_latent_steps=1,
+    ).eval()  # fmt: skip
+    assert model.config.vision_feature_select_strategy == "full" and model.config.image_seq_length == 64
+    prompt = torch.tensor([[5] + [296] * 64 + [7, 297, 298, 298, 299]])
+    with torch.no_grad():
+        out = model(input_ids=prompt, pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.saliency_maps.shape == (1, 1, 8, 8) and torch.isfinite(out.logits).all()

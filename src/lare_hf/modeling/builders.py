@@ -81,7 +81,8 @@ def from_components(
             Extractor is the paper's (Appendix B: 1536 wide, 12 heads, projected in and out of the LM width) unless
             `extractor_hidden_size` is given (None: the LM width).
 
-    The projector, Extractor and reconstructor start from random initialisation (stage I/II train them).
+    The projector, Extractor and reconstructor start from random initialisation (stage I/II train them). A vision
+    tower without a CLS token (SigLIP) gets `vision_feature_select_strategy="full"` (every patch of the grid).
     """
     config_kwargs.setdefault("extractor_hidden_size", PAPER_EXTRACTOR_HIDDEN_SIZE)
     special_token_ids, tokenizer = _special_token_ids(text, special_token_ids, tokenizer)
@@ -99,6 +100,9 @@ def from_components(
     vision_config = vision.config
     grid = vision_config.image_size // vision_config.patch_size
     config_kwargs.setdefault("image_seq_length", grid * grid)
+    if not any(name.endswith("class_embedding") for name, _ in vision.named_parameters()):
+        # no CLS token (SigLIP): "default" would drop a real patch; "full" keeps the whole grid
+        config_kwargs.setdefault("vision_feature_select_strategy", "full")
     config = LaReConfig(
         vision_config=vision_config.to_dict(),
         text_config=text.config.to_dict(),
