@@ -298,3 +298,9 @@ def test_a_converted_llava_starts_at_stage_2_training_only_the_latent_modules(tm
     assert any(name.startswith("model.extractor.") for name in changed)
     frozen = ("model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.")
     assert not {name for name in changed if name.startswith(frozen)}
+
+
+def test_from_llava_refuses_to_override_what_the_checkpoint_was_trained_for():
+    llava, llava_processor = tiny_llava("clip", "default", -2)
+    with pytest.raises(ValueError, match="takes vision_feature_layer from the LLaVA checkpoint"):
+        LaReForConditionalGeneration.from_llava(llava, tokenizer=llava_processor.tokenizer, vision_feature_layer=-1)

@@ -34,6 +34,16 @@ from .reconstruction import load_image_tokenizer
 # back to the LM width; the builders use it unless the caller sets `extractor_hidden_size`.
 PAPER_EXTRACTOR_HIDDEN_SIZE = 1536
 
+# The LLaVA config fields a conversion carries over (the copied weights are trained for them).
+LLAVA_CARRIED_FIELDS = (
+    "image_seq_length",
+    "projector_hidden_act",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "multimodal_projector_bias",
+    "tie_word_embeddings",
+)
+
 # LLaVA-family checkpoints that are not plain LLaVA, and why a conversion would not be faithful.
 UNSUPPORTED_LLAVA_TYPES = {
     "llava_next": "LLaVA-NeXT tiles each image into several crops (anyres) and adds newline tokens between rows, so "
@@ -166,13 +176,18 @@ def _load_components(
     if not isinstance(text, PreTrainedModel):
         text_path, text_kwargs = text_checkpoint(text)
         text = AutoModelForCausalLM.from_pretrained(text_path, **text_kwargs)
+    return vision, text, _load_image_tokenizer(image_tokenizer, config_kwargs)
+
+
+def _load_image_tokenizer(image_tokenizer: str | nn.Module | None, config_kwargs: dict) -> nn.Module | None:
+    """The image tokenizer given as a folder / Hub id is loaded; its config goes into `config_kwargs`."""
     if isinstance(image_tokenizer, (str, os.PathLike)):
         image_tokenizer = load_image_tokenizer(image_tokenizer)
     if image_tokenizer is not None:
         config_kwargs["image_tokenizer_config"] = {
             key: value for key, value in image_tokenizer.config.items() if not key.startswith("_")
         }
-    return vision, text, image_tokenizer
+    return image_tokenizer
 
 
 def from_llava(
@@ -206,47 +221,30 @@ def from_llava(
         ValueError: for a checkpoint that is not plain LLaVA (LLaVA-NeXT / OneVision tiling, video), naming why.
     """
     source = llava
-    if not isinstance(llava, PreTrainedModel):
-        check_llava_config(AutoConfig.from_pretrained(llava), str(llava))
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(llava)
-        if "image_mean" not in config_kwargs and "image_std" not in config_kwargs:
-            config_kwargs.update(_llava_image_normalization(llava))
-        llava = LlavaForConditionalGeneration.from_pretrained(llava)
-    else:
-        check_llava_config(llava.config, type(llava).__name__)
-        if tokenizer is None:
-            raise ValueError(
-                "from_llava(<a loaded model>) cannot find its tokenizer: pass tokenizer=... (the checkpoint's), or "
-                "pass the checkpoint's folder / Hub id."
-            )
+    llava, tokenizer = _load_llava(llava, tokenizer, config_kwargs)
     llava_config = llava.config
     image_token = tokenizer.convert_ids_to_tokens(llava_config.image_token_id)
     special_token_ids = add_lare_special_tokens(tokenizer, image_token=image_token)
     config_kwargs.setdefault("extractor_hidden_size", PAPER_EXTRACTOR_HIDDEN_SIZE)
     config_kwargs.setdefault("components", {"llava": component_record(source)})
-    if isinstance(image_tokenizer, (str, os.PathLike)):
-        image_tokenizer = load_image_tokenizer(image_tokenizer)
-    if image_tokenizer is not None:
-        config_kwargs["image_tokenizer_config"] = {
-            key: value for key, value in image_tokenizer.config.items() if not key.startswith("_")
-        }
+    image_tokenizer = _load_image_tokenizer(image_tokenizer, config_kwargs)
+    carried = {name: getattr(llava_config, name) for name in LLAVA_CARRIED_FIELDS}
+    clash = sorted(set(carried) & set(config_kwargs))
+    if clash:
+        raise ValueError(
+            f"from_llava takes {', '.join(clash)} from the LLaVA checkpoint (its weights are trained for them); "
+            "leave them out of the arguments."
+        )
     config = LaReConfig(
         vision_config=llava_config.vision_config.to_dict(),
         text_config=llava_config.text_config.to_dict(),
         **special_token_ids,
-        image_seq_length=llava_config.image_seq_length,
-        projector_hidden_act=llava_config.projector_hidden_act,
-        vision_feature_layer=llava_config.vision_feature_layer,
-        vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
-        multimodal_projector_bias=llava_config.multimodal_projector_bias,
-        tie_word_embeddings=llava_config.tie_word_embeddings,
+        **carried,
         **config_kwargs,
     )
     model = model_class(config)
-    model.model.vision_tower.load_state_dict(llava.model.vision_tower.state_dict())
-    model.model.multi_modal_projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
-    model.model.language_model.load_state_dict(llava.model.language_model.state_dict())
+    for name in ("vision_tower", "multi_modal_projector", "language_model"):
+        getattr(model.model, name).load_state_dict(getattr(llava.model, name).state_dict())
     model.lm_head.load_state_dict(llava.lm_head.state_dict())
     if image_tokenizer is not None and model.reconstructor is not None:
         model.reconstructor.image_tokenizer.load_state_dict(image_tokenizer.state_dict())
@@ -256,6 +254,27 @@ def from_llava(
         model.resize_token_embeddings(len(tokenizer))  # new rows: the added latent tokens only
     model._set_generation_defaults(llava.generation_config, tokenizer)
     return model
+
+
+def _load_llava(
+    llava: str | os.PathLike | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, config_kwargs: dict
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The LLaVA model and its tokenizer, checked to be plain LLaVA; from a folder / Hub id, its image processor's
+    normalisation goes into `config_kwargs` (unless set there)."""
+    if isinstance(llava, PreTrainedModel):
+        check_llava_config(llava.config, type(llava).__name__)
+        if tokenizer is None:
+            raise ValueError(
+                "from_llava(<a loaded model>) cannot find its tokenizer: pass tokenizer=... (the checkpoint's), or "
+                "pass the checkpoint's folder / Hub id."
+            )
+        return llava, tokenizer
+    check_llava_config(AutoConfig.from_pretrained(llava), str(llava))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(llava)
+    if "image_mean" not in config_kwargs and "image_std" not in config_kwargs:
+        config_kwargs.update(_llava_image_normalization(llava))
+    return LlavaForConditionalGeneration.from_pretrained(llava), tokenizer
 
 
 def check_llava_config(config, where: str) -> None:
