@@ -52,8 +52,8 @@ def test_build_from_pretrained_parts(tmp_path, tiny_parts):
     root, clip, lm = tiny_parts
     out = tmp_path / "assembled"
     code = main(["build", "--vision", str(root / "clip"), "--text", str(root / "qwen"), "--output", str(out),
-                 "--set", "extractor_num_heads=4", "latent_tokens_per_step=2", "window_size=4", "window_stride=2",
-                 "use_reconstructor=false"])  # fmt: skip
+                 "--set", "extractor_hidden_size=null", "extractor_num_heads=4", "latent_tokens_per_step=2",
+                 "window_size=4", "window_stride=2", "use_reconstructor=false"])  # fmt: skip
     assert code == 0
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)

@@ -32,7 +32,9 @@ from lare_hf.modeling.configuration_lare import LARE_SPECIAL_TOKENS
 from lare_hf.processing.tokenization import build_tiny_tokenizer
 from lare_hf.training.trainer import StageIILatentAlignmentTrainer
 
-SMALL = dict(extractor_num_heads=4, latent_tokens_per_step=2, window_size=4, window_stride=2)
+SMALL = dict(
+    extractor_hidden_size=None, extractor_num_heads=4, latent_tokens_per_step=2, window_size=4, window_stride=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,8 @@ def test_build_without_reconstructor_loads_without_diffusers(tmp_path, tiny_part
     root, _, _ = tiny_parts
     out = tmp_path / "inference"
     assert main(["build", "--vision", str(root / "clip"), "--text", plain_lm, "--output", str(out),
-                 "--no-reconstructor", "--set", "extractor_num_heads=4", "latent_tokens_per_step=2",
+                 "--no-reconstructor", "--set", "extractor_hidden_size=null", "extractor_num_heads=4",
+                 "latent_tokens_per_step=2",
                  "window_size=4", "window_stride=2"]) == 0  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert config["use_reconstructor"] is False and config["image_loss_weight"] == 0

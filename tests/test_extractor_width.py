@@ -79,3 +79,77 @@ def test_lm_width_is_the_default_extractor_width():
     model, _ = build_tiny()
     assert model.config.extractor_hidden_size is None
     assert isinstance(model.model.extractor.input_proj, torch.nn.Identity)
+
+
+def _tiny_parts(lm_width: int, lm_heads: int):
+    """A tiny CLIP vision tower and a one-layer Qwen2 LM of the given width (as Qwen2.5-0.5B / 7B: 896 / 3584)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, patch_size=8, image_size=64))  # fmt: skip
+    text = Qwen2ForCausalLM(Qwen2Config(hidden_size=lm_width, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=lm_heads, num_key_value_heads=1, vocab_size=300))  # fmt: skip
+    ids = {"image_token_id": 296, "latent_start_token_id": 297, "latent_token_id": 298, "latent_end_token_id": 299}
+    return vision, text, ids
+
+
+@pytest.mark.parametrize(("lm_width", "lm_heads"), [(896, 14), (3584, 28), (200, 2)])
+def test_from_components_builds_the_paper_extractor_for_any_lm_width(lm_width, lm_heads):
+    """Qwen2.5-0.5B's 896, 7B's 3584 and a width that 12 does not divide (200): `from_components` without any
+    Extractor argument gives Appendix B's Extractor (1536 wide, 12 heads) projected in and out of the LM width, and
+    the model runs the latent loop and generates."""
+    from lare_hf import LaReForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision, text, ids = _tiny_parts(lm_width, lm_heads)
+    model = LaReForConditionalGeneration.from_components(
+        vision, text, special_token_ids=ids, use_reconstructor=False, image_loss_weight=0.0, window_size=4,
+        window_stride=2, latent_tokens_per_step=2, num_latent_steps=1,
+    ).eval()  # fmt: skip
+    extractor = model.model.extractor
+    assert model.config.extractor_hidden_size == 1536 and model.config.extractor_num_heads == 12
+    assert extractor.input_proj.weight.shape == (1536, lm_width)
+    assert extractor.output_proj.weight.shape == (lm_width, 1536)
+    assert extractor.layers[0].cross_attn.num_heads == 12
+    prompt = torch.tensor([[5, 6] + [296] * 64 + [7, 297, 298, 298, 299]])
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(input_ids=prompt, pixel_values=pixel_values)
+        generated = model.generate(input_ids=prompt, pixel_values=pixel_values, max_new_tokens=2, eos_token_id=None)
+    assert out.latent_embeds.shape == (1, 1, 2, lm_width)
+    assert torch.isfinite(out.logits).all()
+    assert generated.shape == (1, prompt.shape[1] + 2)
+
+
+def test_from_components_with_the_lm_width_asked_for_names_the_heads_that_do_not_divide_it():
+    """`extractor_hidden_size=None` asks for an Extractor as wide as the LM: 12 heads do not divide 200."""
+    from lare_hf import LaReForConditionalGeneration
+
+    vision, text, ids = _tiny_parts(200, 2)
+    with pytest.raises(ValueError, match="width 200 is not divisible by extractor_num_heads=12"):
+        LaReForConditionalGeneration.from_components(
+            vision, text, special_token_ids=ids, use_reconstructor=False, window_size=4, extractor_hidden_size=None
+        )
+
+
+def test_from_components_with_a_siglip_tower_keeps_every_patch():
+    """SigLIP has no CLS token: LLaVA's "default" selection would drop a real patch, so `from_components` selects
+    "full" and the 8x8 grid keeps its 64 tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from lare_hf import LaReForConditionalGeneration
+
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, patch_size=8, image_size=64))  # fmt: skip
+    text = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=1, vocab_size=300))  # fmt: skip
+    ids = {"image_token_id": 296, "latent_start_token_id": 297, "latent_token_id": 298, "latent_end_token_id": 299}
+    model = LaReForConditionalGeneration.from_components(
+        vision, text, special_token_ids=ids, use_reconstructor=False, image_loss_weight=0.0, window_size=4,
+        extractor_hidden_size=None, extractor_num_heads=4, latent_tokens_per_step=2, num_latent_steps=1,
+    ).eval()  # fmt: skip
+    assert model.config.vision_feature_select_strategy == "full" and model.config.image_seq_length == 64
+    prompt = torch.tensor([[5] + [296] * 64 + [7, 297, 298, 298, 299]])
+    with torch.no_grad():
+        out = model(input_ids=prompt, pixel_values=torch.randn(1, 3, 64, 64))
+    assert out.saliency_maps.shape == (1, 1, 8, 8) and torch.isfinite(out.logits).all()

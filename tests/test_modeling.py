@@ -62,8 +62,12 @@ def test_config_round_trip_and_validation(tmp_path, tiny_checkpoint):
         LaReConfig(window_size=32)
     with pytest.raises(ValueError, match="image_seq_length"):
         LaReConfig(image_seq_length=100)
-    with pytest.raises(ValueError, match="square patch grid"):
-        LaReConfig(vision_feature_select_strategy="full", image_seq_length=257)
+    # "full" keeps CLIP's CLS token: one image token before the 16x16 grid; anything else does not fit the grid
+    assert LaReConfig(vision_feature_select_strategy="full", image_seq_length=257).image_grid_offset == 1
+    with pytest.raises(ValueError, match="does not fit the vision tower's 16x16 patch grid"):
+        LaReConfig(vision_feature_select_strategy="default", image_seq_length=257)
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='crop' is not supported"):
+        LaReConfig(vision_feature_select_strategy="crop")
     with pytest.raises(ValueError, match="max_latent_steps"):
         LaReConfig(num_latent_steps=20, max_latent_steps=16)
 

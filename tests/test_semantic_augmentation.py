@@ -162,7 +162,8 @@ def test_from_components_takes_a_pretrained_image_tokenizer(tmp_path):
     from lare_hf.modeling.reconstruction import TINY_RECONSTRUCTOR_CONFIG
 
     model = LaReForConditionalGeneration.from_components(
-        vision, text, special_token_ids=ids, image_tokenizer=str(tmp_path / "kl16"), extractor_num_heads=4,
+        vision, text, special_token_ids=ids, image_tokenizer=str(tmp_path / "kl16"), extractor_hidden_size=None,
+        extractor_num_heads=4,
         window_size=4, window_stride=2, reconstructor_config=TINY_RECONSTRUCTOR_CONFIG, reconstruction_image_size=64,
     )  # fmt: skip
     for name, tensor in vae.state_dict().items():

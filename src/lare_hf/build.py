@@ -83,6 +83,28 @@ def build_from_components(
     return model, _processor_for(model.config, tokenizer)
 
 
+def build_from_llava(
+    llava: str, image_tokenizer: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
+    """Model and processor converted from a LLaVA checkpoint folder / Hub id (`lare build --from-llava`): the
+    model's and the processor's `from_llava` on one tokenizer, so the latent tokens get the same ids."""
+    from transformers import AutoTokenizer
+
+    overrides = dict(overrides or {})
+    LaReConfig.check_field_names(overrides, "LaReConfig field (override)")
+    tokenizer = AutoTokenizer.from_pretrained(llava)
+    model = LaReForConditionalGeneration.from_llava(
+        llava, tokenizer=tokenizer, image_tokenizer=image_tokenizer, **overrides
+    )
+    processor = LaReProcessor.from_llava(
+        llava,
+        tokenizer=tokenizer,
+        num_latent_steps=model.config.num_latent_steps,
+        latent_tokens_per_step=model.config.latent_tokens_per_step,
+    )
+    return model, processor
+
+
 def _processor_for(config: LaReConfig, tokenizer) -> LaReProcessor:
     """The processor matching a model config: its image size, patch count, K, m and pixel normalisation."""
     return build_processor(
@@ -128,11 +150,19 @@ def build_checkpoint_parts(
     image_tokenizer: str | None = None,
     overrides: dict[str, Any] | None = None,
     seed: int | None = None,
+    from_llava: str | None = None,
 ) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
-    """What `lare build` builds: from pretrained `vision` + `text` parts (with the model fields of `preset`, when
-    given, under `overrides`), else the tiny preset (random init for `seed`), else a paper preset from its named
-    components (`overrides` limited to use_reconstructor / image_loss_weight there)."""
+    """What `lare build` builds: a converted LLaVA checkpoint (`from_llava`), else from pretrained `vision` + `text`
+    parts (with the model fields of `preset`, when given, under `overrides`), else the tiny preset (random init for
+    `seed`), else a paper preset from its named components (`overrides` limited to use_reconstructor /
+    image_loss_weight there)."""
     overrides = dict(overrides or {})
+    if from_llava:
+        if vision or text or preset:
+            raise ValueError(
+                "--from-llava converts a whole LLaVA checkpoint; it cannot go with --preset/--vision/--text."
+            )
+        return build_from_llava(from_llava, image_tokenizer=image_tokenizer, overrides=overrides)
     if vision or text:
         if not (vision and text):
             raise ValueError("--vision and --text go together (or use --preset).")
@@ -167,6 +197,7 @@ __all__ = [
     "available_presets",
     "build_checkpoint_parts",
     "build_from_components",
+    "build_from_llava",
     "build_preset",
     "build_tiny",
     "load_preset",

@@ -52,7 +52,13 @@ def _build(args: argparse.Namespace, overrides: dict) -> int:
     from .modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 
     model, processor = build_checkpoint_parts(
-        args.preset, args.vision, args.text, args.image_tokenizer, overrides, seed=args.seed
+        args.preset,
+        args.vision,
+        args.text,
+        args.image_tokenizer,
+        overrides,
+        seed=args.seed,
+        from_llava=args.from_llava,
     )
     output = save_checkpoint(model, processor, args.output)
     warn_if_random_image_tokenizer(model.config, "lare build")
@@ -278,6 +284,9 @@ def _add_model_commands(sub) -> None:
     build.add_argument("--vision", default=None, help="vision encoder folder or Hub id (CLIP/SigLIP)")
     build.add_argument(
         "--text", default=None, help="causal LM folder or Hub id (with its tokenizer), or a GGUF file / folder"
+    )
+    build.add_argument(
+        "--from-llava", default=None, help="convert a LlavaForConditionalGeneration checkpoint (folder or Hub id)"
     )
     build.add_argument("--image-tokenizer", default=None, help="KL-16 AutoencoderKL folder or Hub id")
     build.add_argument("--output", required=True, help="folder to write")
@@ -505,8 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "build" and not (args.preset or args.vision):
-        parser.error("lare build needs --preset or --vision/--text")
+    if args.command == "build" and not (args.preset or args.vision or args.from_llava):
+        parser.error("lare build needs --preset, --vision/--text or --from-llava")
     try:
         if getattr(args, "takes_overrides", False):
             return args.func(args, unknown)

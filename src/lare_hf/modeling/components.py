@@ -18,11 +18,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from .configuration_lare import LARE_SPECIAL_TOKENS
 
 
-def add_lare_special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+def add_lare_special_tokens(tokenizer: PreTrainedTokenizerBase, image_token: str | None = None) -> dict[str, int]:
     """Add the four LaRe tokens (`<|image|>`, `<|latent_start|>`, `<|latent|>`, `<|latent_end|>`) to a tokenizer as
     special tokens, if missing, and give them named attributes (`tokenizer.image_token`, `tokenizer.image_token_id`,
-    ...). Idempotent. Returns the ids under the names of the `LaReConfig` fields (`image_token_id`, ...)."""
+    ...). Idempotent. Returns the ids under the names of the `LaReConfig` fields (`image_token_id`, ...).
+
+    `image_token`: a checkpoint's own image token (LLaVA's `<image>`) used instead of `<|image|>`."""
     named = dict(LARE_SPECIAL_TOKENS)
+    if image_token is not None:
+        named["image_token"] = image_token
     for name, token in named.items():
         current = getattr(tokenizer, name, None)
         if current is not None and str(current) != token:

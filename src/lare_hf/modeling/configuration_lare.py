@@ -53,7 +53,15 @@ class LaReConfig(PreTrainedConfig):
         text_config: config of the decoder language model (Qwen2 by default).
         image_token_id / latent_start_token_id / latent_token_id / latent_end_token_id: ids of the special tokens
             `<|image|>`, `<|latent_start|>`, `<|latent|>` and `<|latent_end|>` in the tokenizer.
-        image_seq_length: number of `<|image|>` placeholders per image (= number of patches).
+        image_seq_length: number of `<|image|>` placeholders per image: the patches of the square grid, plus the
+            CLS token when `vision_feature_select_strategy="full"` keeps it (CLIP).
+        projector_hidden_act: activation of the 2-layer projector (LLaVA's).
+        vision_feature_layer: the vision tower's hidden state(s) V_T is read from (LLaVA's convention): an index, or
+            a list of indices whose features are concatenated (the projector's input is then that many times wider).
+        vision_feature_select_strategy: LLaVA's "default" (drop the first token, CLIP's CLS) or "full" (keep every
+            token). With "full" and a CLS token, the CLS token is fed to the LM as LLaVA feeds it but is not a cell
+            of the patch grid: it takes no part in the saliency map or the windows (Eq. 1-2); not in the paper,
+            whose backbones use "default".
         num_latent_steps: K, the default number of refocusing iterations (Eq. 1-2).
         max_latent_steps: the largest K the model accepts.
         latent_tokens_per_step: m, latent tokens the Extractor writes per iteration.
@@ -99,7 +107,7 @@ class LaReConfig(PreTrainedConfig):
         latent_end_token_id: int = 151668,
         image_seq_length: int = 256,
         projector_hidden_act: str = "gelu",
-        vision_feature_layer: int = -2,
+        vision_feature_layer: int | list[int] = -2,
         vision_feature_select_strategy: str = "default",
         multimodal_projector_bias: bool = True,
         num_latent_steps: int = 4,
@@ -177,7 +185,9 @@ class LaReConfig(PreTrainedConfig):
         self.latent_end_token_id = latent_end_token_id
         self.image_seq_length = image_seq_length
         self.projector_hidden_act = projector_hidden_act
-        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_layer = (
+            list(vision_feature_layer) if isinstance(vision_feature_layer, (list, tuple)) else vision_feature_layer
+        )
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.multimodal_projector_bias = multimodal_projector_bias
         self.num_latent_steps = num_latent_steps
@@ -230,6 +240,19 @@ class LaReConfig(PreTrainedConfig):
     def patch_grid_size(self) -> int:
         """Side of the square patch grid of the vision tower (16 for CLIP-ViT-L/14 at 224 px)."""
         return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def image_grid_offset(self) -> int:
+        """Image tokens before the patch grid in V_T: 1 when `vision_feature_select_strategy="full"` keeps CLIP's
+        CLS token, else 0. Those tokens are fed to the LM but are not cells of the saliency grid."""
+        grid = self.patch_grid_size
+        return self.image_seq_length - grid * grid
+
+    @property
+    def vision_feature_layers(self) -> list[int]:
+        """`vision_feature_layer` as a list (one entry for an integer)."""
+        layer = self.vision_feature_layer
+        return list(layer) if isinstance(layer, list) else [layer]
 
     @property
     def effective_window_size(self) -> int:
@@ -293,24 +316,16 @@ class LaReConfig(PreTrainedConfig):
             for channel, value in enumerate(values):
                 check_float(f"{name}[{channel}]", value, minimum=0.0, exclusive_minimum=name == "image_std")
         grid = self.patch_grid_size
-        if self.vision_feature_select_strategy != "default":
+        check_choice("vision_feature_select_strategy", self.vision_feature_select_strategy, ["default", "full"])
+        self._validate_vision_feature_layer()
+        offset = self.image_seq_length - grid * grid
+        if offset not in ((0, 1) if self.vision_feature_select_strategy == "full" else (0,)):
             raise ValueError(
-                "LaRe's sliding window works on the square patch grid: vision_feature_select_strategy must be "
-                f"'default' (CLS token dropped), got {self.vision_feature_select_strategy!r}."
-            )
-        num_vision_layers = getattr(self.vision_config, "num_hidden_layers", None)
-        if num_vision_layers is not None:
-            check_int(
-                "vision_feature_layer",
-                self.vision_feature_layer,
-                minimum=-(num_vision_layers + 1),
-                maximum=num_vision_layers,
-            )
-        expected_tokens = grid * grid
-        if self.image_seq_length != expected_tokens:
-            raise ValueError(
-                f"image_seq_length={self.image_seq_length} does not match the vision tower's {grid}x{grid} patch "
-                f"grid; set image_seq_length={expected_tokens}."
+                f"image_seq_length={self.image_seq_length} does not fit the vision tower's {grid}x{grid} patch grid "
+                f"with vision_feature_select_strategy={self.vision_feature_select_strategy!r}: LaRe's sliding window "
+                f"needs every patch of the grid, so set image_seq_length={grid * grid} (no CLS token in the "
+                f"features), or {grid * grid + 1} with 'full' and a tower that has a CLS token (CLIP). A tower "
+                "without a CLS token (SigLIP) with 'default' loses a real patch; use 'full' for it."
             )
         if not 1 <= self.window_size <= grid:
             raise ValueError(
@@ -331,6 +346,18 @@ class LaReConfig(PreTrainedConfig):
                     f"saliency_layers entry {layer} is out of range for a {num_layers}-layer LM; use layers "
                     f"{-num_layers} ... {num_layers - 1}."
                 )
+
+    def _validate_vision_feature_layer(self) -> None:
+        """An index (or a non-empty list of indices) of the vision tower's hidden states."""
+        layers = self.vision_feature_layer
+        if isinstance(layers, list) and not layers:
+            raise ValueError("vision_feature_layer=[] selects no features; give an index or a non-empty list.")
+        num_vision_layers = getattr(self.vision_config, "num_hidden_layers", None)
+        for layer in self.vision_feature_layers:
+            if num_vision_layers is None:
+                check_int("vision_feature_layer", layer)
+            else:
+                check_int("vision_feature_layer", layer, minimum=-(num_vision_layers + 1), maximum=num_vision_layers)
 
     @classmethod
     def check_field_names(cls, overrides: dict[str, Any], what: str = "LaReConfig field") -> None:

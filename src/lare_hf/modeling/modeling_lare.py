@@ -26,7 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
 
-from .builders import from_components
+from .builders import from_components, from_llava
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
@@ -49,12 +49,15 @@ from .validation import (
 
 
 class LaReMultiModalProjector(nn.Module):
-    """2-layer MLP mapping vision features to the LM hidden size: V_T (Sec. 3.1)."""
+    """2-layer MLP mapping vision features to the LM hidden size: V_T (Sec. 3.1). Its input is the vision width
+    times the number of `vision_feature_layer`s (their features are concatenated, as in LLaVA)."""
 
     def __init__(self, config: LaReConfig):
         super().__init__()
         self.linear_1 = nn.Linear(
-            config.vision_config.hidden_size, config.text_config.hidden_size, bias=config.multimodal_projector_bias
+            config.vision_config.hidden_size * len(config.vision_feature_layers),
+            config.text_config.hidden_size,
+            bias=config.multimodal_projector_bias,
         )
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(
@@ -166,10 +169,12 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
 
     def unused_vision_parameter_names(self) -> list[str]:
         """The vision tower's parameters that no output of LaRe depends on: V_T is read from
-        `hidden_states[vision_feature_layer]`, so the encoder layers after it and the tower's own output heads
-        (`post_layernorm`, a pooling `head`) are never reached (LLaVA keeps them the same way)."""
+        `hidden_states[vision_feature_layer]`, so the encoder layers after it (after the deepest one, for a list)
+        and the tower's own output heads (`post_layernorm`, a pooling `head`) are never reached (LLaVA keeps them
+        the same way)."""
         num_layers = self.config.vision_config.num_hidden_layers
-        layers_used = self.config.vision_feature_layer % (num_layers + 1)  # hidden_states[j] = after j layers
+        # hidden_states[j] = after j layers
+        layers_used = max(layer % (num_layers + 1) for layer in self.config.vision_feature_layers)
         unused = []
         for name, _ in self.vision_tower.named_parameters():
             layer = re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", name)
@@ -200,9 +205,10 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
     @can_return_tuple
     @select_hidden_states(lambda model: model.config.vision_feature_layer)
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Vision tower outputs with `pooler_output` = the features of `vision_feature_layer` (CLS dropped),
-        projected: V_T `[images, tokens, D]` (as transformers' VLMs return them). `kwargs` go to the vision tower
-        (`output_attentions`, `output_hidden_states`: by default only the feature layer is captured)."""
+        """Vision tower outputs with `pooler_output` = the features of `vision_feature_layer` (a list: concatenated),
+        the first token dropped with `vision_feature_select_strategy="default"` (LLaVA's selection), projected: V_T
+        `[images, image_seq_length, D]` (as transformers' VLMs return them). `kwargs` go to the vision tower
+        (`output_attentions`, `output_hidden_states`: by default only the feature layers are captured)."""
         image_size = self.config.vision_config.image_size
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (3, image_size, image_size):
             raise ValueError(
@@ -212,7 +218,17 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         kwargs.pop("return_dict", None)
         vision_dtype = self.vision_tower.dtype
         outputs = self.vision_tower(pixel_values.to(vision_dtype), return_dict=True, **kwargs)
-        features = outputs.hidden_states[self.config.vision_feature_layer][:, 1:]  # CLS dropped (strategy "default")
+        first = 1 if self.config.vision_feature_select_strategy == "default" else 0  # "default" drops CLS
+        features = torch.cat(
+            [outputs.hidden_states[layer][:, first:] for layer in self.config.vision_feature_layers], dim=-1
+        )
+        if features.shape[1] != self.config.image_seq_length:
+            raise ValueError(
+                f"The vision tower gives {features.shape[1]} feature tokens per image with "
+                f"vision_feature_select_strategy={self.config.vision_feature_select_strategy!r}, but the config's "
+                f"image_seq_length is {self.config.image_seq_length}; set image_seq_length={features.shape[1]} (and "
+                "the processor's) or change the strategy."
+            )
         outputs.pooler_output = self.multi_modal_projector(features)
         return outputs
 
@@ -234,9 +250,11 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         """Token embeddings (`inputs_embeds` when given, `input_ids` then only locating the placeholders) with the
         visual tokens scattered into the `<|image|>` positions.
 
-        Returns the embeddings, V_T per sample `[batch, tokens, D]` and the columns of the image tokens
-        `[batch, tokens]`, when every sample has one image or none (a row without one gets zero features and the
-        placeholder columns 0..tokens-1); None, None otherwise (no image, or several in a sample).
+        Returns the embeddings, V_T on the patch grid per sample `[batch, grid * grid, D]` and the columns of those
+        image tokens `[batch, grid * grid]`, when every sample has one image or none (a row without one gets zero
+        features and the placeholder columns 0..tokens-1); None, None otherwise (no image, or several in a sample).
+        A CLS token kept by `vision_feature_select_strategy="full"` is embedded but is not on the grid, so it is
+        left out of both (`config.image_grid_offset`).
         """
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -257,10 +275,10 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
             image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1])
         )
         per_row = image_mask.sum(dim=1)
-        batch = input_ids.shape[0]
+        batch, offset = input_ids.shape[0], self.config.image_grid_offset
         if (per_row == seq_len).all():
             image_positions = image_mask.nonzero()[:, 1].view(batch, seq_len)
-            return inputs_embeds, image_features.view(batch, seq_len, -1), image_positions
+            return inputs_embeds, image_features.view(batch, seq_len, -1)[:, offset:], image_positions[:, offset:]
         if ((per_row == seq_len) | (per_row == 0)).all():  # image rows and text-only rows
             rows = (per_row == seq_len)[:, None, None]
             hidden = image_features.shape[-1]
@@ -269,7 +287,7 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
             )
             image_positions = torch.arange(seq_len, device=input_ids.device).repeat(batch, 1)
             image_positions[rows[:, 0, 0]] = image_mask.nonzero()[:, 1].view(-1, seq_len)
-            return inputs_embeds, features, image_positions
+            return inputs_embeds, features[:, offset:], image_positions[:, offset:]
         return inputs_embeds, None, None
 
     @can_return_tuple
@@ -423,6 +441,18 @@ class LaReForConditionalGeneration(
             tokenizer=tokenizer,
             **config_kwargs,
         )
+
+    @classmethod
+    def from_llava(
+        cls,
+        llava: str | os.PathLike | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        image_tokenizer: str | nn.Module | None = None,
+        **config_kwargs,
+    ) -> LaReForConditionalGeneration:
+        """Convert a transformers `LlavaForConditionalGeneration` checkpoint into LaRe (vision tower, projector, LM
+        and embeddings copied; at K=0 it computes what LLaVA computes); see `builders.from_llava`."""
+        return from_llava(cls, llava, tokenizer=tokenizer, image_tokenizer=image_tokenizer, **config_kwargs)
 
     def _set_generation_defaults(
         self, lm_generation_config: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase | None

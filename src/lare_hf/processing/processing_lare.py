@@ -28,9 +28,10 @@ from transformers.processing_utils import MultiModalData, ProcessingKwargs, Proc
 from transformers.tokenization_utils_base import TextInput
 
 try:  # build-time helpers (lare_hf installed); a Hub copy of this file loads checkpoints without them
+    from lare_hf.modeling.builders import check_llava_config
     from lare_hf.modeling.components import add_lare_special_tokens, load_text_tokenizer, vision_image_normalization
 except ImportError:  # pragma: no cover - remote-code copies only
-    add_lare_special_tokens = load_text_tokenizer = vision_image_normalization = None
+    add_lare_special_tokens = load_text_tokenizer = vision_image_normalization = check_llava_config = None
 
 try:  # control tokens marked by `sanitize_control_tokens=True` are user text, not placeholders
     from transformers.processing_utils import _MARKED_RE
@@ -112,6 +113,42 @@ def lare_chat_template(num_latent_steps: int = 4, latent_tokens_per_step: int = 
 LARE_CHAT_TEMPLATE = lare_chat_template()
 
 
+def with_latent_region(
+    chat_template: str,
+    num_latent_steps: int = 4,
+    latent_tokens_per_step: int = 4,
+    latent_start_token: str = "<|latent_start|>",
+    latent_token: str = "<|latent|>",
+    latent_end_token: str = "<|latent_end|>",
+) -> str:
+    """A checkpoint's own chat template (LLaVA's, say) with LaRe's latent region added: after the generation
+    prompt of a conversation with an image, `<|latent_start|>` + K*m `<|latent|>` + `<|latent_end|>`, as
+    `lare_chat_template` writes it (same template variables `num_latent_steps` / `latent_tokens_per_step`, K = 0
+    writes no region). The region is appended after everything the template renders, which is right after the
+    generation prompt when, as in LLaVA's templates, the generation prompt is the template's last output."""
+    region = (
+        "{%- set lare_state = namespace(has_image=false) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is not string -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{%- set lare_state.has_image = true -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{%- set steps = num_latent_steps if num_latent_steps is defined and num_latent_steps is not none "
+        "else default_num_latent_steps -%}"
+        "{%- set per_step = latent_tokens_per_step if latent_tokens_per_step is defined and latent_tokens_per_step "
+        "is not none else default_latent_tokens_per_step -%}"
+        "{%- if steps > 0 and lare_state.has_image -%}"
+        f"{{{{- '{latent_start_token}' + '{latent_token}' * (steps * per_step) + '{latent_end_token}' -}}}}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+    )
+    defaults = _LATENT_DEFAULTS.format(int(num_latent_steps), int(latent_tokens_per_step))
+    return defaults + chat_template + region
+
+
 class LaReProcessor(ProcessorMixin):
     r"""
     Constructs a LaRe processor: a CLIP image processor (PIL backend) and a fast tokenizer in one processor.
@@ -132,6 +169,8 @@ class LaReProcessor(ProcessorMixin):
         num_latent_steps (`int`, defaults to 4): K, refocusing steps written into a prompt's latent region.
         latent_tokens_per_step (`int`, defaults to 4): m, latent slots per step.
         image_seq_length (`int`, defaults to 256): `<|image|>` copies per image (the number of patches).
+        end_of_turn_token (`str`, *optional*): the token that closes an answer in training targets; defaults to
+            ChatML's `<|im_end|>` (a converted LLaVA-1.5 uses its tokenizer's `</s>`).
     """
 
     def __init__(
@@ -142,6 +181,7 @@ class LaReProcessor(ProcessorMixin):
         num_latent_steps: int = 4,
         latent_tokens_per_step: int = 4,
         image_seq_length: int = 256,
+        end_of_turn_token: str | None = None,
         **kwargs,
     ):
         _check_num_latent_steps(num_latent_steps)
@@ -154,6 +194,7 @@ class LaReProcessor(ProcessorMixin):
         self.num_latent_steps = num_latent_steps
         self.latent_tokens_per_step = latent_tokens_per_step
         self.image_seq_length = image_seq_length
+        self.end_of_turn_token = end_of_turn_token or END_OF_TURN_TOKEN
         if tokenizer is not None:
             for name, default in _DEFAULT_TOKENS.items():
                 token = str(getattr(tokenizer, name, None) or default)
@@ -249,6 +290,59 @@ class LaReProcessor(ProcessorMixin):
             image_std=image_std,
         )
 
+    @classmethod
+    def from_llava(
+        cls,
+        llava,
+        tokenizer=None,
+        num_latent_steps: int = 4,
+        latent_tokens_per_step: int = 4,
+        chat_template: str | None = None,
+    ) -> LaReProcessor:
+        """The processor for a model converted with `LaReForConditionalGeneration.from_llava(llava)`.
+
+        `llava`: a `LlavaProcessor` or the checkpoint's folder / Hub id. Its image processor is kept as it is
+        (resolution, resize / crop, normalisation), its image token and its number of image tokens per image carry
+        over, the latent tokens are added to its tokenizer (in place; or to `tokenizer`, which must be the one
+        passed to the model's `from_llava`), and its chat template (or `chat_template`) gets the latent region
+        (`with_latent_region`). Answers in training targets end with `<|im_end|>` when the template is ChatML, else
+        with the tokenizer's end-of-sequence token. Pass the same `num_latent_steps` / `latent_tokens_per_step` as
+        to the model.
+        """
+        if add_lare_special_tokens is None:
+            raise ImportError("LaReProcessor.from_llava needs the lare_hf package (pip install lare-hf).")
+        import os
+
+        from transformers import AutoConfig, AutoProcessor, LlavaProcessor
+
+        if isinstance(llava, (str, os.PathLike)):
+            check_llava_config(AutoConfig.from_pretrained(llava), str(llava))
+            llava = AutoProcessor.from_pretrained(llava)
+        if not isinstance(llava, LlavaProcessor):
+            raise ValueError(
+                f"LaReProcessor.from_llava got a {type(llava).__name__}, not a LlavaProcessor: only plain LLaVA "
+                "checkpoints convert (LLaVA-NeXT / OneVision tile an image into several crops; LaRe refocuses on "
+                "one square patch grid per image)."
+            )
+        tokenizer = tokenizer if tokenizer is not None else llava.tokenizer
+        add_lare_special_tokens(tokenizer, image_token=llava.image_token)
+        template = chat_template or llava.chat_template or getattr(tokenizer, "chat_template", None)
+        if not isinstance(template, str):
+            raise ValueError(
+                "The LLaVA checkpoint has no chat template (processor or tokenizer); pass chat_template=... (its "
+                "conversation format), to which the latent region is added."
+            )
+        end_of_turn = END_OF_TURN_TOKEN if END_OF_TURN_TOKEN in template else tokenizer.eos_token
+        return cls(
+            image_processor=llava.image_processor,
+            tokenizer=tokenizer,
+            chat_template=with_latent_region(template, num_latent_steps, latent_tokens_per_step),
+            num_latent_steps=num_latent_steps,
+            latent_tokens_per_step=latent_tokens_per_step,
+            image_seq_length=_llava_image_seq_length(llava),
+            end_of_turn_token=end_of_turn,
+        )
+
     # ------------------------------------------------------------------ latent region
     @property
     def latent_placeholder(self) -> str:
@@ -288,6 +382,9 @@ class LaReProcessor(ProcessorMixin):
         template = self._resolve_chat_template(chat_template)
         if isinstance(template, str) and _LATENT_DEFAULTS_RE.search(template):  # a LaRe template: its message format
             _check_conversation(conversation)
+            # A string content as one text part: the same text for LaRe's template, and what a converted
+            # checkpoint's template (LLaVA's selects parts by type) needs to render it at all.
+            conversation = _content_as_parts(conversation)
         for name in ("num_latent_steps", "latent_tokens_per_step"):
             if isinstance(template, str) and name in template and kwargs.get(name) is None:
                 kwargs[name] = getattr(self, name)
@@ -554,7 +651,7 @@ class LaReProcessor(ProcessorMixin):
         prompt_ids, prompt_mask = prompt_inputs["input_ids"], prompt_inputs["attention_mask"]
 
         answer_ids = [
-            self.tokenizer.encode(answer + END_OF_TURN_TOKEN, add_special_tokens=False) for answer in answers
+            self.tokenizer.encode(answer + self.end_of_turn_token, add_special_tokens=False) for answer in answers
         ]
         if max_answer_length is not None:
             answer_ids = [ids[:max_answer_length] for ids in answer_ids]
@@ -726,6 +823,24 @@ def _check_conversation(conversation) -> None:
             )
 
 
+def _content_as_parts(conversation):
+    """The conversation (or batch of conversations) with every string `content` as `[{"type": "text", ...}]`."""
+
+    def convert(messages):
+        return [
+            dict(message, content=[{"type": "text", "text": message["content"]}])
+            if isinstance(message.get("content"), str)
+            else message
+            for message in messages
+        ]
+
+    if hasattr(conversation, "messages"):
+        conversation = conversation.messages
+    if conversation and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")):
+        return [convert(getattr(messages, "messages", messages)) for messages in conversation]
+    return convert(conversation)
+
+
 def _to_8bit_rgb(image):
     """A PIL image with more than 8 bits per channel scaled to 8-bit RGB (PIL's own `convert` would clip 16-bit
     values at 255, turning the image white); other modes are returned as they are (the image processor converts
@@ -831,6 +946,14 @@ def _images_in_messages(messages) -> list:
     return images
 
 
+def _llava_image_seq_length(llava_processor) -> int:
+    """The `<image>` copies a `LlavaProcessor` writes for one image (its patch grid, plus CLS with "full" on
+    CLIP), counted on a blank image at the processor's own input size."""
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    ids = llava_processor(images=image, text=llava_processor.image_token, return_tensors="pt")["input_ids"]
+    return int((ids == llava_processor.image_token_id).sum())
+
+
 def build_processor(
     tokenizer,
     image_size: int,
@@ -863,4 +986,11 @@ def build_processor(
     )
 
 
-__all__ = ["LARE_CHAT_TEMPLATE", "LaReProcessor", "build_processor", "lare_chat_template", "to_rgb"]
+__all__ = [
+    "LARE_CHAT_TEMPLATE",
+    "LaReProcessor",
+    "build_processor",
+    "lare_chat_template",
+    "to_rgb",
+    "with_latent_region",
+]
