@@ -16,7 +16,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .latent_region import LatentLayout
 from .outputs import LaReModelOutputWithPast
-from .refocus import SaliencyRecorder, check_latent_halting, latent_steps_converged, record_saliency, select_windows
+from .refocus import (
+    SaliencyRecorder,
+    check_latent_halting,
+    latent_steps_converged,
+    record_saliency,
+    relaxed_window_features,
+    select_windows,
+)
 from .validation import check_halting_mask
 
 
@@ -165,20 +172,59 @@ class LaReLatentRefocusMixin:
             self._embedding_scale_cache = cached
         return cached[1]
 
+    # tau of the relaxed window selection while a schedule runs (`WindowTemperatureCallback`); None: the config's
+    window_temperature_now: float | None = None
+
+    def _relaxes_window(self) -> bool:
+        """Whether this forward chooses windows with a relaxed, differentiable selection (not in the paper): training
+        with autograd on, `window_selection` other than "argmax" and the sliding window on."""
+        config = self.config
+        return (
+            config.window_selection != "argmax"
+            and config.use_sliding_window
+            and self.training
+            and torch.is_grad_enabled()
+        )
+
     def _select_window(
-        self, saliency: torch.Tensor, image_features: torch.Tensor
+        self, saliency: torch.Tensor, image_features: torch.Tensor, step: int = 0
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """The sliding window (Sec. 3.1): each sample's window position and V_s, the visual tokens of V_T under its
-        most salient window; the whole grid when the window is ablated."""
+        most salient window; the whole grid when the window is ablated. In training with a `window_selection` other
+        than "argmax" (not in the paper), V_s carries the gradient of a relaxed choice (`relaxed_window_features`),
+        and the norm of the gradient reaching step `step`'s saliency is kept in `saliency_gradient_norms`."""
         batch = image_features.shape[0]
         if not self.config.use_sliding_window:
             return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
         config = self.config
+        if self._relaxes_window():
+            if self.is_activation_checkpointing:
+                raise ValueError(
+                    f"window_selection={config.window_selection!r} records the saliency inside autograd, which "
+                    "gradient checkpointing would recompute without it (its replay does not record the saliency); "
+                    "disable gradient checkpointing, or train with window_selection='argmax'."
+                )
+            temperature = self.window_temperature_now or config.window_temperature
+            positions, window_features, _ = relaxed_window_features(
+                saliency, image_features, config.patch_grid_size, config.window_size, config.window_stride,
+                config.window_selection, temperature,
+            )  # fmt: skip
+            if saliency.requires_grad:
+                saliency.register_hook(functools.partial(self._record_saliency_gradient, step))
+            return positions, window_features
         positions, token_indices = select_windows(
             saliency, config.patch_grid_size, config.window_size, config.window_stride
         )
         index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
         return positions, image_features.gather(1, index)
+
+    def _record_saliency_gradient(self, step: int, gradient: torch.Tensor) -> None:
+        """Backward hook on step `step`'s saliency: append the gradient's norm to `saliency_gradient_norms[step]` (a
+        diagnostic of the relaxed window selection; `WindowTemperatureCallback` reads and clears it)."""
+        norms = getattr(self, "saliency_gradient_norms", None)
+        if norms is None:
+            norms = self.saliency_gradient_norms = {}
+        norms.setdefault(step, []).append(float(gradient.detach().float().norm()))
 
     def _extract_latents(
         self,
@@ -259,7 +305,7 @@ class LaReLatentRefocusMixin:
         lm_output, saliency = feed(inputs_embeds[:, :slots_start], 0)  # H^(1) and its saliency
         lm_calls = [lm_output]
         for step in range(layout.num_steps):
-            window_position, window_features = self._select_window(saliency, image_features)  # Eq. 1-2: V_s
+            window_position, window_features = self._select_window(saliency, image_features, step)  # Eq. 1-2: V_s
             latents, extractor_attention = self._extract_latents(  # Eq. 3-5: Z^(k)
                 lm_output.last_hidden_state[:, -1], window_features, trace.history(), embedding_scale,
                 return_extractor_attention,
@@ -308,7 +354,8 @@ class LaReLatentRefocusMixin:
         end = start + inputs_embeds.shape[1]
         recorder = None
         if with_saliency:
-            track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
+            # inside autograd for the window-grounding loss and for a relaxed window selection (not in the paper)
+            track_saliency = (self.config.window_loss_weight > 0 and self.training) or self._relaxes_window()
             num_layers = self.config.text_config.num_hidden_layers
             recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
             kwargs["saliency_recorder"] = recorder

@@ -1,0 +1,70 @@
+"""The temperature schedule of the relaxed window selection and its per-step diagnostics (not in the paper).
+
+`LaReConfig.window_selection` other than "argmax" makes the window choice differentiable in training with a
+temperature tau (`refocus.relaxed_window_features`). `WindowTemperatureCallback` anneals tau geometrically from
+`window_temperature` to `window_temperature_end` over training and records, at each optimizer step, tau and the norm
+of the gradient that reached each latent step's saliency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+from ..modeling.latent_loop import LaReLatentRefocusMixin
+
+
+def latent_refocus_module(model: nn.Module) -> LaReLatentRefocusMixin | None:
+    """The module running the latent loop inside `model` (a LaReModel, possibly wrapped by PEFT / DDP), or None."""
+    return next((module for module in model.modules() if isinstance(module, LaReLatentRefocusMixin)), None)
+
+
+def scheduled_window_temperature(start: float, end: float, step: int, total_steps: int) -> float:
+    """tau at optimizer step `step` of `total_steps`: start * (end / start) ** (step / total_steps), i.e. from
+    `start` at step 0 to `end` at the last step, geometrically (a constant factor per step)."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return start * (end / start) ** progress
+
+
+class WindowTemperatureCallback(TrainerCallback):
+    """Anneals the relaxed window selection's tau (not in the paper) and records its diagnostics.
+
+    Before each optimizer step, sets the latent loop's `window_temperature_now` to `scheduled_window_temperature` of
+    the config's `window_temperature` -> `window_temperature_end` (constant when the end is None). After it, appends
+    `{"step", "window_temperature", "saliency_gradient_norm"}` to `history`, the last being, per latent step k (from
+    1), the mean norm of the gradient that reached step k's saliency in that step's backward passes. The model's
+    config is not changed, so a saved checkpoint keeps the schedule it was given."""
+
+    def __init__(self, model: nn.Module):
+        self.module = latent_refocus_module(model)
+        if self.module is None:
+            raise ValueError(
+                f"WindowTemperatureCallback needs a LaRe model; {type(model).__name__} has no latent loop."
+            )
+        self.history: list[dict[str, Any]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        config = self.module.config
+        start, end = config.window_temperature, config.window_temperature_end
+        self.module.window_temperature_now = (
+            start if end is None else scheduled_window_temperature(start, end, state.global_step, state.max_steps)
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        norms = getattr(self.module, "saliency_gradient_norms", None) or {}
+        self.history.append(
+            {
+                "step": state.global_step,
+                "window_temperature": self.module.window_temperature_now,
+                "saliency_gradient_norm": {str(k + 1): sum(v) / len(v) for k, v in sorted(norms.items())},
+            }
+        )
+        self.module.saliency_gradient_norms = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.module.window_temperature_now = None  # evaluation and later runs read the config again
+
+
+__all__ = ["WindowTemperatureCallback", "latent_refocus_module", "scheduled_window_temperature"]
