@@ -22,9 +22,9 @@ def latent_refocus_module(model: nn.Module) -> LaReLatentRefocusMixin | None:
 
 
 def scheduled_window_temperature(start: float, end: float, step: int, total_steps: int) -> float:
-    """tau at optimizer step `step` of `total_steps`: start * (end / start) ** (step / total_steps), i.e. from
-    `start` at step 0 to `end` at the last step, geometrically (a constant factor per step)."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    """tau at optimizer step `step` (0-based) of `total_steps`: start * (end / start) ** (step / (total_steps - 1)),
+    i.e. from `start` at the first step to `end` at the last, geometrically (a constant factor per step)."""
+    progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
     return start * (end / start) ** progress
 
 
