@@ -340,6 +340,35 @@ def test_pope_rejects_bad_answers(tmp_path):
 # RefocusShapes and the sample structure
 
 
+def test_multiple_choice_prompt_is_the_one_training_asks(tmp_path, tiny_model_and_processor):
+    """A reasoning record's multiple-choice question reaches the model as the same tokens in training (records ->
+    `LaReDataCollator`) and in evaluation (the RefocusShapes benchmark -> `prompt_inputs`)."""
+    from lare_hf.data import LaReDataCollator, load_records
+    from lare_hf.evaluation.runner import prompt_inputs
+
+    model, processor = tiny_model_and_processor
+    (tmp_path / "board.png").write_bytes(png((200, 30, 30), 32))
+    records = [
+        {"id": "listed", "image": "board.png", "question": "Which shape is red?", "answer": "B",
+         "choices": ["the circle", "the square", "the star"], "rationale": "The square is red."},
+        {"id": "inline", "image": "board.png", "question": "Which shape is red? (A) the circle (B) the square",
+         "answer": "A", "choices": ["the circle", "the square"], "rationale": "The circle is red."},
+    ]  # fmt: skip
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    training = load_records(str(tmp_path / "test.jsonl"), kind="reasoning")
+    samples = get_benchmark("refocus_shapes").load(tmp_path / "test.jsonl")
+    assert samples[0].prompt == "Which shape is red?\nOptions:\nA. the circle\nB. the square\nC. the star"
+    assert samples[1].prompt == records[1]["question"]  # options already spelled out: left as written
+    collator = LaReDataCollator(
+        processor=processor, num_latent_steps=2, with_rationale=False, response_format="answer"
+    )
+    for example, sample in zip(training, samples):
+        batch = collator([example])
+        answer_start = int((batch["labels"][0] != -100).nonzero().min())
+        asked = prompt_inputs(model, processor, [sample], 2)
+        assert batch["input_ids"][0, :answer_start].tolist() == asked["input_ids"][0].tolist()
+
+
 def test_refocus_shapes_benchmark(tmp_path):
     from lare_hf.data.refocus_shapes import CATEGORIES, write_refocus_shapes
 

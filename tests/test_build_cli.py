@@ -84,7 +84,7 @@ def test_lare_generate_prints_the_answer(tmp_path, tiny_checkpoint):
                "--prompt", "Which digit is in the red square?", "--max-new-tokens", "6"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    from lare_hf.cli import generate_answer
+    from lare_hf.evaluation.runner import generate_answer
 
     expected = generate_answer(tiny_checkpoint, make_image(3), "Which digit is in the red square?", None, 6)
     assert result.stdout.strip() == expected

@@ -126,6 +126,37 @@ def build_preset(name_or_path: str, overrides: dict[str, Any] | None = None, **c
         ) from error
 
 
+def build_checkpoint_parts(
+    preset: str | None = None,
+    vision: str | None = None,
+    text: str | None = None,
+    image_tokenizer: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> tuple[LaReForConditionalGeneration, LaReProcessor]:
+    """What `lare build` builds: from pretrained `vision` + `text` parts (with the model fields of `preset`, when
+    given, under `overrides`), else the tiny preset (random init for `seed`), else a paper preset from its named
+    components (`overrides` limited to use_reconstructor / image_loss_weight there)."""
+    overrides = dict(overrides or {})
+    if vision or text:
+        if not (vision and text):
+            raise ValueError("--vision and --text go together (or use --preset).")
+        base = load_preset(preset)["model"] if preset else {}
+        base = {key: value for key, value in base.items() if key not in ("vision_config", "text_config")}
+        base.update(overrides)
+        return build_from_components(vision, text, image_tokenizer=image_tokenizer, overrides=base)
+    if preset in ("tiny", "lare-tiny"):
+        if image_tokenizer:
+            raise ValueError(
+                "--image-tokenizer is not used by --preset tiny (it builds its own tiny random KL-16); pass it with "
+                "--vision/--text or a full-size preset."
+            )
+        return build_tiny(overrides=overrides, seed=seed)
+    if set(overrides) - {"use_reconstructor", "image_loss_weight"}:
+        raise ValueError("--set is supported with --preset tiny or with --vision/--text.")
+    return build_preset(preset, image_tokenizer=image_tokenizer, overrides=overrides)
+
+
 def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcessor, output_dir: str) -> Path:
     """Write model (safetensors + custom code) and processor into one folder."""
     output = Path(output_dir)
@@ -137,6 +168,7 @@ def save_checkpoint(model: LaReForConditionalGeneration, processor: LaReProcesso
 
 __all__ = [
     "available_presets",
+    "build_checkpoint_parts",
     "build_from_components",
     "build_preset",
     "build_tiny",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .destinations import check_lare_checkpoint, refuse_non_empty
+from .destinations import refuse_non_empty
 
 # Errors that come from what the user gave (arguments, files, data): one line `error: ...`, exit code 2.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -30,8 +30,9 @@ def _parse_override(items: list[str] | None) -> dict:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build_from_components, build_preset, build_tiny, load_preset, save_checkpoint
+    from .build import build_checkpoint_parts, save_checkpoint
     from .modeling.configuration_lare import LaReConfig
+    from .modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 
     overrides = _parse_override(args.set)
     LaReConfig.check_field_names(overrides, "--set key")
@@ -43,59 +44,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         overrides["use_reconstructor"] = False
         overrides.setdefault("image_loss_weight", 0.0)  # no U-Net, so no L_img (Eq. 7) if it is trained later
     refuse_non_empty(args.output, "lare build --output", args.overwrite)
-    if args.vision or args.text:
-        if not (args.vision and args.text):
-            raise ValueError("--vision and --text go together (or use --preset).")
-        base = load_preset(args.preset)["model"] if args.preset else {}
-        base = {key: value for key, value in base.items() if key not in ("vision_config", "text_config")}
-        base.update(overrides)
-        model, processor = build_from_components(
-            args.vision, args.text, image_tokenizer=args.image_tokenizer, overrides=base
-        )
-    elif args.preset in ("tiny", "lare-tiny"):
-        model, processor = build_tiny(overrides=overrides, seed=args.seed)
-    else:
-        if set(overrides) - {"use_reconstructor", "image_loss_weight"}:
-            raise ValueError("--set is supported with --preset tiny or with --vision/--text.")
-        model, processor = build_preset(args.preset, image_tokenizer=args.image_tokenizer, overrides=overrides)
+    model, processor = build_checkpoint_parts(
+        args.preset, args.vision, args.text, args.image_tokenizer, overrides, seed=args.seed
+    )
     output = save_checkpoint(model, processor, args.output)
+    warn_if_random_image_tokenizer(model.config, "lare build")
     num_params = sum(p.numel() for p in model.parameters())
     print(f"Wrote {model.config.model_type} checkpoint ({num_params / 1e6:.2f}M parameters) to {output}")
     return 0
-
-
-def generate_answer(
-    model_dir: str,
-    image: Image.Image,
-    prompt: str,
-    num_latent_steps: int | None = None,
-    max_new_tokens: int = 32,
-) -> str:
-    """Load a checkpoint with the Auto classes, chat once, return the decoded answer."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
-
-    check_lare_checkpoint(model_dir, "--model")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-    if num_latent_steps is not None:
-        # The model rewrites the latent region the same way inside generate(); the answer starts after it.
-        input_ids, attention_mask = model.set_latent_steps(input_ids, attention_mask, num_latent_steps)
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=inputs["pixel_values"],
-            max_new_tokens=max_new_tokens,
-        )
-    return processor.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)[0].strip()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -109,6 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             image = to_rgb(opened)  # 16-bit / palette images scaled and composited, not clipped
     except OSError as error:
         raise ValueError(f"--image {path} is not a readable image ({error}).") from None
+    from .evaluation.runner import generate_answer
+
     answer = generate_answer(args.model, image, args.prompt, args.num_latent_steps, args.max_new_tokens)
     print(answer)
     return 0
@@ -152,6 +110,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         )
     for split, path in paths.items():
         print(f"{split}: {path}")
+    return 0
+
+
+def cmd_data_decontaminate(args: argparse.Namespace) -> int:
+    from .data.decontamination import decontaminate, summary
+
+    report = decontaminate(
+        args.train, args.against, args.output, vision=args.vision, threshold=args.threshold, rules=args.rules,
+        image_folder=args.image_folder, batch_size=args.batch_size, device=args.device, on_error=args.on_error,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(summary(report))
     return 0
 
 
@@ -231,139 +201,44 @@ def _parse_thresholds(items: list[str] | None) -> dict[str, list[float]] | None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from . import analysis
-    from .analysis.common import write_report
+    from .analysis import attention, figures, halting, probing, steps
+    from .analysis.common import AnalysisSource, write_report
 
     output = refuse_non_empty(args.output, f"lare analyze {args.analysis} --output", args.overwrite)
     output.mkdir(parents=True, exist_ok=True)
     kind = args.analysis
     if kind == "probing":
-        report = _analyze_probing(args, output)
+        report = probing.run(
+            args.model, args.data, output, args.baseline, args.hops, args.limit, args.image_folder, args.device,
+            args.num_latent_steps, args.num_pairs, args.seed, args.batch_size,
+        )  # fmt: skip
     else:
-        bench, samples = analysis.load_samples(args.benchmark, args.data, args.limit, args.split, args.image_folder)
-        attn = "eager" if kind == "attention" else None
-        model, processor = analysis.load_model(args.model, args.device, attn_implementation=attn)
-        common = {"model": str(args.model), "data": str(args.data)}
+        source = AnalysisSource(
+            args.model, args.data, args.benchmark, args.limit, args.split, args.image_folder, args.device
+        )
         if kind == "steps":
-            report = analysis.latent_steps_sweep(
-                model, processor, bench, samples, args.steps, args.batch_size, args.max_new_tokens
-            )
-            report["figure"] = analysis.plot_steps_sweep(report, output / "steps.png")
+            report = steps.run(source, output, args.steps, args.batch_size, args.max_new_tokens)
         elif kind == "halting":
-            report = analysis.halting_analysis(
-                model, processor, bench, samples, args.num_latent_steps, _parse_thresholds(args.thresholds),
-                args.batch_size, args.max_new_tokens,
-            )  # fmt: skip
-            report["figure"] = analysis.plot_halting(report, output / "halting.png")
-        elif kind == "attention":
-            baseline, baseline_processor = analysis.load_model(args.baseline, args.device, attn_implementation="eager")
-            lare = analysis.attention_to_image(model, processor, samples, args.num_latent_steps, args.batch_size)
-            plain = analysis.attention_to_image(
-                baseline, baseline_processor, samples, args.baseline_num_latent_steps, args.batch_size
+            thresholds = _parse_thresholds(args.thresholds)
+            report = halting.run(
+                source, output, args.num_latent_steps, thresholds, args.batch_size, args.max_new_tokens
             )
-            report = {
-                "analysis": "attention_to_image",
-                "baseline_model": str(args.baseline),
-                "num_latent_steps": processor.num_latent_steps
-                if args.num_latent_steps is None
-                else args.num_latent_steps,
-                "baseline_num_latent_steps": args.baseline_num_latent_steps,
-                **analysis.compare_attention(lare, plain),
-            }
-            report["figure"] = analysis.plot_attention(lare, plain, output / "attention.png")
+        elif kind == "attention":
+            report = attention.run(
+                source, output, args.baseline, args.num_latent_steps, args.baseline_num_latent_steps, args.batch_size
+            )
         else:
-            report = _analyze_figures(args, model, processor, samples, output)
-        report = {**common, **report}
+            report = figures.run(
+                source, output, args.num_samples, args.num_latent_steps, args.num_inference_steps, args.seed,
+                args.batch_size, args.sweep,
+            )  # fmt: skip
     path = write_report(report, output / f"{kind}.json")
     print(f"Wrote {path}")
     return 0
 
 
-def _probe_records(args: argparse.Namespace) -> list[dict]:
-    """RefocusChains JSONL (rows with a `board`): every board asked with each of --hops; otherwise reasoning records
-    (`load_records`) with their rationales."""
-    from . import analysis
-    from .data.formats import load_records
-
-    path = Path(args.data)
-    if path.is_file() and path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            first = next((line for line in handle if line.strip()), "")
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and "board" in row and "rationale" in row:
-            return analysis.refocus_chains_probe_records(path, args.hops, args.limit)
-    loaded = load_records(args.data, kind="reasoning", image_folder=args.image_folder)
-    count = len(loaded) if args.limit is None else min(len(loaded), args.limit)
-    return analysis.records_for_probing([loaded[i] for i in range(count)])
-
-
-def _analyze_probing(args: argparse.Namespace, output: Path) -> dict:
-    from . import analysis
-
-    records = _probe_records(args)
-    reports = {}
-    for name, model_dir in (("lare", args.model), ("baseline", args.baseline)):
-        if model_dir is None:
-            continue
-        model, processor = analysis.load_model(model_dir, args.device)
-        reports[name] = analysis.probing_analysis(
-            model, processor, records, args.num_latent_steps, args.num_pairs, args.seed, args.batch_size
-        )
-        reports[name]["model"] = str(model_dir)
-    figure = analysis.plot_probing(
-        {
-            f"{Path(r['model']).name} ({'with' if r['use_extractor'] else 'w/o'} Extractor)": r
-            for r in reports.values()
-        },
-        output / "probing.png",
-    )
-    return {
-        "analysis": "probing",
-        "model": str(args.model),
-        "baseline_model": None if args.baseline is None else str(args.baseline),
-        "data": str(args.data),
-        **reports,
-        "figure": figure,
-    }
-
-
-def _analyze_figures(args: argparse.Namespace, model, processor, samples, output: Path) -> dict:
-    from . import analysis
-
-    shown = samples[: args.num_samples]
-    report: dict = {"analysis": "figures", "figures": {}}
-    report["figures"]["refocus"] = analysis.refocus_figure(
-        model, processor, shown, output / "fig3_refocus.png", args.num_latent_steps
-    )
-    if model.reconstructor is not None:
-        report["figures"]["reconstruction"] = analysis.reconstruction_figure(
-            model, processor, shown, output / "fig4_reconstruction.png", args.num_latent_steps,
-            args.num_inference_steps, args.seed,
-        )  # fmt: skip
-    else:
-        report["reconstruction_skipped"] = "the checkpoint has no reconstructor (use_reconstructor=False)"
-    if args.benchmark.replace("-", "_").lower() == "refocus_chains":
-        try:
-            hits = analysis.window_hit_rates(model, processor, samples, args.num_latent_steps, args.batch_size)
-        except ValueError as error:
-            report["window_hits_skipped"] = str(error)
-        else:
-            report["window_hits"] = hits
-            report["figures"]["window_hits"] = analysis.plot_window_hits(hits, output / "window_hits.png")
-    if args.sweep is not None:
-        sweep = json.loads(Path(args.sweep).read_text())
-        report["figures"]["steps"] = analysis.plot_steps_sweep(sweep, output / "steps.png")
-    return report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_model_commands(sub) -> None:
+    """`lare build`, `generate`, `train`, `merge` and `push`."""
     build = sub.add_parser("build", help="write a LaRe checkpoint from a preset or from pretrained parts")
     build.add_argument("--preset", default=None, help="lare-tiny, lare-0.5b, lare-1.5b, lare-7b or a YAML path")
     build.add_argument("--vision", default=None, help="vision encoder folder or Hub id (CLIP/SigLIP)")
@@ -414,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="write the card and list the files, upload nothing")
     push.set_defaults(func=cmd_push)
 
+
+def _add_eval_command(sub) -> None:
+    """`lare eval`."""
     evaluation = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark file (JSON report + predictions)")
     evaluation.add_argument("--model", required=True)
     evaluation.add_argument(
@@ -432,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None)
     evaluation.set_defaults(func=cmd_eval)
 
+
+def _add_data_commands(sub) -> None:
+    """`lare data synth`."""
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", help="generate a synthetic benchmark (JSONL + PNG)")
@@ -452,7 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=64, help="refocus_shapes image size")
     synth.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     synth.set_defaults(func=cmd_data_synth)
+    clean = data_sub.add_parser(
+        "decontaminate",
+        help="remove training samples that match benchmark data (Appendix B): exact question-answer pairs and "
+        "near-duplicate images (docs/decontamination.md)",
+    )
+    clean.add_argument("--train", required=True, help="training records (JSON / JSONL / parquet / save_to_disk)")
+    clean.add_argument("--against", nargs="+", required=True,
+                       help="records files, or BENCHMARK=PATH for a benchmark file (e.g. mmbench=mmbench_dev.tsv)")  # fmt: skip
+    clean.add_argument("--output", required=True, help="the cleaned file (.jsonl, .json or .parquet)")
+    clean.add_argument("--vision", default=None, help="local vision model folder (CLIP / SigLIP / LaRe checkpoint)")
+    clean.add_argument("--threshold", type=float, default=None, help="cosine similarity above which images match")
+    clean.add_argument("--rules", nargs="+", choices=("text", "image"), default=["text", "image"])
+    clean.add_argument("--image-folder", default=None, help="root of --train's relative image paths")
+    clean.add_argument("--batch-size", type=int, default=32)
+    clean.add_argument("--device", default=None)
+    clean.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="malformed --train records")
+    clean.add_argument("--overwrite", action="store_true", help="replace an existing --output and its report")
+    clean.set_defaults(func=cmd_data_decontaminate)
 
+
+def _add_analyze_commands(sub) -> None:
+    """`lare analyze steps|halting|probing|attention|figures`."""
     analyze = sub.add_parser("analyze", help="the paper's analyses (JSON report + PNG figures in --output)")
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
     helps = {
@@ -504,6 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
             )
             command.add_argument("--sweep", default=None, help="a steps.json of `lare analyze steps` to plot again")
         command.set_defaults(func=cmd_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lare", description="LaRe (Latent Refocusing) for Hugging Face")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_model_commands(sub)
+    _add_eval_command(sub)
+    _add_data_commands(sub)
+    _add_analyze_commands(sub)
 
     demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
     demo.add_argument("--output", default="lare-demo")

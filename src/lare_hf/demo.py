@@ -37,7 +37,6 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False, lare_var
         VARIANT_LEARNING_RATE,
         build_chains_model,
         evaluate_variant,
-        refocus_windows,
         train_alignment,
         train_variant,
         variant,
@@ -89,9 +88,10 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False, lare_var
     model = AutoModelForImageTextToText.from_pretrained(lare_dir).eval()
     processor = AutoProcessor.from_pretrained(lare_dir)
     from .evaluation.benchmarks import get_benchmark
+    from .evaluation.runner import refocus_record
 
     samples = get_benchmark("refocus_chains").load(data["test"], limit=4)
-    found = refocus_windows(model, processor, samples, spec.num_latent_steps)
+    found = refocus_record(model, processor, samples, spec.num_latent_steps)
     rows = {row["id"]: row for row in results[lare_variant]["rows"]}
     titles = [f"{s.prompt}\ngold: {s.answer}\nLaRe: {rows[s.id]['prediction']!r}" for s in samples]
     figure = plot_refocus_grid([s.image for s in samples], found["saliency_maps"], found["window_positions"],

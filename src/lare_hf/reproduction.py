@@ -38,7 +38,6 @@ import inspect
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,14 @@ from transformers import set_seed
 from .build import build_tiny, save_checkpoint
 from .data.collator import LaReDataCollator
 from .data.formats import load_records
-from .data.refocus_chains import chain_rationale_after, chain_step_targets, chain_window_targets, window_hits
-from .evaluation.benchmarks import BenchmarkSample, get_benchmark
-from .evaluation.runner import chat_messages, generate_answers
+from .data.refocus_chains import (
+    chain_rationale_after,
+    chain_step_targets,
+    chain_window_targets,
+    window_hit_rates_by_step,
+)
+from .evaluation.benchmarks import get_benchmark
+from .evaluation.runner import generate_answers, refocus_record
 from .modeling.configuration_lare import LaReConfig
 from .training.arguments import LaReTrainingArguments
 from .training.trainer import LaReTrainer
@@ -252,13 +256,13 @@ def _train(model, processor, trainer_cls, records, collator, output_dir, steps, 
     }
 
 
-ALIGNMENT = Variant("alignment", 0, "answer", False, description="alignment stage (captions, K=0)")
 # The alignment stage's peak learning rate. At 3e-3 its caption loss sat on the ~0.97 plateau (marks not read) for
 # most of 1,500 steps and broke through on some seeds only; at 1e-3 it broke through within ~300-500 steps
 # (README, "Reproduction").
 ALIGN_LEARNING_RATE = 1e-3
-# The peak learning rate `benchmarks/reproduce.py` and `lare demo` train every variant with: at 3e-3, K=0 did not
-# learn the one-hop question on an aligned model within 300 steps (20% against 86% at 1e-3; README, "Reproduction").
+# The peak learning rate every variant trains with (the default of `train_variant` / `run_variant`, and what
+# `benchmarks/reproduce.py` and `lare demo` pass): at 3e-3, K=0 did not learn the one-hop question on an aligned model
+# within 300 steps (20% against 86% at 1e-3; README, "Reproduction").
 VARIANT_LEARNING_RATE = 1e-3
 
 
@@ -297,7 +301,7 @@ def train_variant(
     output_dir: str | Path,
     steps: int,
     batch_size: int = 32,
-    learning_rate: float = 2e-3,
+    learning_rate: float = VARIANT_LEARNING_RATE,
     seed: int = 0,
     init_state: dict[str, torch.Tensor] | None = None,
     curriculum_steps: int = 0,
@@ -390,28 +394,6 @@ def one_hop_file(train_file: str) -> str:
     return str(target)
 
 
-@torch.no_grad()
-def refocus_windows(
-    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 64
-) -> dict[str, torch.Tensor]:
-    """Per sample, the window (row, col) and saliency map of every latent step, from one forward over the prompt
-    (the latent phase is the one `generate()` runs before its first token)."""
-    positions, maps = [], []
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        prompts = [
-            processor.apply_chat_template(
-                chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps
-            )
-            for s in batch
-        ]
-        inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt")
-        outputs = model(**inputs)
-        positions.append(outputs.window_positions)
-        maps.append(outputs.saliency_maps)
-    return {"window_positions": torch.cat(positions), "saliency_maps": torch.cat(maps)}
-
-
 def evaluate_variant(
     model, processor, spec: Variant, test_file: str, batch_size: int = 64, max_new_tokens: int = 32
 ) -> dict[str, Any]:
@@ -439,16 +421,11 @@ def evaluate_variant(
     }
     windows = None
     if spec.num_latent_steps > 0:
-        found = refocus_windows(model, processor, samples, spec.num_latent_steps, batch_size)
-        windows = found["window_positions"]
-        size = model.config.effective_window_size
-        by_step: dict[int, list[bool]] = defaultdict(list)
-        for sample, sample_windows in zip(samples, windows.tolist()):
-            for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], size)):
-                by_step[k + 1].append(hit)
-        hits = [h for values in by_step.values() for h in values]
-        result["window_hit_rate"] = 100.0 * float(np.mean(hits)) if hits else None
-        result["window_hit_rate_by_step"] = {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_step.items())}
+        windows = refocus_record(model, processor, samples, spec.num_latent_steps, batch_size)["window_positions"]
+        visited = [sample.meta["visited_cells"] for sample in samples]
+        hits = window_hit_rates_by_step(windows.tolist(), visited, model.config.effective_window_size)
+        result["window_hit_rate"] = hits["window_hit_rate"]
+        result["window_hit_rate_by_step"] = hits["window_hit_rate_by_step"]
     result["rows"] = [
         {**row, "num_tokens": count, **({"windows": windows[i].tolist()} if windows is not None else {})}
         for i, (row, count) in enumerate(zip(rows, counts))
@@ -462,7 +439,7 @@ def run_variant(
     output_dir: str | Path,
     steps: int,
     batch_size: int = 32,
-    learning_rate: float = 2e-3,
+    learning_rate: float = VARIANT_LEARNING_RATE,
     seed: int = 0,
     init_state: dict[str, torch.Tensor] | None = None,
     save_model: bool = False,
@@ -535,7 +512,6 @@ def mean_std_ci(values: list[float], confidence: float = 0.95) -> dict[str, floa
 
 __all__ = [
     "ABLATIONS",
-    "ALIGNMENT",
     "ALIGN_LEARNING_RATE",
     "VARIANT_LEARNING_RATE",
     "CHAINS_MODEL_CONFIG",
@@ -545,10 +521,10 @@ __all__ = [
     "build_chains_model",
     "evaluate_variant",
     "mean_std_ci",
-    "refocus_windows",
     "run_variant",
     "train_alignment",
     "train_variant",
     "variant",
     "variant_settings",
+    "WINDOW_SETTINGS",
 ]

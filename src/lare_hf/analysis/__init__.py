@@ -1,10 +1,11 @@
 """The paper's analyses as tools (`lare analyze ...`): latent steps sweep (Fig. 5), adaptive halting (Table 4),
-probing (Table 6), attention to the image (Table 5) and the figures (Fig. 3, Fig. 4, window-hit rates).
+probing (Table 6), attention to the image (Table 5) and the figures (Fig. 3, Fig. 4, window-hit rates). Each
+analysis module has a `run(...)` that `lare analyze <name>` calls: load, compute, plot, return the report.
 
 This package imports the model; the model never imports it."""
 
 from .attention import attention_to_image, compare_attention, plot_attention
-from .common import load_model, load_samples, write_report
+from .common import AnalysisSource, load_model, load_samples, write_report
 from .figures import plot_window_hits, reconstruction_figure, refocus_figure, refocus_record, window_hit_rates
 from .halting import default_thresholds, halting_analysis, latent_step_distances, plot_halting
 from .probing import (
@@ -19,6 +20,7 @@ from .probing import (
 from .steps import latent_steps_sweep, plot_steps_sweep, score_generations
 
 __all__ = [
+    "AnalysisSource",
     "attention_to_image",
     "build_probe_pairs",
     "compare_attention",

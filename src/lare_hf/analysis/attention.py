@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..evaluation.benchmarks import BenchmarkSample
-from .common import check_steps, prompt_inputs
+from .common import AnalysisSource, check_steps, load_model, prompt_inputs, pyplot, save_figure
 
 PERCENTILES = (25, 50, 75, 95)
 
@@ -78,20 +78,39 @@ def compare_attention(lare: np.ndarray, baseline: np.ndarray) -> dict[str, Any]:
 
 def plot_attention(lare: np.ndarray, baseline: np.ndarray, path: str | Path, labels=("K=0 model", "LaRe")) -> str:
     """Box plot of the two distributions of attention to the image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axis = plt.subplots(figsize=(4.2, 3.4))
     axis.boxplot([np.asarray(baseline), np.asarray(lare)], showmeans=True)
     axis.set_xticks([1, 2], list(labels))
     axis.set_ylabel("attention to image tokens (%)")
     axis.set_title("First generated token's attention to the image", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
+
+
+def run(
+    source: AnalysisSource,
+    output: Path,
+    baseline: str,
+    num_latent_steps: int | None = None,
+    baseline_num_latent_steps: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """`lare analyze attention`: Table 5, the first answer token's attention to the image of the LaRe checkpoint of
+    `source` against the `baseline` checkpoint (the K=0 model), and its figure (``attention.png`` in `output`)."""
+    _, samples, model, processor = source.load(attn_implementation="eager")
+    baseline_model, baseline_processor = load_model(baseline, source.device, attn_implementation="eager")
+    lare = attention_to_image(model, processor, samples, num_latent_steps, batch_size)
+    plain = attention_to_image(baseline_model, baseline_processor, samples, baseline_num_latent_steps, batch_size)
+    report = {
+        "analysis": "attention_to_image",
+        "baseline_model": str(baseline),
+        "num_latent_steps": processor.num_latent_steps if num_latent_steps is None else num_latent_steps,
+        "baseline_num_latent_steps": baseline_num_latent_steps,
+        **compare_attention(lare, plain),
+    }
+    report["figure"] = plot_attention(lare, plain, output / "attention.png")
+    return {**source.header(), **report}
 
 
 __all__ = ["attention_to_image", "compare_attention", "plot_attention", "summarize"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from ..destinations import check_lare_checkpoint
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample, get_benchmark
-from ..evaluation.runner import chat_messages
+from ..evaluation.runner import prompt_inputs
 
 
 def load_model(model_dir: str, device: str | None = None, attn_implementation: str | None = None):
@@ -40,6 +41,29 @@ def load_samples(
     return bench, samples
 
 
+@dataclass(frozen=True)
+class AnalysisSource:
+    """What an analysis runs on: a checkpoint and a benchmark file, as every `lare analyze` command takes them."""
+
+    model: str
+    data: str
+    benchmark: str = "refocus_chains"
+    limit: int | None = None
+    split: str | None = None
+    image_folder: str | None = None
+    device: str | None = None
+
+    def load(self, attn_implementation: str | None = None):
+        """(benchmark, samples, model, processor); the data is read first, so that a wrong file fails fast."""
+        bench, samples = load_samples(self.benchmark, self.data, self.limit, self.split, self.image_folder)
+        model, processor = load_model(self.model, self.device, attn_implementation=attn_implementation)
+        return bench, samples, model, processor
+
+    def header(self) -> dict[str, str]:
+        """The report's first fields: the checkpoint and the data."""
+        return {"model": str(self.model), "data": str(self.data)}
+
+
 def check_steps(model, num_latent_steps: int, name: str = "num_latent_steps") -> int:
     """K within 0..max_latent_steps of the model."""
     maximum = model.config.max_latent_steps
@@ -50,22 +74,30 @@ def check_steps(model, num_latent_steps: int, name: str = "num_latent_steps") ->
     return num_latent_steps
 
 
-def prompt_inputs(model, processor, samples: list[BenchmarkSample], num_latent_steps: int) -> dict[str, torch.Tensor]:
-    """Processor inputs (left-padded) of the samples' generation prompts with K latent steps, on the model's device."""
-    prompts = [
-        processor.apply_chat_template(chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps)
-        for s in samples
-    ]
-    inputs = processor(text=prompts, images=[s.image for s in samples], padding=True, return_tensors="pt")
-    return inputs.to(model.device)
-
-
 def model_view(model, image) -> Any:
     """The image as the model saw it: RGB at the vision tower's input size."""
     from PIL import Image
 
     size = model.config.vision_config.image_size
     return image.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the analyses write their figures to files and never show them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> str:
+    """Lay out, write and close a figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return str(path)
 
 
 def mean_or_none(values: list[float]) -> float | None:
@@ -97,4 +129,12 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["check_steps", "load_model", "load_samples", "model_view", "prompt_inputs", "write_report"]
+__all__ = [
+    "AnalysisSource",
+    "check_steps",
+    "load_model",
+    "load_samples",
+    "model_view",
+    "prompt_inputs",
+    "write_report",
+]

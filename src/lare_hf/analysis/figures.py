@@ -3,22 +3,18 @@ images), and, on RefocusChains, the window-hit rate per latent step."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..data.refocus_chains import GRID, window_hits
+from ..data.refocus_chains import GRID, window_hit_rates_by_step
 from ..evaluation.benchmarks import BenchmarkSample
+from ..evaluation.runner import refocus_record
 from ..visualization import plot_refocus_grid
-from .common import check_steps, model_view, prompt_inputs
-
-
-def _window_size(model) -> int:
-    config = model.config
-    return config.effective_window_size
+from .common import AnalysisSource, check_steps, model_view, pyplot, save_figure
+from .steps import plot_steps_sweep
 
 
 def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
@@ -27,23 +23,6 @@ def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
     if steps == 0:
         raise ValueError("This figure shows latent steps: num_latent_steps must be >= 1.")
     return steps
-
-
-@torch.no_grad()
-def refocus_record(
-    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
-) -> dict[str, torch.Tensor]:
-    """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
-    `[N, K, grid, grid]`, window positions `[N, K, 2]`, latents `[N, K, m, D]` and the pixel values."""
-    found: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for start in range(0, len(samples), batch_size):
-        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
-        outputs = model(**inputs)
-        found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
-        found["window_positions"].append(outputs.window_positions.cpu())
-        found["latent_embeds"].append(outputs.latent_embeds)
-        found["pixel_values"].append(inputs["pixel_values"])
-    return {name: torch.cat(values) for name, values in found.items()}
 
 
 def refocus_figure(
@@ -59,7 +38,7 @@ def refocus_figure(
         [model_view(model, s.image) for s in samples],
         record["saliency_maps"],
         record["window_positions"],
-        _window_size(model),
+        model.config.effective_window_size,
         str(path),
         titles=titles,
         needed_cells=needed if all(needed) else None,
@@ -78,10 +57,7 @@ def reconstruction_figure(
 ) -> str:
     """Fig. 4: per sample two rows, the crop under each step's window (what L_img, Eq. 7, reconstructs) and the image
     the reconstructor draws from that step's latents alone (`reconstruct_images`, seeded)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if model.reconstructor is None:
         raise ValueError("This checkpoint has no reconstructor (use_reconstructor=False); Fig. 4 needs one.")
@@ -90,7 +66,7 @@ def reconstruction_figure(
     count = len(samples)
     positions = record["window_positions"].to(model.device).reshape(count * steps, 2)
     crops = model.reconstructor.crop_windows(
-        record["pixel_values"].repeat_interleave(steps, dim=0), positions, _window_size(model)
+        record["pixel_values"].repeat_interleave(steps, dim=0), positions, model.config.effective_window_size
     )
     crops = ((crops.float() + 1) / 2).clamp(0, 1).view(count, steps, *crops.shape[1:]).cpu()
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -108,10 +84,7 @@ def reconstruction_figure(
                 if k == 0:
                     axis.set_ylabel(f"#{i + 1} {label}", fontsize=7)
     fig.suptitle("Latent-to-image reconstructions next to the crops they came from", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def window_hit_rates(
@@ -130,25 +103,16 @@ def window_hit_rates(
     if not all(s.meta.get("visited_cells") for s in samples):
         raise ValueError("Window hits need RefocusChains samples (each with meta['visited_cells']).")
     windows = refocus_record(model, processor, samples, steps, batch_size)["window_positions"]
-    by_step: dict[int, list[bool]] = defaultdict(list)
-    for sample, sample_windows in zip(samples, windows.tolist()):
-        for k, hit in enumerate(window_hits(sample_windows, sample.meta["visited_cells"], _window_size(model))):
-            by_step[k + 1].append(hit)
-    hits = [hit for values in by_step.values() for hit in values]
+    visited = [sample.meta["visited_cells"] for sample in samples]
     return {
         "num_latent_steps": steps,
-        "window_hit_rate": 100.0 * float(np.mean(hits)),
-        "window_hit_rate_by_step": {k: 100.0 * float(np.mean(v)) for k, v in sorted(by_step.items())},
-        "num_samples_by_step": {k: len(v) for k, v in sorted(by_step.items())},
+        **window_hit_rates_by_step(windows.tolist(), visited, model.config.effective_window_size),
     }
 
 
 def plot_window_hits(report: dict[str, Any], path: str | Path) -> str:
     """Bar chart of the window-hit rate per reasoning step (steps beyond K count as misses)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rates = report["window_hit_rate_by_step"]
     fig, axis = plt.subplots(figsize=(4.6, 3.2))
@@ -157,10 +121,44 @@ def plot_window_hits(report: dict[str, Any], path: str | Path) -> str:
     axis.set_xlabel("reasoning step k")
     axis.set_ylabel("window covers the needed cell (%)")
     axis.set_title(f"Window-hit rate per step (K = {report['num_latent_steps']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
+
+
+def run(
+    source: AnalysisSource,
+    output: Path,
+    num_samples: int = 4,
+    num_latent_steps: int | None = None,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 16,
+    sweep: str | None = None,
+) -> dict[str, Any]:
+    """`lare analyze figures`: Fig. 3 and Fig. 4 for the first `num_samples` samples of `source`, the window-hit rates
+    on RefocusChains, and the steps figure of a `lare analyze steps` report `sweep` again, all into `output`."""
+    _, samples, model, processor = source.load()
+    shown = samples[:num_samples]
+    report: dict[str, Any] = {"analysis": "figures", "figures": {}}
+    report["figures"]["refocus"] = refocus_figure(
+        model, processor, shown, output / "fig3_refocus.png", num_latent_steps
+    )
+    if model.reconstructor is not None:
+        report["figures"]["reconstruction"] = reconstruction_figure(
+            model, processor, shown, output / "fig4_reconstruction.png", num_latent_steps, num_inference_steps, seed
+        )
+    else:
+        report["reconstruction_skipped"] = "the checkpoint has no reconstructor (use_reconstructor=False)"
+    if source.benchmark.replace("-", "_").lower() == "refocus_chains":
+        try:
+            hits = window_hit_rates(model, processor, samples, num_latent_steps, batch_size)
+        except ValueError as error:
+            report["window_hits_skipped"] = str(error)
+        else:
+            report["window_hits"] = hits
+            report["figures"]["window_hits"] = plot_window_hits(hits, output / "window_hits.png")
+    if sweep is not None:
+        report["figures"]["steps"] = plot_steps_sweep(json.loads(Path(sweep).read_text()), output / "steps.png")
+    return {**source.header(), **report}
 
 
 __all__ = ["plot_window_hits", "reconstruction_figure", "refocus_figure", "refocus_record", "window_hit_rates"]

@@ -12,7 +12,7 @@ import torch
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample
 from ..evaluation.runner import generate_batched
 from ..modeling.refocus import HALTING_CRITERIA, check_latent_halting, latent_step_distance
-from .common import check_steps, prompt_inputs
+from .common import AnalysisSource, check_steps, prompt_inputs, pyplot, save_figure
 from .steps import score_generations
 
 
@@ -104,10 +104,7 @@ def halting_analysis(
 
 def plot_halting(report: dict[str, Any], path: str | Path) -> str:
     """Accuracy against average latent steps, one line per criterion, the fixed-K run as a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axis = plt.subplots(figsize=(5.0, 3.4))
     rows = report["rows"]
@@ -122,10 +119,24 @@ def plot_halting(report: dict[str, Any], path: str | Path) -> str:
     axis.set_ylabel("accuracy (%)")
     axis.set_title(f"Adaptive halting ({report.get('benchmark', '')})", fontsize=10)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
+
+
+def run(
+    source: AnalysisSource,
+    output: Path,
+    num_latent_steps: int | None = None,
+    thresholds: Mapping[str, Sequence[float]] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """`lare analyze halting`: Table 4 on `source` and its figure (``halting.png`` in `output`)."""
+    bench, samples, model, processor = source.load()
+    report = halting_analysis(
+        model, processor, bench, samples, num_latent_steps, thresholds, batch_size, max_new_tokens
+    )
+    report["figure"] = plot_halting(report, output / "halting.png")
+    return {**source.header(), **report}
 
 
 __all__ = ["default_thresholds", "halting_analysis", "latent_step_distances", "plot_halting"]

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..modeling.losses import mean_max_pool, symmetric_info_nce
-from .common import check_steps
+from .common import check_steps, load_model, pyplot, save_figure
 
 PROJECTION_DIM = 256
 NEGATIVE_KINDS = ("same_image", "same_question", "random")
@@ -334,6 +334,69 @@ def probing_analysis(
     return report
 
 
+def probe_records(
+    data: str, hops: Sequence[int] = (1, 2, 3, 4), limit: int | None = None, image_folder: str | None = None
+) -> list[dict[str, Any]]:
+    """The records `lare analyze probing` probes: from a RefocusChains JSONL file (rows with a ``board``) every board
+    asked with each of `hops`; otherwise reasoning records (`load_records`) with their rationales."""
+    from ..data.formats import load_records
+
+    path = Path(data)
+    if path.is_file() and path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "board" in row and "rationale" in row:
+            return refocus_chains_probe_records(path, hops, limit)
+    loaded = load_records(data, kind="reasoning", image_folder=image_folder)
+    count = len(loaded) if limit is None else min(len(loaded), limit)
+    return records_for_probing([loaded[i] for i in range(count)])
+
+
+def run(
+    model: str,
+    data: str,
+    output: Path,
+    baseline: str | None = None,
+    hops: Sequence[int] = (1, 2, 3, 4),
+    limit: int | None = None,
+    image_folder: str | None = None,
+    device: str | None = None,
+    num_latent_steps: int | None = None,
+    num_pairs: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """`lare analyze probing`: Table 6 for the checkpoint `model` and, when given, the `baseline` checkpoint (the
+    model without the Extractor), on `probe_records` of `data`, and their figure (``probing.png`` in `output`)."""
+    records = probe_records(data, hops, limit, image_folder)
+    reports = {}
+    for name, model_dir in (("lare", model), ("baseline", baseline)):
+        if model_dir is None:
+            continue
+        loaded, processor = load_model(model_dir, device)
+        reports[name] = probing_analysis(loaded, processor, records, num_latent_steps, num_pairs, seed, batch_size)
+        reports[name]["model"] = str(model_dir)
+    figure = plot_probing(
+        {
+            f"{Path(r['model']).name} ({'with' if r['use_extractor'] else 'w/o'} Extractor)": r
+            for r in reports.values()
+        },
+        output / "probing.png",
+    )
+    return {
+        "analysis": "probing",
+        "model": str(model),
+        "baseline_model": None if baseline is None else str(baseline),
+        "data": str(data),
+        **reports,
+        "figure": figure,
+    }
+
+
 __all__ = [
     "NEGATIVE_KINDS",
     "PROJECTION_DIM",
@@ -352,10 +415,7 @@ __all__ = [
 
 def plot_probing(reports: dict[str, dict[str, Any]], path: str | Path) -> str:
     """Grouped bars (Table 6): test accuracy of the SVM and MLP probes, latent-vision and latent-text, per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = [(modality, probe) for modality in ("vision", "text") for probe in ("svm", "mlp")]
     fig, axis = plt.subplots(figsize=(5.4, 3.4))
@@ -370,7 +430,4 @@ def plot_probing(reports: dict[str, dict[str, Any]], path: str | Path) -> str:
     axis.set_ylabel("probe test accuracy (%)")
     axis.set_title("Probing the latents (chance = 50%)", fontsize=9)
     axis.legend(fontsize=7, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

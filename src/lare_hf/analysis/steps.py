@@ -8,7 +8,7 @@ from typing import Any
 
 from ..evaluation.benchmarks import Benchmark, BenchmarkSample
 from ..evaluation.runner import generate_batched
-from .common import check_steps, mean_or_none
+from .common import AnalysisSource, check_steps, mean_or_none, pyplot, save_figure
 
 
 def score_generations(bench: Benchmark, samples: list[BenchmarkSample], generations: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +56,7 @@ def latent_steps_sweep(
 
 def plot_steps_sweep(report: dict[str, Any], path: str | Path, title: str | None = None) -> str:
     """Fig. 5-style PNG: accuracy (left axis) and average generated tokens (right axis) against K."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = report["rows"]
     ks = [row["num_latent_steps"] for row in rows]
@@ -73,10 +70,21 @@ def plot_steps_sweep(report: dict[str, Any], path: str | Path, title: str | None
     token_axis.plot(ks, tokens, "s--", color="tab:orange", label="generated tokens")
     token_axis.set_ylabel("generated tokens (mean)", color="tab:orange")
     accuracy_axis.set_title(title or f"Latent steps sweep ({report.get('benchmark', '')})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)
+
+
+def run(
+    source: AnalysisSource,
+    output: Path,
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """`lare analyze steps`: the sweep over K of `source` and its figure (``steps.png`` in `output`)."""
+    bench, samples, model, processor = source.load()
+    report = latent_steps_sweep(model, processor, bench, samples, steps, batch_size, max_new_tokens)
+    report["figure"] = plot_steps_sweep(report, output / "steps.png")
+    return {**source.header(), **report}
 
 
 __all__ = ["latent_steps_sweep", "plot_steps_sweep", "score_generations"]

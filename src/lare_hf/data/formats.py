@@ -35,15 +35,15 @@ Every record is normalised to one example structure::
 Records are validated when they are loaded -- fields, types, and every image is opened and verified -- so bad data
 shows up before training starts, never in the middle of it. Images are then decoded lazily, in `__getitem__`
 (so a large dataset does not sit in memory as decoded pixels); each call returns a fresh RGB `PIL.Image`.
+
+This module loads and validates whole files (`load_records`, `LaReRecords`); the rules for one record are in
+`lare_hf.data.records`, file and image reading in `lare_hf.data.files`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
-import re
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,306 +51,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ..processing.processing_lare import to_rgb
+from .files import (
+    ImageRef,
+    data_file_builder,
+    describe_image,
+    is_save_to_disk_folder,
+    load_data_files,
+    open_image,
+    verify_image,
+)
+from .records import (
+    IMAGE_TOKEN,
+    MalformedRecordError,
+    RecordProblem,
+    format_choices,
+    normalise_record,
+    question_with_choices,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-USER_ROLES = ("human", "user")
-ASSISTANT_ROLES = ("gpt", "assistant")
 CONVERSATION_COLUMNS = ("id", "image", "conversations", "rationale")
 REASONING_COLUMNS = ("id", "image", "question", "rationale", "answer", "choices")
-JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz", ".zst", ".zstd")
 _VERIFY_WORKERS = 8
 _MAX_REASONS_LOGGED = 5
 
 Kind = Literal["auto", "conversation", "reasoning"]
 OnError = Literal["raise", "skip"]
-
-
-class MalformedRecordError(ValueError):
-    """A record that cannot be used for training: names the source, the record index, the field and the fix."""
-
-    def __init__(self, source: str, index: int, field: str, reason: str, fix: str):
-        self.source, self.index, self.field, self.reason, self.fix = source, index, field, reason, fix
-        super().__init__(
-            f"{source}: record {index}: field {field!r}: {reason}. To fix: {fix}; or pass on_error='skip' to drop "
-            "malformed records (they are counted and logged)."
-        )
-
-
-class _Problem(Exception):
-    """Internal: what is wrong with one record (turned into MalformedRecordError or a skip reason)."""
-
-    def __init__(self, field: str, reason: str, fix: str):
-        super().__init__(f"field {field!r}: {reason}")
-        self.field, self.reason, self.fix = field, reason, fix
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# images
-
-
-def _resolve_image(value: Any, root: Path | None) -> tuple[str, Any] | None:
-    """Image reference -> ("path", Path) | ("bytes", bytes) | ("pil", Image) | None (no image)."""
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        return ("pil", value)
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if not text.strip():
-            return None
-        path = Path(text).expanduser()
-        if not path.is_absolute():
-            path = (root if root is not None else Path.cwd()) / path
-        return ("path", path)
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        if value.get("bytes") is not None:
-            if not isinstance(value["bytes"], (bytes, bytearray)):
-                raise _Problem(
-                    "image", f"'bytes' is a {type(value['bytes']).__name__}", "store the encoded file bytes"
-                )
-            return ("bytes", bytes(value["bytes"]))
-        return _resolve_image(value.get("path"), root)
-    if isinstance(value, (list, tuple)):
-        if len(value) == 1:
-            return _resolve_image(value[0], root)
-        if len(value) == 0:
-            return None
-        raise _Problem("image", f"has {len(value)} images", "give one image per record (multi-image is not supported)")
-    raise _Problem(
-        "image",
-        f"has type {type(value).__name__}",
-        "use a path string, a {'bytes': ..., 'path': ...} dict or a datasets Image() column",
-    )
-
-
-def _describe(ref: tuple[str, Any]) -> str:
-    kind, value = ref
-    return f"image file {value}" if kind == "path" else "embedded image bytes" if kind == "bytes" else "PIL image"
-
-
-def _verify_image(ref: tuple[str, Any]) -> str | None:
-    """Open and verify an image; returns the reason it is unusable, or None when it is fine."""
-    kind, value = ref
-    if kind == "pil":
-        return None
-    if kind == "path" and not value.is_file():
-        return f"image file {value} does not exist"
-    try:
-        with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
-            image.verify()
-    except Exception as error:  # noqa: BLE001  (PIL raises many types for broken files)
-        return f"cannot read {_describe(ref)}: {type(error).__name__}: {error}"
-    return None
-
-
-def _load_image(ref: tuple[str, Any]) -> Image.Image:
-    kind, value = ref
-    if kind == "pil":
-        return to_rgb(value)
-    with Image.open(value if kind == "path" else io.BytesIO(value)) as image:
-        image.load()
-        return to_rgb(image)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# normalisation of one record
-
-
-def _text_field(row: dict, name: str, required: bool, allow_numbers: bool = False) -> str | None:
-    value = row.get(name)
-    if value is None:
-        if required:
-            raise _Problem(name, "is missing", f"add a non-empty string {name!r} to the record")
-        return None
-    if allow_numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise _Problem(name, f"has type {type(value).__name__}, expected a string", f"store {name!r} as a string")
-    if not value.strip():
-        if required:
-            raise _Problem(name, "is empty", f"give {name!r} a non-empty string")
-        return None
-    return value
-
-
-def _user_content(text: str, image_here: bool, turn: int) -> list[dict]:
-    """Content parts of a user turn; `<image>` decides where the image part goes (default: before the text)."""
-    count = text.count(IMAGE_TOKEN)
-    if count > 1:
-        raise _Problem(
-            f"conversations[{turn}].value",
-            f"has {count} {IMAGE_TOKEN} tokens",
-            "keep one <image> token (multi-image records are not supported)",
-        )
-    if count == 0:
-        parts = [{"type": "image"}] if image_here else []
-        return parts + [{"type": "text", "text": text}]
-    before, after = text.split(IMAGE_TOKEN)
-    before, after = before.rstrip(), after.lstrip()
-    parts = [{"type": "text", "text": before}] if before else []
-    parts.append({"type": "image"})
-    if after:
-        parts.append({"type": "text", "text": after})
-    return parts
-
-
-def _turns(value: Any) -> list[dict]:
-    if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
-        # datasets' `Sequence(dict)` feature gives a dict of lists
-        keys = list(value)
-        value = [dict(zip(keys, items)) for items in zip(*value.values())] if keys else []
-    if not isinstance(value, list):
-        raise _Problem("conversations", f"has type {type(value).__name__}, expected a list of turns", "store a list")
-    turns = []
-    for i, turn in enumerate(value):
-        if not isinstance(turn, dict):
-            raise _Problem(f"conversations[{i}]", f"is a {type(turn).__name__}", 'use {"from": ..., "value": ...}')
-        role = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
-        if role not in USER_ROLES + ASSISTANT_ROLES:
-            raise _Problem(
-                f"conversations[{i}].from",
-                f"has role {role!r}",
-                "use 'human'/'user' or 'gpt'/'assistant'",
-            )
-        if not isinstance(text, str):
-            raise _Problem(
-                f"conversations[{i}].value",
-                "is missing" if text is None else f"has type {type(text).__name__}, expected a string",
-                "give every turn a string 'value'",
-            )
-        turns.append({"role": "user" if role in USER_ROLES else "assistant", "text": text})
-    return turns
-
-
-def _normalise_conversation(row: dict, has_image: bool) -> dict:
-    if row.get("conversations") is None:
-        raise _Problem("conversations", "is missing", "add a list of human/gpt turns ending with a gpt turn")
-    turns = _turns(row["conversations"])
-    if not turns:
-        raise _Problem("conversations", "is empty", "add human/gpt turns ending with a gpt turn")
-    if not any(t["role"] == "user" for t in turns):
-        raise _Problem("conversations", "has no human turn", "add a human turn before the gpt answer")
-    if turns[0]["role"] != "user":
-        raise _Problem("conversations[0].from", "is not a human turn", "start the conversation with a human turn")
-    if turns[-1]["role"] != "assistant":
-        raise _Problem(
-            f"conversations[{len(turns) - 1}].from",
-            "the conversation does not end with a gpt turn",
-            "end it with the gpt answer to train on (drop trailing human turns)",
-        )
-    if not turns[-1]["text"].strip():
-        raise _Problem(f"conversations[{len(turns) - 1}].value", "the final gpt answer is empty", "give an answer")
-    marked = [i for i, t in enumerate(turns) if IMAGE_TOKEN in t["text"]]
-    for i in marked:
-        if turns[i]["role"] != "user":
-            raise _Problem(f"conversations[{i}].value", f"a gpt turn has {IMAGE_TOKEN}", "put <image> in a human turn")
-    if len(marked) > 1:
-        raise _Problem(
-            f"conversations[{marked[1]}].value",
-            f"{IMAGE_TOKEN} appears in several turns",
-            "keep one <image> token (multi-image records are not supported)",
-        )
-    if marked and not has_image:
-        raise _Problem(
-            "image",
-            f"is missing but conversations[{marked[0]}] has {IMAGE_TOKEN}",
-            "add the record's image, or remove the <image> token for a text-only record",
-        )
-    image_turn = (marked[0] if marked else 0) if has_image else None
-    messages = []
-    for i, turn in enumerate(turns[:-1]):
-        if turn["role"] == "user":
-            messages.append({"role": "user", "content": _user_content(turn["text"], i == image_turn, i)})
-        else:
-            messages.append({"role": "assistant", "content": turn["text"]})
-    return {
-        "messages": messages,
-        "answer": turns[-1]["text"],
-        "rationale": _text_field(row, "rationale", required=False),
-    }
-
-
-def _choice_items(choices: Any) -> list[tuple[str, str]]:
-    """(letter, text) pairs of a list (lettered A, B, ...) or a {letter: text} dict of options."""
-    if isinstance(choices, dict):
-        items = [(str(key), value) for key, value in choices.items() if value is not None]
-    elif isinstance(choices, (list, tuple)):
-        items = [(chr(ord("A") + i), value) for i, value in enumerate(choices)]
-    else:
-        raise _Problem("choices", f"has type {type(choices).__name__}", "store a list of option strings")
-    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for _, v in items):
-        raise _Problem("choices", "holds non-string options", "store a list of option strings")
-    return [(letter, str(value)) for letter, value in items]
-
-
-def format_choices(choices: Any) -> str:
-    """Multiple-choice options as appended to a reasoning question: "Options:\nA. ...\nB. ..."."""
-    try:
-        items = _choice_items(choices)
-    except _Problem as problem:
-        raise TypeError(f"choices {problem.reason}") from None
-    return "Options:\n" + "\n".join(f"{letter}. {text}" for letter, text in items)
-
-
-def _question_lists_choices(question: str, items: list[tuple[str, str]]) -> bool:
-    """Whether the question already spells out every option with its letter ("A. red", "(A) red", "A) red", ...)."""
-    return all(
-        re.search(rf"(?<![A-Za-z0-9])\(?{re.escape(letter)}[.):]\s*{re.escape(text)}", question)
-        for letter, text in items
-    )
-
-
-def _normalise_reasoning(row: dict, has_image: bool) -> dict:
-    question = _text_field(row, "question", required=True)
-    answer = _text_field(row, "answer", required=True, allow_numbers=True)
-    rationale = _text_field(row, "rationale", required=False)
-    if not has_image:
-        raise _Problem("image", "is missing", "add the record's image (reasoning records need one)")
-    choices = row.get("choices")
-    if choices is not None:
-        items = _choice_items(choices)
-        # Questions that already spell their options out (as Vision-R1's do) are left as they are.
-        if items and not _question_lists_choices(question, items):
-            question = f"{question.rstrip()}\n{format_choices(choices)}"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return {"messages": messages, "answer": answer, "rationale": rationale}
-
-
-def _check_inside(path: Path, confine_to: Path) -> None:
-    """An image path of a dataset must resolve inside its image folder (symlinks followed), so that a dataset
-    cannot make training read arbitrary files of the machine."""
-    resolved, folder = path.resolve(), confine_to.resolve()
-    if resolved != folder and folder not in resolved.parents:
-        raise _Problem(
-            "image",
-            f"path {str(path)!r} resolves to {resolved}, outside the image folder {folder}",
-            "keep the images under that folder, give the folder that holds them (image_folder=... / --image_folder), "
-            "or, if you trust this dataset, allow_images_outside_root=True (--allow_images_outside_root True)",
-        )
-
-
-def _normalise(
-    row: dict, kind: str, root: Path | None, confine_to: Path | None = None
-) -> tuple[dict, tuple[str, Any] | None]:
-    """One raw record -> (example without the decoded image, image reference); raises _Problem. With
-    `confine_to`, an image path must resolve inside that folder."""
-    ref = _resolve_image(row.get("image"), root)
-    if ref is not None and ref[0] == "path" and confine_to is not None:
-        _check_inside(ref[1], confine_to)
-    if kind == "conversation":
-        example = _normalise_conversation(row, ref is not None)
-    else:
-        example = _normalise_reasoning(row, ref is not None)
-    return example, ref
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,13 +137,17 @@ class LaReRecords(Dataset):
         row = self.dataset[index]
         source_index = self.source_indices[index]
         try:
-            example, ref = _normalise(row, self.kind, self.image_root, self.confine_to)
-            image = _load_image(ref) if ref is not None else None
-        except _Problem as problem:
+            example, ref = normalise_record(row, self.kind, self.image_root, self.confine_to)
+            image = open_image(ref) if ref is not None else None
+        except RecordProblem as problem:
             raise MalformedRecordError(self.source, source_index, problem.field, problem.reason, problem.fix) from None
         except Exception as error:  # noqa: BLE001  (an image that verified but does not decode, e.g. truncated)
             raise MalformedRecordError(
-                self.source, source_index, "image", f"cannot decode {_describe(ref)}: {error}", "replace the image"
+                self.source,
+                source_index,
+                "image",
+                f"cannot decode {describe_image(ref)}: {error}",
+                "replace the image",
             ) from error
         example["image"] = image
         example["id"] = _record_id(row, self.source, source_index)
@@ -482,7 +215,7 @@ def _iter_batches(ds: datasets.Dataset, columns: tuple[str, ...], batch_size: in
         yield [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
-def _image_fix(ref: tuple[str, Any], image_root: Path | None) -> str:
+def _image_fix(ref: ImageRef, image_root: Path | None) -> str:
     if ref[0] != "path":
         return "replace the embedded image"
     root = image_root if image_root is not None else Path.cwd()
@@ -490,6 +223,46 @@ def _image_fix(ref: tuple[str, Any], image_root: Path | None) -> str:
         f"fix the image path (relative paths are resolved against image_folder={str(root)!r}; pass "
         "image_folder=... if the images live elsewhere)"
     )
+
+
+def _check_batch(
+    rows: list[dict],
+    start: int,
+    kind: str,
+    image_root: Path | None,
+    confine_to: Path | None,
+    pool: ThreadPoolExecutor,
+    path_verdicts: dict[Path, str | None],
+) -> tuple[list[tuple[int, dict, ImageRef | None]], list[tuple[int, RecordProblem]]]:
+    """Normalise a batch of raw rows (numbered from `start`) and verify their images, on `pool`, each image file once
+    (`path_verdicts` remembers them across batches): ((index, example, image reference) of the good rows, (index,
+    problem) of the others)."""
+    problems: list[tuple[int, RecordProblem]] = []
+    candidates: list[tuple[int, dict, ImageRef | None]] = []
+    for offset, row in enumerate(rows):
+        try:
+            example, ref = normalise_record(row, kind, image_root, confine_to)
+        except RecordProblem as problem:
+            problems.append((start + offset, problem))
+            continue
+        candidates.append((start + offset, example, ref))
+    new_paths = list({ref[1] for _, _, ref in candidates if ref is not None and ref[0] == "path"})
+    new_paths = [path for path in new_paths if path not in path_verdicts]
+    path_verdicts.update(zip(new_paths, pool.map(verify_image, [("path", p) for p in new_paths])))
+    embedded = [(index, ref) for index, _, ref in candidates if ref is not None and ref[0] == "bytes"]
+    embedded_verdicts = dict(zip((i for i, _ in embedded), pool.map(verify_image, (r for _, r in embedded))))
+    good = []
+    for index, example, ref in candidates:
+        reason = None
+        if ref is not None and ref[0] == "path":
+            reason = path_verdicts[ref[1]]
+        elif ref is not None and ref[0] == "bytes":
+            reason = embedded_verdicts[index]
+        if reason is not None:
+            problems.append((index, RecordProblem("image", reason, _image_fix(ref, image_root))))
+        else:
+            good.append((index, example, ref))
+    return good, problems
 
 
 def _build_records(
@@ -520,29 +293,8 @@ def _build_records(
     start = 0
     with ThreadPoolExecutor(max_workers=_VERIFY_WORKERS) as pool:  # image checks are mostly file I/O
         for rows in _iter_batches(ds, columns, batch_size):
-            problems: list[tuple[int, _Problem]] = []
-            candidates: list[tuple[int, dict, tuple[str, Any] | None]] = []
-            for offset, row in enumerate(rows):
-                try:
-                    example, ref = _normalise(row, kind, image_root, confine_to)
-                except _Problem as problem:
-                    problems.append((start + offset, problem))
-                    continue
-                candidates.append((start + offset, example, ref))
-            new_paths = list({ref[1] for _, _, ref in candidates if ref is not None and ref[0] == "path"})
-            new_paths = [path for path in new_paths if path not in path_verdicts]
-            path_verdicts.update(zip(new_paths, pool.map(_verify_image, [("path", p) for p in new_paths])))
-            embedded = [(index, ref) for index, _, ref in candidates if ref is not None and ref[0] == "bytes"]
-            embedded_verdicts = dict(zip((i for i, _ in embedded), pool.map(_verify_image, (r for _, r in embedded))))
-            for index, example, ref in candidates:
-                reason = None
-                if ref is not None and ref[0] == "path":
-                    reason = path_verdicts[ref[1]]
-                elif ref is not None and ref[0] == "bytes":
-                    reason = embedded_verdicts[index]
-                if reason is not None:
-                    problems.append((index, _Problem("image", reason, _image_fix(ref, image_root))))
-                    continue
+            good, problems = _check_batch(rows, start, kind, image_root, confine_to, pool, path_verdicts)
+            for index, example, ref in good:
                 valid.append(index)
                 if example["rationale"] is None:
                     rationale_missing.append(index)
@@ -608,23 +360,11 @@ def _select_split(obj: datasets.Dataset | datasets.DatasetDict, split: str | Non
     return obj
 
 
-def _file_builder(path: Path) -> str | None:
-    name = path.name.lower()
-    for compression in COMPRESSION_SUFFIXES:
-        if any(name.endswith(suffix + compression) for suffix in JSON_SUFFIXES):
-            return "json"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(".arrow"):
-        return "arrow"
-    return None
-
-
 def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
     """The raw `datasets.Dataset` of a JSON / JSONL / parquet file or a save_to_disk folder (no validation)."""
     file = Path(path).expanduser()
     if file.is_dir():
-        if not any((file / marker).is_file() for marker in ("dataset_dict.json", "state.json", "dataset_info.json")):
+        if not (is_save_to_disk_folder(file) or (file / "dataset_info.json").is_file()):
             raise ValueError(
                 f"{path} is a folder but not one written by save_to_disk (no state.json / dataset_dict.json). "
                 "Pass a JSON, JSONL or parquet file, or a save_to_disk folder."
@@ -637,20 +377,12 @@ def read_dataset(path: str, split: str | None = None) -> datasets.Dataset:
         raise FileNotFoundError(f"Training data {path} does not exist.")
     if file.stat().st_size == 0:
         raise ValueError(f"{path} is empty (0 bytes): it holds no records.")
-    builder = _file_builder(file)
-    if builder is None:
+    if data_file_builder(file) not in ("json", "parquet", "arrow"):
         raise ValueError(
             f"Cannot tell the format of {path} from its extension: use .json (a list of records), .jsonl, "
             ".parquet, or a save_to_disk folder."
         )
-    try:
-        if builder == "arrow":
-            return datasets.Dataset.from_file(str(file))
-        return datasets.load_dataset(builder, data_files=str(file), split=split or "train")
-    except Exception as error:
-        if "corresponds to no data" in str(error):  # datasets' message for a file without records
-            raise ValueError(f"{path} has no records; add at least one record.") from error
-        raise ValueError(f"Could not read {path} as {builder}: {type(error).__name__}: {error}") from error
+    return load_data_files([file], path, split=split or "train")
 
 
 class MalformedLineError(ValueError):
@@ -772,6 +504,7 @@ __all__ = [
     "MalformedRecordError",
     "detect_kind",
     "format_choices",
+    "question_with_choices",
     "load_records",
     "read_dataset",
     "records_from_dataset",

@@ -51,7 +51,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 GRID = 3
 CELL_SIZE = 8
-IMAGE_SIZE = GRID * CELL_SIZE
 LAYOUTS = ("fixed", "random")
 STARTS = ("top_left", "random")
 MAX_HOPS = 8  # a 9-cycle revisits its start after 9 hops
@@ -360,6 +359,24 @@ def window_hits(
     return hits
 
 
+def window_hit_rates_by_step(
+    windows: Sequence[Sequence[Sequence[int]]], visited_cells: Sequence[Sequence[Sequence[int]]], window_size: int
+) -> dict[str, Any]:
+    """`window_hits` over samples (per sample: its windows `[K, 2]` and the cells its reasoning steps read), in
+    percent: ``window_hit_rate`` over every reasoning step (None without any), ``window_hit_rate_by_step`` {k: rate}
+    and ``num_samples_by_step`` {k: reasoning steps k counted}."""
+    by_step: dict[int, list[bool]] = {}
+    for sample_windows, cells in zip(windows, visited_cells):
+        for k, hit in enumerate(window_hits(sample_windows, cells, window_size)):
+            by_step.setdefault(k + 1, []).append(hit)
+    hits = [hit for values in by_step.values() for hit in values]
+    return {
+        "window_hit_rate": 100.0 * (sum(hits) / len(hits)) if hits else None,
+        "window_hit_rate_by_step": {k: 100.0 * (sum(v) / len(v)) for k, v in sorted(by_step.items())},
+        "num_samples_by_step": {k: len(v) for k, v in sorted(by_step.items())},
+    }
+
+
 __all__ = [
     "CAPTION_QUESTION",
     "UNIFORM_CAPTION_QUESTION",
@@ -367,7 +384,6 @@ __all__ = [
     "COLOURS",
     "COLOUR_NAMES",
     "GRID",
-    "IMAGE_SIZE",
     "LAYOUTS",
     "MAX_HOPS",
     "QUESTION_TEMPLATE",
@@ -381,6 +397,7 @@ __all__ = [
     "render_board",
     "sample_board",
     "verify_held_out",
+    "window_hit_rates_by_step",
     "window_hits",
     "write_refocus_chains",
 ]

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -496,13 +495,6 @@ def write_refocus_shapes(
     return paths
 
 
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of an image (what the datasets Image() feature stores for a generated record)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # held-out checks
 
@@ -566,7 +558,6 @@ __all__ = [
     "SHAPES",
     "TRAIN_COMBOS",
     "digit_pool",
-    "encode_png",
     "generate_refocus_shapes",
     "generate_split",
     "load_digit_images",

@@ -1,5 +1,8 @@
 """Evaluation benchmarks: loaders for local copies of MMBench, MMStar, MMVP, ScienceQA (image subset), POPE and the
-synthetic RefocusShapes, their standard prompts, answer extraction and scoring.
+synthetic RefocusShapes and RefocusChains, their standard prompts, answer extraction and scoring, and the registry
+(`get_benchmark`). The pieces live in their own modules and are re-exported here: `base` (`Benchmark`,
+`BenchmarkSample`), `answers` (answer extraction, value coercion), `metrics`, and `lare_hf.data.files` (the file
+and image reader training shares).
 
 Everything is read from LOCAL files in the public Hub layouts used by lmms-eval / VLMEvalKit; nothing is downloaded.
 A path may be a parquet / JSON / JSONL / CSV / TSV / arrow file, a glob pattern, a folder of such files (as a Hub
@@ -50,733 +53,35 @@ RefocusShapes: the question as written in the record (the same text training see
 
 from __future__ import annotations
 
-import base64
-import binascii
-import glob
-import io
 import json
-import math
-import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import datasets
-from PIL import Image
+from ..data.files import load_image, read_table
+from ..data.records import question_with_choices
+from .answers import (
+    OPTION_LETTERS,
+    answer_segments,
+    as_int,
+    as_letter,
+    as_text,
+    clean_generation,
+    colour_in,
+    extract_choice,
+    extract_free_form,
+    extract_number,
+    extract_yes_no,
+    is_missing,
+    normalize_text,
+    options_prompt,
+    parse_inline_options,
+    parse_mmvp_options,
+)
+from .base import MC_POST_PROMPT, POPE_ORIGINAL_POST_PROMPT, SHORT_ANSWER_POST_PROMPT, Benchmark, BenchmarkSample
+from .metrics import accuracy_by, pair_accuracy, percent, yes_no_metrics
 
-MC_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-SHORT_ANSWER_POST_PROMPT = "\nAnswer the question using a single word or phrase."
-POPE_ORIGINAL_POST_PROMPT = " Please answer this question with one word."
 CIRCULAR_MODULUS = 1_000_000
-OPTION_LETTERS = "ABCDEFGH"
-
-_DATA_SUFFIXES = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".arrow": "arrow",
-}
-_SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
-_NUMBER_WORDS = {
-    w: str(i)
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen twenty".split()
-    )
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# samples and images
-
-
-def load_image(value: Any, root: str | os.PathLike | None = None) -> Image.Image | None:
-    """A fresh RGB image from a PIL image, encoded bytes, a path (relative to `root`), a ``{"bytes", "path"}``
-    dict, a base64 string, or a zero-argument callable returning any of these; None for a missing image."""
-    if callable(value) and not isinstance(value, Image.Image):
-        value = value()
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        return value if value.mode == "RGB" else value.convert("RGB")
-    if isinstance(value, (bytes, bytearray)):
-        with Image.open(io.BytesIO(value)) as image:
-            return image.convert("RGB")
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return load_image(value["bytes"], root)
-        return load_image(value.get("path"), root)
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if not text.strip():
-            return None
-        path = Path(text).expanduser()
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
-        if _is_file(path):
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        decoded = _maybe_base64(text)
-        if decoded is not None:
-            return load_image(decoded)
-        raise FileNotFoundError(f"Image {path} does not exist (pass image_folder= to resolve relative paths).")
-    raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
-
-
-_IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a base64 string far longer than any file name
-        return False
-
-
-def _maybe_base64(text: str) -> bytes | None:
-    """Decoded bytes when `text` is a base64-encoded image (as VLMEvalKit TSVs store them), else None."""
-    if len(text) < 32 or not re.fullmatch(r"[A-Za-z0-9+/=\s]+", text[:256]):
-        return None
-    try:
-        data = base64.b64decode(text, validate=False)
-    except (binascii.Error, ValueError):
-        return None
-    return data if data.startswith(_IMAGE_SIGNATURES) else None
-
-
-@dataclass(eq=False)
-class BenchmarkSample:
-    """One evaluation item.
-
-    ``image`` is decoded on access (a fresh RGB `PIL.Image` each time, so a large benchmark does not sit in memory as
-    pixels); it may be set to a PIL image, bytes, a path, a ``{"bytes", "path"}`` dict or a zero-argument callable.
-    ``answer`` is the gold answer in extracted form (an option letter, "yes"/"no", or the normalised free-form text);
-    ``choices`` maps option letters to option texts for multiple-choice items; ``meta`` keeps benchmark fields
-    (index, l2-category, pair ids, ...); ``image_root`` resolves a relative image path.
-    """
-
-    id: str
-    image: Image.Image | None = field(repr=False)
-    prompt: str
-    answer: str
-    choices: dict[str, str] | None = None
-    category: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict, repr=False)
-    image_root: str | os.PathLike | None = field(default=None, repr=False)
-
-
-def _get_image(self: BenchmarkSample) -> Image.Image | None:
-    return load_image(self.__dict__.get("_image_source"), self.image_root)
-
-
-def _set_image(self: BenchmarkSample, value: Any) -> None:
-    self.__dict__["_image_source"] = value
-
-
-BenchmarkSample.image = property(_get_image, _set_image, doc=BenchmarkSample.__doc__)  # type: ignore[assignment]
-
-
-class _RowImage:
-    """Lazy image of row `index` of a (memory-mapped) single-column dataset."""
-
-    __slots__ = ("dataset", "column", "index")
-
-    def __init__(self, dataset: datasets.Dataset, column: str, index: int):
-        self.dataset, self.column, self.index = dataset, column, index
-
-    def __call__(self) -> Any:
-        return self.dataset[self.index][self.column]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading files
-
-
-def _split_matches(file: Path, split: str) -> bool:
-    name = file.name.lower()
-    split = split.lower()
-    return (
-        name.startswith(f"{split}-")
-        or name.startswith(f"{split}.")
-        or name.startswith(f"{split}_")
-        or any(part.lower() == split for part in file.parent.parts[-2:])
-    )
-
-
-def _one_folder(files: list[Path], source: str) -> list[Path]:
-    folders = sorted({str(f.parent) for f in files})
-    if len(folders) > 1:
-        raise ValueError(
-            f"{source}: data files in several folders {folders[:6]} (e.g. several languages or configurations); "
-            "pass the folder (or file) of the one to evaluate."
-        )
-    return files
-
-
-def _load_files(files: list[Path], source: str) -> datasets.Dataset:
-    builders = {_DATA_SUFFIXES.get(f.suffix.lower()) for f in files}
-    if len(builders) != 1 or None in builders:
-        raise ValueError(f"{source}: cannot mix or recognise data file types {sorted(str(f) for f in files)[:5]}.")
-    builder = builders.pop()
-    try:
-        if builder == "arrow":
-            return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-        kwargs = {"delimiter": "\t"} if all(f.suffix.lower() == ".tsv" for f in files) else {}
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-    except Exception as error:
-        raise ValueError(f"Could not read {source} as {builder}: {type(error).__name__}: {error}") from error
-
-
-def read_table(
-    path: str | os.PathLike, split: str | None = None, default_split: str | None = None
-) -> tuple[datasets.Dataset, Path]:
-    """The raw `datasets.Dataset` behind `path` and the default folder for relative image paths.
-
-    `split` picks a split of a saved DatasetDict or, in a folder of data files, the files named ``<split>-*`` /
-    ``<split>.*`` or lying in a ``<split>/`` folder; `default_split` is tried when `split` is None.
-    """
-    source = os.fspath(path)
-    target = Path(source).expanduser()
-    if any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
-        if not files:
-            raise FileNotFoundError(f"No files match {source}.")
-        return _load_files(files, source), files[0].parent
-    if target.is_dir():
-        if any((target / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
-            obj = datasets.load_from_disk(str(target))
-            if isinstance(obj, datasets.DatasetDict):
-                names = list(obj)
-                chosen = split or (default_split if default_split in obj else None)
-                if chosen is None and len(names) == 1:
-                    chosen = names[0]
-                if chosen not in obj:
-                    raise ValueError(f"{source} holds splits {names}; pass split= with one of them.")
-                return obj[chosen], target.parent
-            return obj, target.parent
-        files = sorted(f for f in target.rglob("*") if f.is_file() and f.suffix.lower() in _DATA_SUFFIXES)
-        files = [f for f in files if not any(p.startswith(".") for p in f.relative_to(target).parts)]
-        if not files:
-            raise FileNotFoundError(
-                f"{source} is a folder without data files (.parquet, .json, .jsonl, .csv, .tsv, .arrow) and is not a "
-                "save_to_disk folder."
-            )
-        for wanted in (split, default_split):
-            if wanted:
-                picked = [f for f in files if _split_matches(f, wanted)]
-                if picked:
-                    return _load_files(_one_folder(picked, source), source), target
-                if wanted == split:
-                    raise ValueError(
-                        f"{source}: no data file for split {split!r} (looked for {split}-*, {split}.* or a {split}/ "
-                        f"folder) among {[str(f.relative_to(target)) for f in files][:10]}."
-                    )
-        return _load_files(_one_folder(files, source), source), target
-    if not target.is_file():
-        raise FileNotFoundError(f"Benchmark data {source} does not exist.")
-    if target.suffix.lower() not in _DATA_SUFFIXES:
-        raise ValueError(
-            f"Cannot tell the format of {source}: use .parquet, .json, .jsonl, .csv, .tsv, .arrow, a folder of such "
-            "files, or a save_to_disk folder."
-        )
-    return _load_files([target], source), target.parent
-
-
-def _check_paths(values: list[str | None], validity: list[bool], root: Path, source: str) -> None:
-    """Image paths must exist (checked at load time, so a wrong image_folder fails before generation starts)."""
-    missing = []
-    for value, valid in zip(values, validity):
-        if valid:
-            path = Path(value).expanduser()
-            if not _is_file(path if path.is_absolute() else root / path) and not _maybe_base64(value):
-                missing.append(value[:200])
-    if missing:
-        raise FileNotFoundError(
-            f"{source}: {len(missing)} image file(s) not found under {root}, e.g. {missing[:3]}; pass image_folder= "
-            "(the folder relative image paths start from)."
-        )
-
-
-def _image_validity(ds: datasets.Dataset, column: str) -> list[bool]:
-    """Whether each row has an image, read at the arrow level (no decoding, no copying of image bytes)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    flags: list[bool] = []
-    for table in ds.select_columns([column]).with_format("arrow").iter(batch_size=1024):
-        col = table.column(0)
-        if pa.types.is_struct(col.type):
-            names = [col.type.field(i).name for i in range(col.type.num_fields)]
-            valid = pc.is_valid(col)
-            has = None
-            if "bytes" in names:
-                has = pc.is_valid(pc.struct_field(col, "bytes"))
-            if "path" in names:
-                p = pc.struct_field(col, "path")
-                has_path = pc.fill_null(pc.and_(pc.is_valid(p), pc.not_equal(p, "")), False)
-                has = has_path if has is None else pc.or_(has, has_path)
-            valid = pc.and_(valid, has) if has is not None else valid
-        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            valid = pc.fill_null(pc.and_(pc.is_valid(col), pc.not_equal(pc.utf8_trim_whitespace(col), "")), False)
-        else:
-            valid = pc.is_valid(col)
-        flags.extend(bool(v) for v in pc.fill_null(valid, False).to_pylist())
-    return flags
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# answer extraction
-
-
-def _clean(text: Any) -> str:
-    """Generated text without reasoning tags, special tokens and markdown emphasis; spaces collapsed."""
-    if text is None:
-        return ""
-    text = str(text)
-    lowered = text.lower()
-    if "</think>" in lowered:
-        text = text[lowered.rfind("</think>") + len("</think>") :]
-    text = re.sub(r"<\|[^|>]*\|>|</?s>|<[^>\s]*answer>", " ", text)
-    text = text.replace("**", " ").replace("__", " ").replace("`", " ")
-    return re.sub(r"[ \t\r\f\v]+", " ", text).strip()
-
-
-def normalize_text(text: Any) -> str:
-    """Lower case, punctuation to spaces, articles dropped, whitespace collapsed (for free-form matching)."""
-    words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
-    return " ".join(w for w in words if w not in ("a", "an", "the"))
-
-
-def _norm_option(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
-
-
-_ANSWER_RE = re.compile(r"\banswer\b\s*(?:\bis\b|:|=)\s*:?\s*(?:(?:option|choice)\s+)?", re.IGNORECASE)
-_NOT_ARTICLE_NEXT = {"or", "and", "nor", "vs", "versus", "is", "seems", "would", "should", "might"}
-
-
-def _answer_segments(text: str) -> list[str]:
-    """Texts following "answer is" / "answer:" phrases, last first (a final answer after a rationale wins)."""
-    segments = []
-    for match in reversed(list(_ANSWER_RE.finditer(text))):
-        segment = text[match.end() :].split("\n")[0].strip()
-        if segment:
-            segments.append(segment)
-    return segments
-
-
-def _first_sentence(text: str) -> str:
-    return re.split(r"(?<=[.!?;])\s", text, maxsplit=1)[0]
-
-
-def _choice_in(segment: str, letters: set[str], choices: dict[str, str]) -> str | None:
-    """Letter found in `segment`; "" when ambiguous or an invalid letter; None when nothing was found."""
-    s = segment.strip().strip("*_\"'` ")
-    if not s:
-        return None
-    whole = re.fullmatch(r"[(\[]?([A-Za-z])[)\]]?[.:,;!]?", s)
-    if whole:
-        letter = whole.group(1).upper()
-        return letter if letter in letters else ""
-    lead = re.match(r"[(\[]([A-Za-z])[)\]]|([A-Za-z])[.:)](?=\s|$)", s)
-    if lead:
-        letter = (lead.group(1) or lead.group(2)).upper()
-        if letter in letters:
-            return letter
-    tokens = s.split()
-    found: set[str] = set()
-    for k, token in enumerate(tokens):
-        core = token.strip(".,:;!?\"'*")
-        m = re.fullmatch(r"[(\[]([A-Za-z])[)\]]|([A-Z])", core)
-        if not m:
-            continue
-        letter = (m.group(1) or m.group(2)).upper()
-        if letter not in letters:
-            continue
-        if m.group(2) == "A" and core == token and k + 1 < len(tokens):
-            nxt = tokens[k + 1]
-            if nxt[:1].islower() and nxt.strip(".,:;!?").lower() not in _NOT_ARTICLE_NEXT:
-                continue  # "A dog ..." -- an article, not option A
-        found.add(letter)
-    if len(found) == 1:
-        return found.pop()
-    if len(found) > 1:
-        return ""
-    if choices:
-        norm = _norm_option(s)
-        hits = []
-        for letter, option in choices.items():
-            option_norm = _norm_option(option)
-            if option_norm and re.search(rf"(?<!\w){re.escape(option_norm)}(?!\w)", norm):
-                hits.append(letter)
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            exact = [h for h in hits if _norm_option(choices[h]) == norm]
-            if len(exact) == 1:
-                return exact[0]
-            longest = max(hits, key=lambda h: len(_norm_option(choices[h])))
-            if all(_norm_option(choices[h]) in _norm_option(choices[longest]) for h in hits):
-                return longest
-            return ""
-    return None
-
-
-def extract_choice(text: Any, choices: dict[str, str] | Sequence[str] | str | None = None) -> str:
-    """The option letter a generated text picks, or "" when none can be told (nothing found, or ambiguous).
-
-    `choices`: {letter: option text}, a list of option texts (lettered A, B, ...), or just the valid letters
-    ("ABCD", the default). Handles "B", "(B)", "b.", "B. cat", "b) Closed", "The answer is B.", "Answer: (c)",
-    a rationale followed by "so the answer is C", and an option's text without its letter ("Closed").
-    "A or B" and texts naming several options are ambiguous -> "".
-    """
-    if isinstance(choices, str):
-        options: dict[str, str] = {}
-        letters = {c.upper() for c in choices}
-    else:
-        if choices is not None and not isinstance(choices, dict):
-            choices = {OPTION_LETTERS[i]: str(c) for i, c in enumerate(choices)}
-        options = {str(k).upper(): str(v) for k, v in (choices or {}).items() if v is not None}
-        letters = set(options) or set("ABCD")
-    text = _clean(text)
-    if not text:
-        return ""
-    for segment in _answer_segments(text):
-        for part in (_first_sentence(segment), segment):
-            found = _choice_in(part, letters, options)
-            if found is not None:
-                return found
-    found = _choice_in(text, letters, options)
-    return found or ""
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
-
-
-def extract_yes_no(text: Any, strict: bool = False) -> str:
-    """ "yes" / "no" from a generated text.
-
-    A leading yes/no word (or one right after "the answer is") decides. Otherwise, as in the official POPE script,
-    the first sentence is read: "no", "not" or a "n't" word -> "no", anything else -> "yes". With ``strict=True``
-    (RefocusShapes) a text must contain exactly one of the words yes / no, else "" (unanswered). Empty text -> "".
-    """
-    text = _clean(text)
-    if not text:
-        return ""
-    for segment in _answer_segments(text):
-        words = _words(segment)
-        if words and words[0] in ("yes", "no"):
-            return words[0]
-    words = _words(text)
-    if words and words[0] in ("yes", "no"):
-        return words[0]
-    if strict:
-        kinds = {w for w in words if w in ("yes", "no")}
-        return kinds.pop() if len(kinds) == 1 else ""
-    first = _words(text.split(".")[0])
-    if any(w in ("no", "not") or w.endswith("n't") for w in first):
-        return "no"
-    return "yes"
-
-
-def _numbers(text: str) -> list[str]:
-    out = []
-    for token in re.findall(r"-?\d+(?:\.\d+)?|[A-Za-z]+", text):
-        if token[0].isdigit() or token[0] == "-":
-            plain_integer = "." not in token and not token.startswith("-")
-            out.append((token.lstrip("0") or "0") if plain_integer else token)
-        elif token.lower() in _NUMBER_WORDS:
-            out.append(_NUMBER_WORDS[token.lower()])
-    return out
-
-
-def extract_number(text: Any) -> str:
-    """The number a text answers with: the first number after "the answer is", else the only number in the text
-    (digits or the words zero..twenty); "" when there is none or several different ones."""
-    text = _clean(text)
-    if not text:
-        return ""
-    for segment in _answer_segments(text):
-        numbers = _numbers(_first_sentence(segment))
-        if numbers:
-            return numbers[0]
-    numbers = set(_numbers(text))
-    return numbers.pop() if len(numbers) == 1 else ""
-
-
-def extract_free_form(text: Any) -> str:
-    """Normalised answer text: what follows the last "the answer is" (first sentence), else the whole text."""
-    text = _clean(text)
-    segments = _answer_segments(text)
-    return normalize_text(_first_sentence(segments[0]) if segments else text)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# helpers for rows
-
-
-def _missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none")
-
-
-def _text(value: Any) -> str:
-    if _missing(value):
-        return ""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def _letter(value: Any) -> str:
-    """Gold option letter from "B", "(b)", "b", "(a) Open"."""
-    text = _text(value)
-    m = re.match(r"\s*\(?([A-Za-z])\)?(?:[\s.:]|$)", text)
-    return m.group(1).upper() if m else text.upper()
-
-
-def options_prompt(choices: dict[str, str]) -> str:
-    return "\n".join(f"{letter}. {text}" for letter, text in choices.items())
-
-
-def parse_inline_options(question: str) -> dict[str, str] | None:
-    """Options spelled inside a question, MMStar style: "...\\nOptions: A: x, B: y, C: z" -> {"A": "x", ...}."""
-    markers = list(re.finditer(r"options?\s*:\s*", question, re.IGNORECASE))
-    marker = markers[-1] if markers else None
-    tail = question[marker.end() :] if marker else question
-    first = re.match(r"\s*\(?A\s*[:.)]\s*", tail)
-    if not first:
-        return None
-    starts = [(first.start(), first.end())]
-    for letter in OPTION_LETTERS[1:]:
-        m = re.compile(rf"[,;\s]\s*\(?{letter}\s*[:.)]\s+").search(tail, starts[-1][1])
-        if not m:
-            break
-        starts.append((m.start(), m.end()))
-    if len(starts) < 2:
-        return None
-    options = {}
-    for k, (_, end) in enumerate(starts):
-        stop = starts[k + 1][0] if k + 1 < len(starts) else len(tail)
-        options[OPTION_LETTERS[k]] = tail[end:stop].strip().rstrip(",;").strip()
-    return options
-
-
-def _pct(numerator: float, denominator: float) -> float:
-    return 100.0 * numerator / denominator if denominator else 0.0
-
-
-def _accuracy_by(keys: Iterable[Any], correct: Iterable[bool]) -> dict[str, float]:
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for key, ok in zip(keys, correct):
-        if key is None or key == "":
-            continue
-        totals[str(key)][0] += int(bool(ok))
-        totals[str(key)][1] += 1
-    return {key: _pct(hit, n) for key, (hit, n) in sorted(totals.items())}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# benchmarks
-
-
-class Benchmark:
-    """Base class: `load` local files, `extract` the answer from generated text, `judge` / `score` predictions.
-
-    Subclasses set `name`, `default_split`, `columns` ({logical name: (accepted column names, ...)}), `required`
-    (logical names that must exist), and implement `_make_sample`.
-    """
-
-    name: str = ""
-    default_split: str | None = None
-    columns: dict[str, tuple[str, ...]] = {}
-    required: tuple[str, ...] = ()
-    image_columns: tuple[str, ...] = ("image", "img", "image_path", "image_file")
-    layout: str = ""
-    max_new_tokens: int = 16  # what the reference toolkits generate for this benchmark (a suggestion)
-    skip_rows_without_image: bool = False
-    post_prompt: str = MC_POST_PROMPT  # appended to every prompt; override per instance with post_prompt=
-
-    def __init__(self, post_prompt: str | None = None):
-        if post_prompt is not None:
-            self.post_prompt = post_prompt
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
-
-    # -- loading ---------------------------------------------------------------------------------------------
-
-    def _resolve_columns(self, names: Sequence[str], source: str) -> dict[str, str]:
-        lower = {n.lower(): n for n in names}
-        resolved = {}
-        for logical, accepted in self.columns.items():
-            for candidate in accepted:
-                if candidate.lower() in lower:
-                    resolved[logical] = lower[candidate.lower()]
-                    break
-        for candidate in self.image_columns:
-            if candidate.lower() in lower:
-                resolved["image"] = lower[candidate.lower()]
-                break
-        missing = [" / ".join(map(repr, self.columns[name])) for name in self.required if name not in resolved]
-        if missing:
-            raise ValueError(
-                f"{source}: the {self.name} loader needs column(s) {', '.join(missing)}, but the data has columns "
-                f"{list(names)}. Expected the {self.layout} layout."
-            )
-        return resolved
-
-    def load(
-        self,
-        path: str | os.PathLike,
-        split: str | None = None,
-        image_folder: str | os.PathLike | None = None,
-        limit: int | None = None,
-    ) -> list[BenchmarkSample]:
-        """Read `path` (see the module docstring) into samples; images stay on disk / in arrow until accessed.
-
-        `split`: the split of a saved DatasetDict or of a folder of split files (default `default_split` when
-        present). `image_folder`: root for relative image paths (default: the folder holding the data).
-        `limit`: keep the first `limit` samples.
-        """
-        source = os.fspath(path)
-        ds, root = read_table(path, split, self.default_split)
-        if image_folder is not None:
-            root = Path(image_folder).expanduser()
-        cols = self._resolve_columns(ds.column_names, source)
-        image_col = cols.get("image")
-        image_ds = None
-        validity: list[bool] | None = None
-        if image_col is not None:
-            if isinstance(ds.features[image_col], datasets.Image):
-                ds = ds.cast_column(image_col, datasets.Image(decode=False))
-            image_ds = ds.select_columns([image_col])
-            validity = _image_validity(ds, image_col)
-            feature = ds.features[image_col]
-            if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-                _check_paths(image_ds[image_col], validity, root, source)
-            rows = ds.remove_columns([image_col])
-        else:
-            rows = ds
-        samples: list[BenchmarkSample] = []
-        for i, row in enumerate(rows):
-            if limit is not None and len(samples) >= limit:
-                break
-            has_image = validity[i] if validity is not None else False
-            if not has_image and self.skip_rows_without_image:
-                continue
-            sample = self._make_sample(row, cols, i, source)
-            if sample is None:
-                continue
-            if has_image:
-                sample.image = _RowImage(image_ds, image_col, i)
-            else:
-                fallback = self._fallback_image(row, cols, root)
-                if fallback is None:
-                    raise ValueError(
-                        f"{source}: row {i} has no image (column {image_col!r})"
-                        if image_col
-                        else f"{source}: no image column (looked for {list(self.image_columns)}) and no image file "
-                        f"found for row {i}; pass image_folder= for layouts that keep images in a folder."
-                    )
-                sample.image = fallback
-            sample.image_root = root
-            samples.append(sample)
-        _dedupe_ids(samples)
-        return samples
-
-    def _fallback_image(self, row: dict, cols: dict[str, str], root: Path) -> Any:
-        return None
-
-    def _make_sample(self, row: dict, cols: dict[str, str], i: int, source: str) -> BenchmarkSample | None:
-        raise NotImplementedError
-
-    @staticmethod
-    def _get(row: dict, cols: dict[str, str], logical: str, default: Any = None) -> Any:
-        column = cols.get(logical)
-        return row.get(column, default) if column is not None else default
-
-    # -- judging ---------------------------------------------------------------------------------------------
-
-    def extract(self, prediction: str, sample: BenchmarkSample) -> str:
-        """The answer in `prediction` in the form of ``sample.answer``; "" when none can be extracted."""
-        return extract_choice(prediction, sample.choices)
-
-    def is_correct(self, prediction: str, sample: BenchmarkSample) -> bool:
-        extracted = self.extract(prediction, sample)
-        return bool(extracted) and extracted == sample.answer
-
-    def judge(self, samples: Sequence[BenchmarkSample], predictions: Sequence[str]) -> list[dict[str, Any]]:
-        """Per sample: ``{"id", "prediction", "extracted", "answer", "correct", "category"}``."""
-        if isinstance(predictions, (dict, str)):
-            raise TypeError("predictions must be a sequence of generated texts aligned with samples.")
-        if len(samples) != len(predictions):
-            raise ValueError(f"{len(samples)} samples but {len(predictions)} predictions; give one per sample.")
-        unanswerable = [s.id for s in samples if not s.answer]
-        if unanswerable:
-            raise ValueError(
-                f"{len(unanswerable)} samples have no ground-truth answer (e.g. {unanswerable[:3]}); the test splits of "
-                "MMBench and similar benchmarks are scored by their servers, not locally."
-            )
-        rows = []
-        for sample, prediction in zip(samples, predictions):
-            extracted = self.extract(prediction, sample)
-            rows.append(
-                {
-                    "id": sample.id,
-                    "prediction": prediction,
-                    "extracted": extracted,
-                    "answer": sample.answer,
-                    "correct": bool(extracted) and extracted == sample.answer,
-                    "category": sample.category,
-                }
-            )
-        return rows
-
-    def score(self, samples: Sequence[BenchmarkSample], predictions: Sequence[str]) -> dict[str, Any]:
-        """Metrics in percent: ``accuracy``, ``per_category`` and the benchmark's own (see the subclasses)."""
-        rows = self.judge(samples, predictions)
-        correct = [r["correct"] for r in rows]
-        metrics = {
-            "benchmark": self.name,
-            "num_samples": len(rows),
-            "num_correct": sum(correct),
-            "num_unanswered": sum(1 for r in rows if not r["extracted"]),
-            "accuracy": _pct(sum(correct), len(rows)),
-            "per_category": _accuracy_by([s.category for s in samples], correct),
-        }
-        metrics.update(self._extra_metrics(samples, rows))
-        return metrics
-
-    def _extra_metrics(self, samples: Sequence[BenchmarkSample], rows: list[dict]) -> dict[str, Any]:
-        return {}
-
-
-def _dedupe_ids(samples: list[BenchmarkSample]) -> None:
-    seen: dict[str, int] = {}
-    for sample in samples:
-        count = seen.get(sample.id, 0)
-        seen[sample.id] = count + 1
-        if count:
-            sample.id = f"{sample.id}#{count}"
 
 
 class MMBenchBenchmark(Benchmark):
@@ -800,27 +105,27 @@ class MMBenchBenchmark(Benchmark):
         choices = {}
         for letter in "ABCDE":
             value = self._get(row, cols, letter)
-            if _missing(value):
+            if is_missing(value):
                 break
-            choices[letter] = _text(value)
-        question, hint = _text(self._get(row, cols, "question")), _text(self._get(row, cols, "hint"))
+            choices[letter] = as_text(value)
+        question, hint = as_text(self._get(row, cols, "question")), as_text(self._get(row, cols, "hint"))
         prompt = (f"{hint}\n" if hint else "") + f"{question}\n{options_prompt(choices)}{self.post_prompt}"
-        index = _int(self._get(row, cols, "index"))
+        index = as_int(self._get(row, cols, "index"))
         meta = {
             "index": index if index is not None else self._get(row, cols, "index"),
-            "l2_category": _text(self._get(row, cols, "l2_category")) or None,
+            "l2_category": as_text(self._get(row, cols, "l2_category")) or None,
             "hint": hint or None,
             "question": question,
-            "source": _text(self._get(row, cols, "source")) or None,
-            "split": _text(self._get(row, cols, "split")) or None,
+            "source": as_text(self._get(row, cols, "source")) or None,
+            "split": as_text(self._get(row, cols, "split")) or None,
         }
         return BenchmarkSample(
-            id=_text(self._get(row, cols, "index")) or str(i),
+            id=as_text(self._get(row, cols, "index")) or str(i),
             image=None,
             prompt=prompt,
-            answer=_letter(self._get(row, cols, "answer")) if not _missing(self._get(row, cols, "answer")) else "",
+            answer=as_letter(self._get(row, cols, "answer")) if not is_missing(self._get(row, cols, "answer")) else "",
             choices=choices,
-            category=_text(self._get(row, cols, "category")) or None,
+            category=as_text(self._get(row, cols, "category")) or None,
             meta=meta,
         )
 
@@ -839,14 +144,14 @@ class MMBenchBenchmark(Benchmark):
             l2.append(samples[main].meta.get("l2_category"))
         plain = [r["correct"] for r in rows]
         return {
-            "accuracy": _pct(sum(hits), len(hits)),
-            "circular_accuracy": _pct(sum(hits), len(hits)),
-            "plain_accuracy": _pct(sum(plain), len(plain)),
+            "accuracy": percent(sum(hits), len(hits)),
+            "circular_accuracy": percent(sum(hits), len(hits)),
+            "plain_accuracy": percent(sum(plain), len(plain)),
             "num_questions": len(groups),
             "num_circular_questions": sum(1 for members in groups.values() if len(members) > 1),
-            "per_category": _accuracy_by(categories, hits),
-            "per_l2_category": _accuracy_by(l2, hits),
-            "per_category_plain": _accuracy_by([s.category for s in samples], plain),
+            "per_category": accuracy_by(categories, hits),
+            "per_l2_category": accuracy_by(l2, hits),
+            "per_category_plain": accuracy_by([s.category for s in samples], plain),
         }
 
 
@@ -865,36 +170,27 @@ class MMStarBenchmark(Benchmark):
     required = ("question", "answer")
 
     def _make_sample(self, row, cols, i, source):
-        question = _text(self._get(row, cols, "question"))
+        question = as_text(self._get(row, cols, "question"))
         choices = parse_inline_options(question)
         meta_info = self._get(row, cols, "meta_info")
         return BenchmarkSample(
-            id=_text(self._get(row, cols, "index")) or str(i),
+            id=as_text(self._get(row, cols, "index")) or str(i),
             image=None,
             prompt=f"{question}{self.post_prompt}",
-            answer=_letter(self._get(row, cols, "answer")),
+            answer=as_letter(self._get(row, cols, "answer")),
             choices=choices,
-            category=_text(self._get(row, cols, "category")) or None,
+            category=as_text(self._get(row, cols, "category")) or None,
             meta={
-                "index": _int(self._get(row, cols, "index")),
-                "l2_category": _text(self._get(row, cols, "l2_category")) or None,
-                "meta_info": meta_info if isinstance(meta_info, dict) else _text(meta_info) or None,
+                "index": as_int(self._get(row, cols, "index")),
+                "l2_category": as_text(self._get(row, cols, "l2_category")) or None,
+                "meta_info": meta_info if isinstance(meta_info, dict) else as_text(meta_info) or None,
             },
         )
 
     def _extra_metrics(self, samples, rows):
         return {
-            "per_l2_category": _accuracy_by([s.meta.get("l2_category") for s in samples], [r["correct"] for r in rows])
+            "per_l2_category": accuracy_by([s.meta.get("l2_category") for s in samples], [r["correct"] for r in rows])
         }
-
-
-def parse_mmvp_options(options: Any) -> dict[str, str]:
-    """ "(a) Open (b) Closed" (or a list) -> {"A": "Open", "B": "Closed"}."""
-    if isinstance(options, (list, tuple)):
-        return {OPTION_LETTERS[i]: _text(o) for i, o in enumerate(options)}
-    text = _text(options)
-    found = re.findall(r"\(([a-zA-Z])\)\s*(.*?)(?=\s*\([a-zA-Z]\)|$)", text, re.DOTALL)
-    return {letter.upper(): value.strip() for letter, value in found}
 
 
 class MMVPBenchmark(Benchmark):
@@ -914,21 +210,21 @@ class MMVPBenchmark(Benchmark):
         choices = parse_mmvp_options(self._get(row, cols, "options"))
         if not choices:
             raise ValueError(f"{source}: row {i}: cannot read options from {self._get(row, cols, 'options')!r}.")
-        question = _text(self._get(row, cols, "question"))
-        index = _int(self._get(row, cols, "index"))
+        question = as_text(self._get(row, cols, "question"))
+        index = as_int(self._get(row, cols, "index"))
         return BenchmarkSample(
             id=str(index) if index is not None else str(i),
             image=None,
             prompt=f"{question}\n{options_prompt(choices)}{self.post_prompt}",
-            answer=_letter(self._get(row, cols, "answer")),
+            answer=as_letter(self._get(row, cols, "answer")),
             choices=choices,
-            category=_text(self._get(row, cols, "category")) or None,
+            category=as_text(self._get(row, cols, "category")) or None,
             meta={"index": index if index is not None else i, "row": i},
         )
 
     def _fallback_image(self, row, cols, root):
         index = self._get(row, cols, "index")
-        for name in (f"{_text(index)}.jpg", f"{_text(index)}.png", f"{_text(index)}.jpeg"):
+        for name in (f"{as_text(index)}.jpg", f"{as_text(index)}.png", f"{as_text(index)}.jpeg"):
             for folder in (root, root / "MMVP Images"):
                 if (folder / name).is_file():
                     return str(folder / name)
@@ -938,15 +234,10 @@ class MMVPBenchmark(Benchmark):
         """Pair accuracy: questions 1-2, 3-4, ... (``Index``, 1-based; 0-based indices are detected)."""
         indices = [s.meta.get("index") for s in samples]
         base = 0 if min(indices, default=1) == 0 else 1
-        pairs: dict[int, list[bool]] = defaultdict(list)
-        for index, row in zip(indices, rows):
-            pairs[(index - base) // 2].append(row["correct"])
-        complete = [all(v) for v in pairs.values() if len(v) == 2]
-        return {
-            "pair_accuracy": _pct(sum(complete), len(complete)),
-            "num_pairs": len(complete),
-            "num_incomplete_pairs": sum(1 for v in pairs.values() if len(v) != 2),
-        }
+        accuracy, complete, incomplete = pair_accuracy(
+            [(i - base) // 2 for i in indices], [r["correct"] for r in rows]
+        )
+        return {"pair_accuracy": accuracy, "num_pairs": complete, "num_incomplete_pairs": incomplete}
 
 
 class ScienceQABenchmark(Benchmark):
@@ -976,53 +267,33 @@ class ScienceQABenchmark(Benchmark):
                 raw = None
         if not isinstance(raw, (list, tuple)) or not raw:
             raise ValueError(f"{source}: row {i}: 'choices' must be a non-empty list of strings, got {raw!r}.")
-        choices = {OPTION_LETTERS[k]: _text(c) for k, c in enumerate(raw)}
-        answer = _int(self._get(row, cols, "answer"))
+        choices = {OPTION_LETTERS[k]: as_text(c) for k, c in enumerate(raw)}
+        answer = as_int(self._get(row, cols, "answer"))
         if answer is None or not 0 <= answer < len(choices):
             raise ValueError(f"{source}: row {i}: 'answer' must index 'choices' (0..{len(choices) - 1}).")
-        hint, question = _text(self._get(row, cols, "hint")), _text(self._get(row, cols, "question"))
+        hint, question = as_text(self._get(row, cols, "hint")), as_text(self._get(row, cols, "question"))
         context = f"Context: {hint}\n" if hint else ""
         return BenchmarkSample(
-            id=_text(self._get(row, cols, "id")) or str(i),
+            id=as_text(self._get(row, cols, "id")) or str(i),
             image=None,
             prompt=f"{context}{question}\n{options_prompt(choices)}{self.post_prompt}",
             answer=OPTION_LETTERS[answer],
             choices=choices,
-            category=_text(self._get(row, cols, "category")) or None,
+            category=as_text(self._get(row, cols, "category")) or None,
             meta={
                 "row": i,
-                "subject": _text(self._get(row, cols, "subject")) or None,
-                "grade": _text(self._get(row, cols, "grade")) or None,
-                "topic": _text(self._get(row, cols, "topic")) or None,
+                "subject": as_text(self._get(row, cols, "subject")) or None,
+                "grade": as_text(self._get(row, cols, "grade")) or None,
+                "topic": as_text(self._get(row, cols, "topic")) or None,
             },
         )
 
     def _extra_metrics(self, samples, rows):
         correct = [r["correct"] for r in rows]
         return {
-            "per_subject": _accuracy_by([s.meta.get("subject") for s in samples], correct),
-            "per_grade": _accuracy_by([s.meta.get("grade") for s in samples], correct),
+            "per_subject": accuracy_by([s.meta.get("subject") for s in samples], correct),
+            "per_grade": accuracy_by([s.meta.get("grade") for s in samples], correct),
         }
-
-
-def yes_no_metrics(answers: Sequence[str], extracted: Sequence[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (positive class "yes") and yes-ratio (of predictions), in percent."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
-    if not answers:
-        return {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
-    truth = [a == "yes" for a in answers]
-    predicted = [e == "yes" for e in extracted]
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        truth, predicted, average="binary", pos_label=True, zero_division=0
-    )
-    return {
-        "accuracy": 100.0 * accuracy_score(list(answers), list(extracted)),
-        "precision": 100.0 * float(precision),
-        "recall": 100.0 * float(recall),
-        "f1": 100.0 * float(f1),
-        "yes_ratio": _pct(sum(predicted), len(predicted)),
-    }
 
 
 class POPEBenchmark(Benchmark):
@@ -1042,24 +313,24 @@ class POPEBenchmark(Benchmark):
     max_new_tokens = 128
 
     def _make_sample(self, row, cols, i, source):
-        answer = _text(self._get(row, cols, "answer")).lower()
+        answer = as_text(self._get(row, cols, "answer")).lower()
         if answer not in ("yes", "no"):
             raise ValueError(f"{source}: row {i}: POPE answers are 'yes' or 'no', got {answer!r}.")
-        qid = _text(self._get(row, cols, "question_id"))
-        category = _text(self._get(row, cols, "category")) or None
-        sid = _text(self._get(row, cols, "id")) or (f"{category}/{qid}" if category and qid else qid) or str(i)
+        qid = as_text(self._get(row, cols, "question_id"))
+        category = as_text(self._get(row, cols, "category")) or None
+        sid = as_text(self._get(row, cols, "id")) or (f"{category}/{qid}" if category and qid else qid) or str(i)
         return BenchmarkSample(
             id=sid,
             image=None,
-            prompt=f"{_text(self._get(row, cols, 'question'))}{self.post_prompt}",
+            prompt=f"{as_text(self._get(row, cols, 'question'))}{self.post_prompt}",
             answer=answer,
             choices=None,
             category=category,
-            meta={"question_id": qid or None, "image_source": _text(self._get(row, cols, "image_source")) or None},
+            meta={"question_id": qid or None, "image_source": as_text(self._get(row, cols, "image_source")) or None},
         )
 
     def _fallback_image(self, row, cols, root):
-        name = _text(self._get(row, cols, "image_source"))
+        name = as_text(self._get(row, cols, "image_source"))
         if name:
             for candidate in (name, f"{name}.jpg", f"{name}.png"):
                 if (root / candidate).is_file():
@@ -1105,34 +376,31 @@ class RefocusShapesBenchmark(Benchmark):
     max_new_tokens = 128
 
     def _make_sample(self, row, cols, i, source):
-        question = _text(self._get(row, cols, "question"))
+        question = as_text(self._get(row, cols, "question"))
         raw = self._get(row, cols, "choices")
         if isinstance(raw, dict):
-            choices = {str(k).upper(): _text(v) for k, v in raw.items() if not _missing(v)} or None
+            choices = {str(k).upper(): as_text(v) for k, v in raw.items() if not is_missing(v)} or None
         elif isinstance(raw, (list, tuple)) and len(raw) > 0:
-            choices = {OPTION_LETTERS[k]: _text(c) for k, c in enumerate(raw)}
+            choices = {OPTION_LETTERS[k]: as_text(c) for k, c in enumerate(raw)}
         else:
             choices = None
-        if choices and not all(
-            re.search(rf"(?<![A-Za-z0-9])\(?{letter}[.):]\s*{re.escape(text)}", question)
-            for letter, text in choices.items()
-        ):
-            question = f"{question.rstrip()}\nOptions:\n{options_prompt(choices)}"  # as lare_hf.data.formats does
-        answer = _text(self._get(row, cols, "answer"))
         if choices:
-            answer = _letter(answer)
+            question = question_with_choices(question, raw)  # the text training asks (lare_hf.data.formats)
+        answer = as_text(self._get(row, cols, "answer"))
+        if choices:
+            answer = as_letter(answer)
         elif answer.lower() in ("yes", "no"):
             answer = answer.lower()
         elif not re.fullmatch(r"-?\d+(?:\.\d+)?", answer):
             answer = normalize_text(answer)
-        pair_id = _int(self._get(row, cols, "pair_id"))
+        pair_id = as_int(self._get(row, cols, "pair_id"))
         return BenchmarkSample(
-            id=_text(self._get(row, cols, "id")) or str(i),
+            id=as_text(self._get(row, cols, "id")) or str(i),
             image=None,
             prompt=f"{question}{self.post_prompt}",
             answer=answer,
             choices=choices,
-            category=_text(self._get(row, cols, "category")) or None,
+            category=as_text(self._get(row, cols, "category")) or None,
             meta={"pair_id": pair_id if pair_id is not None else -1},
         )
 
@@ -1146,12 +414,9 @@ class RefocusShapesBenchmark(Benchmark):
         return extract_free_form(prediction)
 
     def _extra_metrics(self, samples, rows):
-        pairs: dict[int, list[bool]] = defaultdict(list)
-        for sample, row in zip(samples, rows):
-            if sample.meta.get("pair_id", -1) >= 0:
-                pairs[sample.meta["pair_id"]].append(row["correct"])
-        complete = [all(v) for v in pairs.values() if len(v) == 2]
-        return {"pair_accuracy": _pct(sum(complete), len(complete)), "num_pairs": len(complete)}
+        paired = [(s.meta["pair_id"], r["correct"]) for s, r in zip(samples, rows) if s.meta.get("pair_id", -1) >= 0]
+        accuracy, complete, _ = pair_accuracy([key for key, _ in paired], [ok for _, ok in paired])
+        return {"pair_accuracy": accuracy, "num_pairs": complete}
 
 
 class RefocusChainsBenchmark(Benchmark):
@@ -1178,29 +443,23 @@ class RefocusChainsBenchmark(Benchmark):
     def _make_sample(self, row, cols, i, source):
         from ..data.refocus_chains import COLOUR_NAMES
 
-        answer = _colour_in(_text(self._get(row, cols, "answer")), COLOUR_NAMES)
+        answer = colour_in(as_text(self._get(row, cols, "answer")), COLOUR_NAMES)
         visited = self._get(row, cols, "visited_cells")
         return BenchmarkSample(
-            id=_text(self._get(row, cols, "id")) or str(i),
+            id=as_text(self._get(row, cols, "id")) or str(i),
             image=None,
-            prompt=f"{_text(self._get(row, cols, 'question'))}{self.post_prompt}",
+            prompt=f"{as_text(self._get(row, cols, 'question'))}{self.post_prompt}",
             answer=answer,
-            category=_text(self._get(row, cols, "category")) or None,
+            category=as_text(self._get(row, cols, "category")) or None,
             meta={"visited_cells": [list(map(int, cell)) for cell in visited] if visited is not None else []},
         )
 
     def extract(self, prediction, sample):
         from ..data.refocus_chains import COLOUR_NAMES
 
-        text = _clean(prediction)
-        segments = _answer_segments(text)
-        return _colour_in(segments[0] if segments else text, COLOUR_NAMES)
-
-
-def _colour_in(text: str, colours: Sequence[str]) -> str:
-    """The one colour word `text` names ("" when it names none or several different ones)."""
-    found = {word for word in re.findall(r"[a-z]+", text.lower()) if word in colours}
-    return found.pop() if len(found) == 1 else ""
+        text = clean_generation(prediction)
+        segments = answer_segments(text)
+        return colour_in(segments[0] if segments else text, COLOUR_NAMES)
 
 
 BENCHMARKS: dict[str, type[Benchmark]] = {

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..destinations import check_lare_checkpoint
 from ..modeling.model_card import write_model_card
 from .benchmarks import BenchmarkSample, get_benchmark
 
@@ -18,6 +21,19 @@ from .benchmarks import BenchmarkSample, get_benchmark
 def chat_messages(sample: BenchmarkSample) -> list[dict]:
     """The sample as one user turn: its image, then its benchmark prompt."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
+
+
+def prompt_inputs(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int | None
+) -> dict[str, torch.Tensor]:
+    """Processor inputs (left-padded) of the samples' generation prompts with K latent steps (None: the processor's
+    default), on the model's device: what generation, the analyses and the reproduction feed the model."""
+    prompts = [
+        processor.apply_chat_template(chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps)
+        for s in samples
+    ]
+    inputs = processor(text=prompts, images=[s.image for s in samples], padding=True, return_tensors="pt")
+    return inputs.to(model.device)
 
 
 def count_new_tokens(new_tokens: torch.Tensor, eos_token_ids: set[int], pad_token_id: int | None) -> list[int]:
@@ -58,15 +74,7 @@ def generate_batched(
     started = time.perf_counter()
     for start in tqdm(range(0, len(samples), batch_size), desc="generating", disable=not progress):
         batch = samples[start : start + batch_size]
-        prompts = [
-            processor.apply_chat_template(
-                chat_messages(s), add_generation_prompt=True, num_latent_steps=num_latent_steps
-            )
-            for s in batch
-        ]
-        inputs = processor(text=prompts, images=[s.image for s in batch], padding=True, return_tensors="pt").to(
-            model.device
-        )
+        inputs = prompt_inputs(model, processor, batch, num_latent_steps)
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **generate_kwargs
         )
@@ -81,6 +89,55 @@ def generate_batched(
         "latent_steps": latent_steps,
         "seconds": time.perf_counter() - started,
     }
+
+
+@torch.no_grad()
+def refocus_record(
+    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
+    `[N, K, grid, grid]` and window positions `[N, K, 2]` (on the CPU), latents `[N, K, m, D]` and the pixel values
+    (on the model's device). The figures, the window-hit rates and the reproduction read it."""
+    found: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for start in range(0, len(samples), batch_size):
+        inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
+        outputs = model(**inputs)
+        found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
+        found["window_positions"].append(outputs.window_positions.cpu())
+        found["latent_embeds"].append(outputs.latent_embeds)
+        found["pixel_values"].append(inputs["pixel_values"])
+    return {name: torch.cat(values) for name, values in found.items()}
+
+
+def generate_answer(
+    model_dir: str,
+    image: Image.Image,
+    prompt: str,
+    num_latent_steps: int | None = None,
+    max_new_tokens: int = 32,
+) -> str:
+    """`lare generate`: load a checkpoint with the Auto classes, chat once, return the decoded answer."""
+    import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
+
+    check_lare_checkpoint(model_dir, "--model")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    if num_latent_steps is not None:
+        # The model rewrites the latent region the same way inside generate(); the answer starts after it.
+        input_ids, attention_mask = model.set_latent_steps(input_ids, attention_mask, num_latent_steps)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=inputs["pixel_values"],
+            max_new_tokens=max_new_tokens,
+        )
+    return processor.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)[0].strip()
 
 
 def generate_answers(
@@ -151,4 +208,13 @@ def evaluate(
     return report
 
 
-__all__ = ["chat_messages", "count_new_tokens", "evaluate", "generate_answers", "generate_batched"]
+__all__ = [
+    "chat_messages",
+    "count_new_tokens",
+    "evaluate",
+    "generate_answer",
+    "generate_answers",
+    "generate_batched",
+    "prompt_inputs",
+    "refocus_record",
+]

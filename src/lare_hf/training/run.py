@@ -19,6 +19,7 @@ from ..destinations import (
     last_complete_checkpoint,
     refuse_non_empty,
 )
+from ..modeling.image_tokenizer_check import warn_if_random_image_tokenizer
 from ..modeling.model_card import HISTORY_FILE, read_history, write_model_card
 from .arguments import LaReDataArguments, LaReModelArguments, LaReTrainingArguments, parse_train_arguments
 from .trainer import LOSS_COMPONENTS, STAGE_TRAINERS
@@ -150,6 +151,8 @@ def run_stage(
     model = AutoModelForImageTextToText.from_pretrained(model_args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
     _apply_overrides(model, model_args.model_overrides)
+    if trainer_cls.latent_losses:  # stages II-IV take L_img
+        warn_if_random_image_tokenizer(model.config, f"lare train --stage {model_args.stage}")
     num_latent_steps = 0 if model_args.stage == 1 else data_args.num_latent_steps
     if trainer_cls.latent_losses and num_latent_steps == 0:
         raise ValueError(f"Stage {model_args.stage} trains the latent modules; it needs num_latent_steps > 0.")
