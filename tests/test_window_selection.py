@@ -88,7 +88,7 @@ def test_answer_gradient_reaches_the_saliency_through_each_estimator(chains_batc
     batch, _ = chains_batch
     model, outputs = _answer_loss_gradients(selection, batch)
     assert outputs.saliency_maps.requires_grad
-    norms = model.model.saliency_gradient_norms
+    norms = model.model.window_selection_diagnostics["saliency_gradient_norm"]
     assert sorted(norms) == [0, 1, 2]  # every latent step's saliency gets the answer's gradient
     assert all(math.isfinite(n) and n > 0 for values in norms.values() for n in values), norms
     # ... and through it the LM attention that produced it: with the straight-through estimator the forward is the
@@ -107,7 +107,7 @@ def test_argmax_passes_no_gradient_to_the_saliency(chains_batch):
     batch, _ = chains_batch
     model, outputs = _answer_loss_gradients("argmax", batch)
     assert not outputs.saliency_maps.requires_grad
-    assert not getattr(model.model, "saliency_gradient_norms", None)
+    assert not getattr(model.model, "window_selection_diagnostics", None)
 
 
 def test_inference_with_the_default_selection_is_unchanged(chains_batch):
@@ -146,7 +146,8 @@ def test_relaxed_selection_refuses_gradient_checkpointing_and_runs_in_bfloat16(c
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(**batch, compute_latent_losses=False)
     outputs.lm_loss.backward()
-    norms = [n for values in model.model.saliency_gradient_norms.values() for n in values]
+    diagnostics = model.model.window_selection_diagnostics
+    norms = [n for values in diagnostics["saliency_gradient_norm"].values() for n in values]
     assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms)
 
 
@@ -176,5 +177,7 @@ def test_each_label_free_variant_trains_and_records_its_settings(tmp_path, chain
     start, end = RELAXED_WINDOW_TEMPERATURE["window_temperature"], RELAXED_WINDOW_TEMPERATURE["window_temperature_end"]
     history = result["window_selection_history"]
     assert [entry["window_temperature"] for entry in history] == pytest.approx([start, math.sqrt(start * end), end])
-    assert all(set(entry["saliency_gradient_norm"]) == {"1", "2", "3", "4"} for entry in history)
+    for entry in history:
+        assert set(entry["saliency_gradient_norm"]) == set(entry["window_weight_peak"]) == {"1", "2", "3", "4"}
+        assert all(1 / 9 <= peak <= 1 for peak in entry["window_weight_peak"].values())
     assert 0 <= result["window_hit_rate"] <= 100

@@ -192,7 +192,7 @@ class LaReLatentRefocusMixin:
         """The sliding window (Sec. 3.1): each sample's window position and V_s, the visual tokens of V_T under its
         most salient window; the whole grid when the window is ablated. In training with a `window_selection` other
         than "argmax" (not in the paper), V_s carries the gradient of a relaxed choice (`relaxed_window_features`),
-        and the norm of the gradient reaching step `step`'s saliency is kept in `saliency_gradient_norms`."""
+        and step `step`'s diagnostics are kept (`_record_window_diagnostic`)."""
         batch = image_features.shape[0]
         if not self.config.use_sliding_window:
             return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
@@ -205,12 +205,15 @@ class LaReLatentRefocusMixin:
                     "disable gradient checkpointing, or train with window_selection='argmax'."
                 )
             temperature = self.window_temperature_now or config.window_temperature
-            positions, window_features, _ = relaxed_window_features(
+            positions, window_features, weights = relaxed_window_features(
                 saliency, image_features, config.patch_grid_size, config.window_size, config.window_stride,
                 config.window_selection, temperature,
             )  # fmt: skip
+            self._record_window_diagnostic("window_weight_peak", step, weights.detach().max(-1).values.mean())
             if saliency.requires_grad:
-                saliency.register_hook(functools.partial(self._record_saliency_gradient, step))
+                saliency.register_hook(
+                    lambda gradient: self._record_window_diagnostic("saliency_gradient_norm", step, gradient.norm())
+                )
             return positions, window_features
         positions, token_indices = select_windows(
             saliency, config.patch_grid_size, config.window_size, config.window_stride
@@ -218,13 +221,14 @@ class LaReLatentRefocusMixin:
         index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
         return positions, image_features.gather(1, index)
 
-    def _record_saliency_gradient(self, step: int, gradient: torch.Tensor) -> None:
-        """Backward hook on step `step`'s saliency: append the gradient's norm to `saliency_gradient_norms[step]` (a
-        diagnostic of the relaxed window selection; `WindowTemperatureCallback` reads and clears it)."""
-        norms = getattr(self, "saliency_gradient_norms", None)
-        if norms is None:
-            norms = self.saliency_gradient_norms = {}
-        norms.setdefault(step, []).append(float(gradient.detach().float().norm()))
+    def _record_window_diagnostic(self, name: str, step: int, value: torch.Tensor) -> None:
+        """Append `value` to `window_selection_diagnostics[name][step]`: per latent step, the mean largest weight of
+        the relaxed selection ("window_weight_peak", at forward) and the norm of the gradient that reached the
+        saliency ("saliency_gradient_norm", by a backward hook). `WindowTemperatureCallback` reads and clears them."""
+        diagnostics = getattr(self, "window_selection_diagnostics", None)
+        if diagnostics is None:
+            diagnostics = self.window_selection_diagnostics = {}
+        diagnostics.setdefault(name, {}).setdefault(step, []).append(float(value.detach().float()))
 
     def _extract_latents(
         self,

@@ -33,9 +33,10 @@ class WindowTemperatureCallback(TrainerCallback):
 
     Before each optimizer step, sets the latent loop's `window_temperature_now` to `scheduled_window_temperature` of
     the config's `window_temperature` -> `window_temperature_end` (constant when the end is None). After it, appends
-    `{"step", "window_temperature", "saliency_gradient_norm"}` to `history`, the last being, per latent step k (from
-    1), the mean norm of the gradient that reached step k's saliency in that step's backward passes. The model's
-    config is not changed, so a saved checkpoint keeps the schedule it was given."""
+    `{"step", "window_temperature", "saliency_gradient_norm", "window_weight_peak"}` to `history`, the last two
+    being, per latent step k (from 1), the mean over that step's forward / backward passes of the norm of the
+    gradient that reached step k's saliency and of the relaxed selection's largest weight (1: a hard choice). The
+    model's config is not changed, so a saved checkpoint keeps the schedule it was given."""
 
     def __init__(self, model: nn.Module):
         self.module = latent_refocus_module(model)
@@ -53,15 +54,13 @@ class WindowTemperatureCallback(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
-        norms = getattr(self.module, "saliency_gradient_norms", None) or {}
-        self.history.append(
-            {
-                "step": state.global_step,
-                "window_temperature": self.module.window_temperature_now,
-                "saliency_gradient_norm": {str(k + 1): sum(v) / len(v) for k, v in sorted(norms.items())},
-            }
-        )
-        self.module.saliency_gradient_norms = {}
+        diagnostics = getattr(self.module, "window_selection_diagnostics", None) or {}
+        entry = {"step": state.global_step, "window_temperature": self.module.window_temperature_now}
+        for name in ("saliency_gradient_norm", "window_weight_peak"):
+            by_step = diagnostics.get(name, {})
+            entry[name] = {str(k + 1): sum(v) / len(v) for k, v in sorted(by_step.items())}
+        self.history.append(entry)
+        self.module.window_selection_diagnostics = {}
 
     def on_train_end(self, args, state, control, **kwargs):
         self.module.window_temperature_now = None  # evaluation and later runs read the config again
