@@ -11,7 +11,11 @@ figures are means and each carries its std and 95% Student-t confidence interval
 and ``DIR/results.png`` (accuracy by chain length, window-hit rate by latent step).
 
     {"variants": {NAME: {"accuracy": %, "accuracy_by_hops": {"1": %, ...}, "tokens_correct": mean generated tokens
-     on correct answers, "window_hit_rate": % or null, "train_seconds": s, ...}}, "config": {...}, "seeds": [...]}
+     on correct answers, "window_hit_rate": % or null, "train_seconds": s, the settings that define the variant
+     ("num_latent_steps", "response_format", "window_loss_weight", "window_selection", "window_temperature",
+     "window_temperature_end", "overrides", ...), ...}}, "config": {...}, "seeds": [...]}
+    Each ``seed{S}/results.json`` also holds, for a relaxed window selection (not in the paper), the temperature and
+    the gradient norm that reached each latent step's saliency at every training step (``window_selection_history``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lare_hf.reproduction import (
     ALIGN_LEARNING_RATE,
     VARIANT_LEARNING_RATE,
     VARIANTS,
+    WINDOW_SETTINGS,
     mean_std_ci,
     run_variant,
     train_alignment,
@@ -38,7 +43,9 @@ from lare_hf.reproduction import (
 )
 
 QUICK = dict(num_train=3000, num_test=300, num_captions=3000, align_steps=1000, steps=400, hops=[1, 2, 3])
-QUICK_VARIANTS = ["k0", "cot", "lare", "lare_answer", "lare_steps"]
+# the label-free window selection in --quick (not in the paper): straight-through, the estimator whose first runs moved a
+# window (docs/reproduction.md, "Label-free window selection"); it takes lare_steps' place to keep the budget
+QUICK_VARIANTS = ["k0", "cot", "lare", "lare_answer", "lare_st_answer"]
 METRICS = ("accuracy", "tokens_correct", "window_hit_rate", "train_seconds")
 
 
@@ -135,6 +142,9 @@ def aggregate(per_seed: list[dict]) -> dict:
         runs = [report["variants"][name] for report in per_seed]
         entry = {"description": runs[0]["description"], "num_latent_steps": runs[0]["num_latent_steps"],
                  "response_format": runs[0]["response_format"], "num_test": runs[0]["num_test"]}  # fmt: skip
+        # the settings that define the variant (`variant_settings`)
+        for key in ("latent_losses", "step_supervision", "coconut", *WINDOW_SETTINGS, "overrides"):
+            entry[key] = runs[0].get(key)
         for metric in METRICS:
             stats = mean_std_ci([run.get(metric) for run in runs])
             entry[metric] = stats["mean"]

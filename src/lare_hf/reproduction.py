@@ -16,6 +16,10 @@ Every variant starts from the same weights and trains with the same budget (step
 * ``lare_grounded``: ``lare_answer`` plus a window-grounding loss, also not in the paper (`window_loss_weight` 1):
   step k's saliency map is trained, by cross-entropy, to peak on the cell hop k reads (`chain_window_targets`),
   since the argmax window gives its choice no gradient of its own;
+* ``lare_st_answer``, ``lare_gumbel_answer``, ``lare_soft_answer``: ``lare_answer`` with a label-free window selection
+  that the answer's gradient reaches, not in the paper (`LaReConfig.window_selection` "straight_through", "gumbel",
+  "soft"; tau annealed from `RELAXED_WINDOW_TEMPERATURE` start to end over training; the argmax window at
+  evaluation); ``lare_st`` / ``lare_soft``: the same on the paper's target (path + answer after the latents);
 * ``lare_coconut``: ``lare_answer`` reached by Coconut's curriculum (Hao et al. 2024; not in the LaRe paper, whose
   Stage IV data allows it): the budget is split into K+1 equal stages; stage c < K trains c latent steps followed by
   the path from hop c on (`chain_rationale_after`), stage 0 being chain of thought without latent losses; the last
@@ -30,6 +34,7 @@ paper's pretrained parts. `benchmarks/reproduce.py` runs the variants over sever
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -52,6 +57,7 @@ from .data.refocus_chains import (
 )
 from .evaluation.benchmarks import get_benchmark
 from .evaluation.runner import generate_answers, refocus_record
+from .modeling.configuration_lare import LaReConfig
 from .training.arguments import LaReTrainingArguments
 from .training.trainer import LaReTrainer
 
@@ -108,6 +114,10 @@ class Variant:
     coconut: bool = False
 
 
+# The temperature schedule of the label-free window selections (not in the paper): tau annealed geometrically from a
+# soft choice to a nearly hard one over each variant's steps (`WindowTemperatureCallback`).
+RELAXED_WINDOW_TEMPERATURE = {"window_temperature": 1.0, "window_temperature_end": 0.1}
+
 VARIANTS: dict[str, Variant] = {
     "k0": Variant("k0", 0, "answer", False, description="no-latent baseline (K=0, bare answer)"),
     "cot": Variant("cot", 0, "reasoning", False, description="explicit chain of thought (K=0, path + answer)"),
@@ -131,6 +141,25 @@ VARIANTS: dict[str, Variant] = {
         overrides={"window_loss_weight": 1.0},
         description="lare_answer + a window-grounding loss on the needed cell (not in the paper)",
     ),
+    **{
+        name: Variant(
+            name,
+            4,
+            response_format,
+            True,
+            overrides={"window_selection": selection, **RELAXED_WINDOW_TEMPERATURE},
+            description=f"{base} with a {label} window selection, tau annealed "
+            f"{RELAXED_WINDOW_TEMPERATURE['window_temperature']} -> {RELAXED_WINDOW_TEMPERATURE['window_temperature_end']}"
+            " (no window labels; not in the paper)",
+        )
+        for name, base, response_format, selection, label in (
+            ("lare_st_answer", "lare_answer", "answer", "straight_through", "straight-through"),
+            ("lare_gumbel_answer", "lare_answer", "answer", "gumbel", "straight-through Gumbel-softmax"),
+            ("lare_soft_answer", "lare_answer", "answer", "soft", "soft (expected-window)"),
+            ("lare_st", "lare", "reasoning", "straight_through", "straight-through"),
+            ("lare_soft", "lare", "reasoning", "soft", "soft (expected-window)"),
+        )
+    },
     "lare_coconut": Variant(
         "lare_coconut",
         4,
@@ -218,7 +247,13 @@ def _train(model, processor, trainer_cls, records, collator, output_dir, steps, 
     started = time.perf_counter()
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": time.perf_counter() - started, "losses": losses, "log_history": trainer.state.log_history}
+    window_callback = trainer.window_selection_callback
+    return {
+        "seconds": time.perf_counter() - started,
+        "losses": losses,
+        "log_history": trainer.state.log_history,
+        "window_selection_history": window_callback.history if window_callback is not None else [],
+    }
 
 
 # The alignment stage's peak learning rate. At 3e-3 its caption loss sat on the ~0.97 plateau (marks not read) for
@@ -290,7 +325,7 @@ def train_variant(
     if spec.coconut and curriculum_steps:
         raise ValueError(f"{spec.name} has its own curriculum (Coconut's); curriculum_steps must be 0.")
     phases = _phases(spec, train_file, steps, curriculum_steps)
-    summary = {"seconds": 0.0, "losses": [], "log_history": []}
+    summary = {"seconds": 0.0, "losses": [], "log_history": [], "window_selection_history": []}
     phase_summaries = []
     for phase_file, phase_steps, phase_spec, response_rationale in phases:
         if phase_steps == 0:
@@ -427,12 +462,35 @@ def run_variant(
             "final_loss": summary["losses"][-1] if summary["losses"] else None,
             "losses": summary["losses"],
             "phases": summary["phases"],
+            **variant_settings(spec),
+            "window_selection_history": summary["window_selection_history"],
         }
     )
     if save_model:
         save_checkpoint(model, processor, str(output / "model"))
         result["model_dir"] = str(output / "model")
     return result
+
+
+def variant_settings(spec: Variant) -> dict[str, Any]:
+    """The settings that define `spec`, for the results file: K, the response format, the latent losses, the window
+    selection and its temperature schedule, the window-grounding weight (the config's value where `spec` does not
+    override it) and every config override."""
+    parameters = inspect.signature(LaReConfig.__init__).parameters
+    defaults = {name: parameters[name].default for name in WINDOW_SETTINGS}
+    return {
+        "num_latent_steps": spec.num_latent_steps,
+        "response_format": spec.response_format,
+        "latent_losses": spec.latent_losses,
+        "step_supervision": spec.step_supervision,
+        "coconut": spec.coconut,
+        **{name: spec.overrides.get(name, default) for name, default in defaults.items()},
+        "overrides": dict(spec.overrides),
+    }
+
+
+# the window settings every result records (`variant_settings`)
+WINDOW_SETTINGS = ("window_loss_weight", "window_selection", "window_temperature", "window_temperature_end")
 
 
 def mean_std_ci(values: list[float], confidence: float = 0.95) -> dict[str, float | None]:
@@ -467,4 +525,6 @@ __all__ = [
     "train_alignment",
     "train_variant",
     "variant",
+    "variant_settings",
+    "WINDOW_SETTINGS",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .refocus import WINDOW_SELECTIONS
 from .validation import check_bool, check_choice, check_float, check_int, check_known_keys
 
 LARE_SPECIAL_TOKENS = {
@@ -79,6 +80,21 @@ class LaReConfig(PreTrainedConfig):
             cross-entropy of step k's saliency map, normalised over the image tokens, at the image token reasoning
             step k needs (`window_targets` of `forward()`). The window is an argmax of the saliency, so nothing
             else gives its choice a gradient; a lever of the small-scale reproduction.
+        window_selection: how the window V_s is chosen in training; not in the paper unless "argmax". "argmax"
+            (default, the paper): the most salient window, whose choice gets no gradient. Label-free relaxations
+            that let the answer's loss reach the saliency, i.e. the LM attention that picks the window (Eq. 1-2),
+            with p = softmax(log s / tau) over the sum-pooled saliency s of the candidate windows:
+            "straight_through" (argmax window forward, the gradient of E_p[V] backward), "gumbel" (straight-through
+            Gumbel-softmax top-1: a window sampled by argmax(log s + g), the gradient of softmax((log s + g)/tau)
+            backward) and "soft" (V_s = E_p[V] forward and backward); equations in
+            `refocus.relaxed_window_features`. Training only: evaluation and `generate()` use the argmax window.
+            Refuses gradient checkpointing (the saliency is recorded inside autograd, which a checkpointed layer's
+            replay would not record).
+        window_temperature: tau of the relaxed window selection (not in the paper), or its value at the start of
+            training when `window_temperature_end` is set.
+        window_temperature_end: when set, tau is annealed geometrically from `window_temperature` to this value
+            over training (`training.WindowTemperatureCallback`, added by `LaReTrainer`; not in the paper); None keeps
+            tau constant.
         alignment_temperature / learnable_temperature: tau of Eq. 6, fixed or learned.
         text_prefix_length: rationale tokens the latents must reconstruct (Eq. 8).
         use_reconstructor: build the U-Net image reconstructor and the image tokenizer (Eq. 7). Inference-only
@@ -126,6 +142,9 @@ class LaReConfig(PreTrainedConfig):
         image_loss_weight: float = 0.9,
         text_loss_weight: float = 0.9,
         window_loss_weight: float = 0.0,
+        window_selection: str = "argmax",
+        window_temperature: float = 1.0,
+        window_temperature_end: float | None = None,
         alignment_temperature: float = 0.07,
         learnable_temperature: bool = False,
         text_prefix_length: int = 32,
@@ -206,6 +225,9 @@ class LaReConfig(PreTrainedConfig):
         self.image_loss_weight = image_loss_weight
         self.text_loss_weight = text_loss_weight
         self.window_loss_weight = window_loss_weight
+        self.window_selection = window_selection
+        self.window_temperature = window_temperature
+        self.window_temperature_end = window_temperature_end
         self.alignment_temperature = alignment_temperature
         self.learnable_temperature = learnable_temperature
         self.text_prefix_length = text_prefix_length
@@ -304,6 +326,10 @@ class LaReConfig(PreTrainedConfig):
         for name in ("sym_loss_weight", "image_loss_weight", "text_loss_weight", "window_loss_weight"):
             check_float(name, getattr(self, name), minimum=0.0, fix="Use 0 to switch the loss term off.")
         check_float("alignment_temperature", self.alignment_temperature, minimum=0.0, exclusive_minimum=True)
+        check_choice("window_selection", self.window_selection, list(WINDOW_SELECTIONS))
+        check_float("window_temperature", self.window_temperature, minimum=0.0, exclusive_minimum=True)
+        if self.window_temperature_end is not None:
+            check_float("window_temperature_end", self.window_temperature_end, minimum=0.0, exclusive_minimum=True)
         check_float(
             "diffusion_beta_start", self.diffusion_beta_start, minimum=0.0, maximum=1.0, exclusive_minimum=True
         )

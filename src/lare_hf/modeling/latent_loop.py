@@ -16,7 +16,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .latent_region import LatentLayout
 from .outputs import LaReModelOutputWithPast
-from .refocus import SaliencyRecorder, check_latent_halting, latent_steps_converged, record_saliency, select_windows
+from .refocus import (
+    SaliencyRecorder,
+    check_latent_halting,
+    latent_steps_converged,
+    record_saliency,
+    relaxed_window_features,
+    select_windows,
+)
 from .validation import check_halting_mask
 
 
@@ -165,20 +172,63 @@ class LaReLatentRefocusMixin:
             self._embedding_scale_cache = cached
         return cached[1]
 
+    # tau of the relaxed window selection while a schedule runs (`WindowTemperatureCallback`); None: the config's
+    window_temperature_now: float | None = None
+
+    def _relaxes_window(self) -> bool:
+        """Whether this forward chooses windows with a relaxed, differentiable selection (not in the paper): training
+        with autograd on, `window_selection` other than "argmax" and the sliding window on."""
+        config = self.config
+        return (
+            config.window_selection != "argmax"
+            and config.use_sliding_window
+            and self.training
+            and torch.is_grad_enabled()
+        )
+
     def _select_window(
-        self, saliency: torch.Tensor, image_features: torch.Tensor
+        self, saliency: torch.Tensor, image_features: torch.Tensor, step: int = 0
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         """The sliding window (Sec. 3.1): each sample's window position and V_s, the visual tokens of V_T under its
-        most salient window; the whole grid when the window is ablated."""
+        most salient window; the whole grid when the window is ablated. In training with a `window_selection` other
+        than "argmax" (not in the paper), V_s carries the gradient of a relaxed choice (`relaxed_window_features`),
+        and step `step`'s diagnostics are kept (`_record_window_diagnostic`)."""
         batch = image_features.shape[0]
         if not self.config.use_sliding_window:
             return torch.zeros(batch, 2, dtype=torch.long, device=image_features.device), image_features
         config = self.config
+        if self._relaxes_window():
+            if self.is_activation_checkpointing:
+                raise ValueError(
+                    f"window_selection={config.window_selection!r} records the saliency inside autograd, which "
+                    "gradient checkpointing would recompute without it (its replay does not record the saliency); "
+                    "disable gradient checkpointing, or train with window_selection='argmax'."
+                )
+            temperature = self.window_temperature_now or config.window_temperature
+            positions, window_features, weights = relaxed_window_features(
+                saliency, image_features, config.patch_grid_size, config.window_size, config.window_stride,
+                config.window_selection, temperature,
+            )  # fmt: skip
+            self._record_window_diagnostic("window_weight_peak", step, weights.detach().max(-1).values.mean())
+            if saliency.requires_grad:
+                saliency.register_hook(
+                    lambda gradient: self._record_window_diagnostic("saliency_gradient_norm", step, gradient.norm())
+                )
+            return positions, window_features
         positions, token_indices = select_windows(
             saliency, config.patch_grid_size, config.window_size, config.window_stride
         )
         index = token_indices.unsqueeze(-1).expand(-1, -1, image_features.shape[-1])
         return positions, image_features.gather(1, index)
+
+    def _record_window_diagnostic(self, name: str, step: int, value: torch.Tensor) -> None:
+        """Append `value` to `window_selection_diagnostics[name][step]`: per latent step, the mean largest weight of
+        the relaxed selection ("window_weight_peak", at forward) and the norm of the gradient that reached the
+        saliency ("saliency_gradient_norm", by a backward hook). `WindowTemperatureCallback` reads and clears them."""
+        diagnostics = getattr(self, "window_selection_diagnostics", None)
+        if diagnostics is None:
+            diagnostics = self.window_selection_diagnostics = {}
+        diagnostics.setdefault(name, {}).setdefault(step, []).append(float(value.detach().float()))
 
     def _extract_latents(
         self,
@@ -259,7 +309,7 @@ class LaReLatentRefocusMixin:
         lm_output, saliency = feed(inputs_embeds[:, :slots_start], 0)  # H^(1) and its saliency
         lm_calls = [lm_output]
         for step in range(layout.num_steps):
-            window_position, window_features = self._select_window(saliency, image_features)  # Eq. 1-2: V_s
+            window_position, window_features = self._select_window(saliency, image_features, step)  # Eq. 1-2: V_s
             latents, extractor_attention = self._extract_latents(  # Eq. 3-5: Z^(k)
                 lm_output.last_hidden_state[:, -1], window_features, trace.history(), embedding_scale,
                 return_extractor_attention,
@@ -308,7 +358,8 @@ class LaReLatentRefocusMixin:
         end = start + inputs_embeds.shape[1]
         recorder = None
         if with_saliency:
-            track_saliency = self.config.window_loss_weight > 0 and self.training  # for the window-grounding loss
+            # inside autograd for the window-grounding loss and for a relaxed window selection (not in the paper)
+            track_saliency = (self.config.window_loss_weight > 0 and self.training) or self._relaxes_window()
             num_layers = self.config.text_config.num_hidden_layers
             recorder = SaliencyRecorder(image_positions, self.config.saliency_layers, num_layers, track_saliency)
             kwargs["saliency_recorder"] = recorder

@@ -198,6 +198,69 @@ def select_windows(
     return torch.stack([rows, cols], dim=-1), token_indices
 
 
+# How the window V_s is chosen in training (`LaReConfig.window_selection`). "argmax" is the paper's; the others are not
+# in the paper: they give the answer's loss a gradient to the saliency that picks the window (`relaxed_window_features`).
+WINDOW_SELECTIONS = ("argmax", "straight_through", "gumbel", "soft")
+
+
+def window_candidates(
+    grid_size: int, window_size: int, window_stride: int, device: torch.device
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Every sliding window of the patch grid, in the order of `select_windows`' sum-pooled map (row-major):
+    `positions` `[num_windows, 2]` (top-left row, column) and `token_indices` `[num_windows, window_size**2]`."""
+    starts = torch.arange(0, grid_size - window_size + 1, window_stride, device=device)
+    rows, cols = starts.repeat_interleave(len(starts)), starts.repeat(len(starts))
+    offsets = torch.arange(window_size, device=device)
+    token_rows = rows[:, None, None] + offsets[None, :, None]
+    token_cols = cols[:, None, None] + offsets[None, None, :]
+    return torch.stack([rows, cols], dim=-1), (token_rows * grid_size + token_cols).flatten(1)
+
+
+def relaxed_window_features(
+    saliency: torch.Tensor,
+    image_features: torch.Tensor,
+    grid_size: int,
+    window_size: int,
+    window_stride: int,
+    selection: str,
+    temperature: float,
+) -> tuple[torch.LongTensor, torch.Tensor, torch.Tensor]:
+    """A window choice the loss's gradient reaches (not in the paper; training only, `LaReConfig.window_selection`).
+
+    With s_j the sum-pooled saliency of candidate window j (`window_candidates`), V_j its visual tokens and tau the
+    `temperature`, the selection distribution is p = softmax(log s / tau), i.e. p_j ∝ s_j^(1/tau) (at tau = 1, the
+    windows' share of the saliency). The saliency must be recorded inside autograd
+    (`SaliencyRecorder(track_gradient=True)`) for the gradient to reach the LM's attention that produced it.
+
+    - "straight_through": forward the argmax window V_{j*}, j* = argmax_j s_j (the paper's window, the same values),
+      backward the gradient of the expectation: V_s = V_{j*} + E_p[V] - sg(E_p[V]) (sg = stop-gradient).
+    - "gumbel": straight-through Gumbel-softmax top-1 (Jang et al. 2017): g_j ~ Gumbel(0, 1),
+      y = softmax((log s + g) / tau), forward the sampled window j* = argmax_j (log s_j + g_j), backward through y:
+      V_s = V_{j*} + E_y[V] - sg(E_y[V]).
+    - "soft": the expectation forward and backward, V_s = E_p[V] = sum_j p_j V_j.
+
+    Returns the window positions `[batch, 2]` (the window forwarded; for "soft" the argmax, the one inference uses
+    and L_img crops), V_s `[batch, window tokens, D]` and the weights over the candidates `[batch, num_windows]`."""
+    if selection not in WINDOW_SELECTIONS[1:]:
+        raise ValueError(f"selection must be one of {WINDOW_SELECTIONS[1:]} for a relaxed window, got {selection!r}.")
+    batch = saliency.shape[0]
+    grid = saliency.float().view(batch, 1, grid_size, grid_size)
+    pooled = F.avg_pool2d(grid, kernel_size=window_size, stride=window_stride).flatten(1) * window_size**2
+    logits = pooled.clamp_min(torch.finfo(pooled.dtype).tiny).log()
+    chosen = pooled.argmax(dim=-1)  # the paper's window (`select_windows`)
+    if selection == "gumbel":
+        logits = logits - torch.empty_like(logits).exponential_().log()  # + Gumbel(0, 1) noise
+        chosen = logits.argmax(dim=-1)
+    weights = (logits / temperature).softmax(dim=-1)
+    positions, token_indices = window_candidates(grid_size, window_size, window_stride, saliency.device)
+    candidates = image_features[:, token_indices]  # [batch, num_windows, window tokens, D]
+    expectation = torch.einsum("bn,bntd->btd", weights.to(candidates.dtype), candidates)
+    if selection == "soft":
+        return positions[chosen], expectation, weights
+    hard = candidates[torch.arange(batch, device=candidates.device), chosen]
+    return positions[chosen], hard + (expectation - expectation.detach()), weights
+
+
 # Adaptive halting (Table 4): how consecutive latent steps Z^(k), Z^(k-1) are compared.
 HALTING_CRITERIA = ("cosine", "l1", "l2")
 
@@ -259,11 +322,14 @@ def latent_steps_converged(
 __all__ = [
     "HALTING_CRITERIA",
     "LARE_ATTENTION",
+    "WINDOW_SELECTIONS",
     "SaliencyRecorder",
     "check_latent_halting",
     "latent_step_distance",
     "latent_steps_converged",
     "record_saliency",
+    "relaxed_window_features",
     "saliency_attention_name",
     "select_windows",
+    "window_candidates",
 ]

@@ -15,6 +15,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from ..data.collator import DATA_COLUMNS
 from ..destinations import disk_full_error, is_disk_full, last_complete_checkpoint, write_manifest
 from ..modeling.latent_losses import LOSS_TERM_NAMES
+from .window_selection import WindowTemperatureCallback, latent_refocus_module
 
 # Loss components a LaRe forward returns (the model's LOSS_TERMS); each is logged as the mean over the logging window.
 LOSS_COMPONENTS = LOSS_TERM_NAMES
@@ -58,6 +59,12 @@ class LaReTrainer(Trainer):
     def __init__(self, *args, module_learning_rates: dict[str, float] | None = None, **kwargs):
         self.module_learning_rates = dict(module_learning_rates or {})
         super().__init__(*args, **kwargs)
+        # a relaxed window selection (not in the paper): its temperature schedule and per-step diagnostics
+        self.window_selection_callback: WindowTemperatureCallback | None = None
+        refocus_module = latent_refocus_module(self.model)
+        if refocus_module is not None and refocus_module.config.window_selection != "argmax":
+            self.window_selection_callback = WindowTemperatureCallback(self.model)
+            self.add_callback(self.window_selection_callback)
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
 
