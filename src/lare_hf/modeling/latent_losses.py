@@ -100,6 +100,10 @@ class LaReLatentLossesMixin:
         batched alone): L_img and the visual part of L_sym over the rows that ran the latent phase (an image),
         L_text and the text part of L_sym over those that also have a rationale (a row whose
         `rationale_attention_mask` is all 0 has none). A term with no such row is 0, still tied to the graph.
+
+        In training, the modules a term calls are called on every step, also where no row needs them (on a masked
+        row, weight 0): under FSDP and DeepSpeed ZeRO-3 a call gathers the module's parameters from every rank, so all
+        ranks must make the same calls whatever their rows hold.
         """
         config = self.config
         inputs = self._latent_loss_inputs(
@@ -131,6 +135,9 @@ class LaReLatentLossesMixin:
                 )
             else:
                 losses["text_reconstruction_loss"] = self._zero_loss(outputs)
+                masked_call = self._masked_text_reconstruction(outputs, rationale_input_ids)
+                if masked_call is not None:
+                    losses["text_reconstruction_loss"] = losses["text_reconstruction_loss"] + masked_call
         if config.image_loss_weight > 0:
             image_loss = self._image_reconstruction_loss(outputs, rows, pixel_values, compute)
             if image_loss is not None:
@@ -208,7 +215,8 @@ class LaReLatentLossesMixin:
         features V_s and (for the text part) the LM's hidden states of the rationales T; a part without rows is None.
 
         Under `torch.distributed` every rank joins both parts' gathers on every step, with 0 rows when it has none
-        (a text-only batch, no rationale), so that the collectives of all ranks stay in step."""
+        (a text-only batch, no rationale), so that the collectives of all ranks stay in step; in training the language
+        model reads a rationale on every rank (the first row's, masked, weight 0, where no row has one)."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not (rows.any() or distributed):
             return None, None
@@ -219,7 +227,7 @@ class LaReLatentLossesMixin:
             latents = self._flat_latents(outputs, rows)
             window_features = outputs.window_features[rows]
             visual = window_features.reshape(window_features.shape[0], -1, window_features.shape[-1])
-        text_hidden = text_mask = None
+        text_hidden = text_mask = masked_call = None
         if rationale_input_ids is not None and (text_rows.any() or distributed):
             text_hidden = empty
             if text_rows.any():
@@ -227,10 +235,36 @@ class LaReLatentLossesMixin:
                 text_hidden = self.model.language_model(
                     input_ids=rationale_input_ids[text_rows], attention_mask=text_mask, use_cache=False
                 ).last_hidden_state
+        if self.training and rationale_input_ids is not None and not text_rows.any():
+            # no rationale here: the language model still reads one (masked, weight 0) as ranks with one do
+            masked_call = self.model.language_model(
+                input_ids=rationale_input_ids[:1],
+                attention_mask=torch.ones_like(rationale_input_ids[:1]),
+                use_cache=False,
+            ).last_hidden_state
         _, text_part, visual_part = self.alignment_head(
             latents, None, text_hidden, text_mask, visual, None, text_rows=text_rows[rows]
         )
+        if masked_call is not None:
+            masked_call = (masked_call.float() * 0).sum()
+            text_part = masked_call if text_part is None else text_part + masked_call
         return text_part, visual_part
+
+    def _masked_text_reconstruction(
+        self, outputs: LaReModelOutputWithPast, rationale_input_ids: torch.LongTensor | None
+    ) -> torch.Tensor | None:
+        """L_text where no row has a rationale: in training, the calls of Eq. 8 on the first row, times 0, so that
+        every rank makes the same module calls (FSDP and ZeRO-3 gather a module's parameters collectively when it is
+        called); None otherwise."""
+        if not self.training or outputs.latent_embeds is None or rationale_input_ids is None:
+            return None
+        first = torch.zeros(outputs.latent_embeds.shape[0], dtype=torch.bool, device=outputs.latent_embeds.device)
+        first[0] = True
+        target_ids = rationale_input_ids[:1]
+        loss = self.text_prefix_reconstruction_loss(
+            self._flat_latents(outputs, first), target_ids, torch.ones_like(target_ids)
+        )
+        return loss * 0
 
     def text_prefix_reconstruction_loss(
         self, latents: torch.Tensor, rationale_input_ids: torch.LongTensor, rationale_attention_mask: torch.Tensor
