@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .losses import text_prefix_loss
 from .validation import check_tensor
@@ -193,13 +194,15 @@ class LaReLatentLossesMixin:
 
     def _zero_loss(self, outputs: LaReModelOutputWithPast, head: nn.Module | None = None) -> torch.Tensor:
         """A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor
-        and of its head, so that backward works in any stage and DDP sees those parameters used on every step."""
+        and of its head, so that backward works in any stage and DDP sees those parameters used on every step. A
+        parameter sharded by FSDP2 (a DTensor outside its unit's forward) or DeepSpeed ZeRO-3 is left out: it cannot
+        be read here, and those engines do not need every parameter used."""
         tensors = [outputs.last_hidden_state] + [
             parameter
             for module in (self.model.extractor, head)
             if module is not None
             for parameter in module.parameters()
-            if parameter.requires_grad
+            if parameter.requires_grad and not isinstance(parameter, DTensor) and not hasattr(parameter, "ds_id")
         ]
         return torch.stack([(tensor.float() * 0).sum() for tensor in tensors]).sum()
 
