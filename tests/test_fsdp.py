@@ -6,6 +6,8 @@
     4 rows draw in one process; the uneven part runs it.
 (b) Uneven data: rank 0 holds image rows with rationales, rank 1 an image row without one and a text-only row, every
     latent loss on (L_img included): both ranks finish the step (a hang fails on the timeout instead of blocking).
+    A rank whose whole batch is text-only would make one language-model pass where the others make K+1: the forward
+    refuses it, naming the fix.
 (c) The full state dict gathered on rank 0 (`get_model_state_dict(full_state_dict=True)`) loads into a plain
     single-process `LaReForConditionalGeneration`, which generates the tokens of the single-process reference.
 
@@ -132,6 +134,11 @@ def worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
             for name in ("loss", "image_reconstruction_loss", "text_reconstruction_loss", "alignment_loss")
             if (value := getattr(outputs, name)) is not None
         }
+        # both ranks text-only: refused with the fix named (one text-only rank would hang the others)
+        try:
+            model(**processor.build_training_inputs([chat(None, PROMPTS[0])], ANSWERS[:1]), compute_latent_losses=True)
+        except ValueError as error:
+            results["text_only_error"] = str(error)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -203,6 +210,12 @@ def test_uneven_ranks_finish_the_step_with_finite_losses(ranks):
         assert all(torch.isfinite(torch.tensor(value)) for value in rank["uneven"].values())
     assert per_rank[1]["uneven"]["text_reconstruction_loss"] == 0.0  # no rationale on rank 1: masked, weight 0
     assert per_rank[0]["uneven"]["text_reconstruction_loss"] > 0
+
+
+def test_a_text_only_batch_under_fsdp_is_refused_with_the_fix_named(ranks):
+    per_rank, _ = ranks
+    for rank in per_rank:
+        assert "at least one image row" in rank.get("text_only_error", "")
 
 
 def test_gathered_state_dict_loads_into_a_plain_model_that_generates_the_same_tokens(

@@ -169,6 +169,13 @@ class LaReLatentLossesMixin:
             rationale_attention_mask = torch.zeros_like(rationale_input_ids)
         rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
         if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
+            if self.training and self._parameters_sharded():
+                raise ValueError(
+                    "A text-only batch (no pixel_values) with the latent losses on, under FSDP or DeepSpeed ZeRO-3: it "
+                    "makes one language-model pass where an image batch makes K+1 and skips the Extractor, so the "
+                    "ranks' parameter gathers would fall out of step (a hang). Give every per-device batch at least "
+                    "one image row (mix text-only records into image batches), or train this stage with DDP."
+                )
             hidden = outputs.last_hidden_state
             rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         if rows is None:
@@ -191,6 +198,14 @@ class LaReLatentLossesMixin:
         if rationale_input_ids is not None:
             text_rows = rows & rationale_attention_mask.to(rows.device).bool().any(dim=1)
         return rows, text_rows, rationale_input_ids, rationale_attention_mask
+
+    def _parameters_sharded(self) -> bool:
+        """Whether the language model's layers are sharded by FSDP2 (DTensor parameters outside their unit's forward)
+        or DeepSpeed ZeRO-3 (partitioned parameters)."""
+        return any(
+            isinstance(parameter, DTensor) or hasattr(parameter, "ds_id")
+            for parameter in self.model.language_model.parameters()
+        )
 
     def _zero_loss(self, outputs: LaReModelOutputWithPast, head: nn.Module | None = None) -> torch.Tensor:
         """A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor
