@@ -10,7 +10,9 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -163,8 +165,22 @@ class LaReLatentRefocusMixin:
     def embedding_scale(self) -> torch.Tensor:
         """RMS of the LM's token embeddings, the scale latents are normalised to. A statistic over the whole
         vocabulary, so it is recomputed only when the embedding weight changed (an optimizer step, a resize, a move)
-        rather than on every forward / generate call."""
+        rather than on every forward / generate call.
+
+        Under FSDP2 the weight is a sharded DTensor outside the forward of its unit (gathered with `full_tensor`, so
+        the value is the single-process one); under DeepSpeed ZeRO-3 it is gathered with `GatheredParameters`. While
+        a process group runs, the scale is not cached: those engines refill the gathered weight in place without
+        bumping its version counter."""
         weight = self.get_input_embeddings().weight
+        if isinstance(weight, DTensor):
+            return weight.full_tensor().float().pow(2).mean().sqrt()
+        if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([weight]):
+                return weight.float().pow(2).mean().sqrt()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return weight.float().pow(2).mean().sqrt()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
         cached = getattr(self, "_embedding_scale_cache", None)
         if cached is None or cached[0] != key:

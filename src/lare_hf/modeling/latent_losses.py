@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .losses import text_prefix_loss
 from .validation import check_tensor
@@ -100,6 +101,10 @@ class LaReLatentLossesMixin:
         batched alone): L_img and the visual part of L_sym over the rows that ran the latent phase (an image),
         L_text and the text part of L_sym over those that also have a rationale (a row whose
         `rationale_attention_mask` is all 0 has none). A term with no such row is 0, still tied to the graph.
+
+        In training, the modules a term calls are called on every step, also where no row needs them (on a masked
+        row, weight 0): under FSDP and DeepSpeed ZeRO-3 a call gathers the module's parameters from every rank, so all
+        ranks must make the same calls whatever their rows hold.
         """
         config = self.config
         inputs = self._latent_loss_inputs(
@@ -131,6 +136,9 @@ class LaReLatentLossesMixin:
                 )
             else:
                 losses["text_reconstruction_loss"] = self._zero_loss(outputs)
+                masked_call = self._masked_text_reconstruction(outputs, rationale_input_ids)
+                if masked_call is not None:
+                    losses["text_reconstruction_loss"] = losses["text_reconstruction_loss"] + masked_call
         if config.image_loss_weight > 0:
             image_loss = self._image_reconstruction_loss(outputs, rows, pixel_values, compute)
             if image_loss is not None:
@@ -161,6 +169,13 @@ class LaReLatentLossesMixin:
             rationale_attention_mask = torch.zeros_like(rationale_input_ids)
         rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
         if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
+            if self.training and self._parameters_sharded():
+                raise ValueError(
+                    "A text-only batch (no pixel_values) with the latent losses on, under FSDP or DeepSpeed ZeRO-3: it "
+                    "makes one language-model pass where an image batch makes K+1 and skips the Extractor, so the "
+                    "ranks' parameter gathers would fall out of step (a hang). Give every per-device batch at least "
+                    "one image row (mix text-only records into image batches), or train this stage with DDP."
+                )
             hidden = outputs.last_hidden_state
             rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         if rows is None:
@@ -184,15 +199,25 @@ class LaReLatentLossesMixin:
             text_rows = rows & rationale_attention_mask.to(rows.device).bool().any(dim=1)
         return rows, text_rows, rationale_input_ids, rationale_attention_mask
 
+    def _parameters_sharded(self) -> bool:
+        """Whether the language model's layers are sharded by FSDP2 (DTensor parameters outside their unit's forward)
+        or DeepSpeed ZeRO-3 (partitioned parameters)."""
+        return any(
+            isinstance(parameter, DTensor) or hasattr(parameter, "ds_id")
+            for parameter in self.model.language_model.parameters()
+        )
+
     def _zero_loss(self, outputs: LaReModelOutputWithPast, head: nn.Module | None = None) -> torch.Tensor:
         """A term without a valid row: 0, connected to the graph and to the trainable parameters of the Extractor
-        and of its head, so that backward works in any stage and DDP sees those parameters used on every step."""
+        and of its head, so that backward works in any stage and DDP sees those parameters used on every step. A
+        parameter sharded by FSDP2 (a DTensor outside its unit's forward) or DeepSpeed ZeRO-3 is left out: it cannot
+        be read here, and those engines do not need every parameter used."""
         tensors = [outputs.last_hidden_state] + [
             parameter
             for module in (self.model.extractor, head)
             if module is not None
             for parameter in module.parameters()
-            if parameter.requires_grad
+            if parameter.requires_grad and not isinstance(parameter, DTensor) and not hasattr(parameter, "ds_id")
         ]
         return torch.stack([(tensor.float() * 0).sum() for tensor in tensors]).sum()
 
@@ -208,7 +233,8 @@ class LaReLatentLossesMixin:
         features V_s and (for the text part) the LM's hidden states of the rationales T; a part without rows is None.
 
         Under `torch.distributed` every rank joins both parts' gathers on every step, with 0 rows when it has none
-        (a text-only batch, no rationale), so that the collectives of all ranks stay in step."""
+        (a text-only batch, no rationale), so that the collectives of all ranks stay in step; in training the language
+        model reads a rationale on every rank (the first row's, masked, weight 0, where no row has one)."""
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not (rows.any() or distributed):
             return None, None
@@ -219,7 +245,7 @@ class LaReLatentLossesMixin:
             latents = self._flat_latents(outputs, rows)
             window_features = outputs.window_features[rows]
             visual = window_features.reshape(window_features.shape[0], -1, window_features.shape[-1])
-        text_hidden = text_mask = None
+        text_hidden = text_mask = masked_call = None
         if rationale_input_ids is not None and (text_rows.any() or distributed):
             text_hidden = empty
             if text_rows.any():
@@ -227,10 +253,36 @@ class LaReLatentLossesMixin:
                 text_hidden = self.model.language_model(
                     input_ids=rationale_input_ids[text_rows], attention_mask=text_mask, use_cache=False
                 ).last_hidden_state
+        if self.training and rationale_input_ids is not None and not text_rows.any():
+            # no rationale here: the language model still reads one (masked, weight 0) as ranks with one do
+            masked_call = self.model.language_model(
+                input_ids=rationale_input_ids[:1],
+                attention_mask=torch.ones_like(rationale_input_ids[:1]),
+                use_cache=False,
+            ).last_hidden_state
         _, text_part, visual_part = self.alignment_head(
             latents, None, text_hidden, text_mask, visual, None, text_rows=text_rows[rows]
         )
+        if masked_call is not None:
+            masked_call = (masked_call.float() * 0).sum()
+            text_part = masked_call if text_part is None else text_part + masked_call
         return text_part, visual_part
+
+    def _masked_text_reconstruction(
+        self, outputs: LaReModelOutputWithPast, rationale_input_ids: torch.LongTensor | None
+    ) -> torch.Tensor | None:
+        """L_text where no row has a rationale: in training, the calls of Eq. 8 on the first row, times 0, so that
+        every rank makes the same module calls (FSDP and ZeRO-3 gather a module's parameters collectively when it is
+        called); None otherwise."""
+        if not self.training or outputs.latent_embeds is None or rationale_input_ids is None:
+            return None
+        first = torch.zeros(outputs.latent_embeds.shape[0], dtype=torch.bool, device=outputs.latent_embeds.device)
+        first[0] = True
+        target_ids = rationale_input_ids[:1]
+        loss = self.text_prefix_reconstruction_loss(
+            self._flat_latents(outputs, first), target_ids, torch.ones_like(target_ids)
+        )
+        return loss * 0
 
     def text_prefix_reconstruction_loss(
         self, latents: torch.Tensor, rationale_input_ids: torch.LongTensor, rationale_attention_mask: torch.Tensor
