@@ -40,7 +40,8 @@ def test_halting_equals_a_run_with_that_many_steps_alone_and_in_a_batch(
     batch = prompts(processor, QUESTIONS, seeds, num_latent_steps=6)
     halted = model.generate(**batch, latent_halting=criterion, latent_halting_threshold=threshold, **GREEDY)
     steps = halted.latent_steps.tolist()
-    assert len(set(steps)) > 1 and min(steps) >= 2 and max(steps) <= 6  # samples of one batch stop at their own step
+    # samples of one batch stop at their own step, up to the cap max_latent_steps=8 (not the prompt's 6 slots)
+    assert len(set(steps)) > 1 and min(steps) >= 2 and max(steps) <= 8
     length = batch["input_ids"].shape[1]
     for row, (question, seed) in enumerate(zip(QUESTIONS, seeds)):
         single = prompts(processor, [question], [seed], num_latent_steps=6)
@@ -52,8 +53,8 @@ def test_halting_equals_a_run_with_that_many_steps_alone_and_in_a_batch(
         assert halted.sequences[row, length:].tolist() == expected == alone.sequences[0, single_length:].tolist()
         torch.testing.assert_close(new_logits(halted, row), new_logits(fixed, 0), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(new_logits(alone, 0), new_logits(fixed, 0), atol=1e-5, rtol=1e-5)
-        if steps[row] < 6:  # the comparison can fail: all six steps give other logits
-            full = model.generate(**single, **GREEDY)
+        if steps[row] < 8:  # the comparison can fail: all eight steps give other logits
+            full = model.generate(**single, num_latent_steps=8, **GREEDY)
             assert (new_logits(full, 0) - new_logits(fixed, 0)).abs().max() > 1e-3
 
 
@@ -172,14 +173,24 @@ def test_halting_table_rows(tiny_model_and_processor, chains_samples, tmp_path):
     report = halting_analysis(model, processor, bench, samples, 4, thresholds, batch_size=4, max_new_tokens=4)
     rows = {(row["criterion"], row["threshold"]): row for row in report["rows"]}
     assert len(rows) == 4 and rows[(None, None)]["avg_latent_steps"] == 4
+    assert report["max_latent_steps"] == 8 and rows[(None, None)]["method"] == "LaRe (K=4)"
     assert rows[("l1", 1e6)]["avg_latent_steps"] == 2  # every sample halts at the first check
-    assert rows[("cosine", 1.0)]["avg_latent_steps"] == 4  # none converges exactly
-    assert 2 <= rows[("l2", thresholds["l2"][0])]["avg_latent_steps"] <= 4
+    # Table 4: the adaptive rows run past the fixed K, up to the cap max_latent_steps (8 in lare-tiny)
+    assert rows[("cosine", 1.0)]["avg_latent_steps"] == 8  # none converges exactly
+    assert rows[("cosine", 1.0)]["max_latent_steps"] == 8
+    assert 2 <= rows[("l2", thresholds["l2"][0])]["avg_latent_steps"] <= 8
     sweep = latent_steps_sweep(model, processor, bench, samples, steps=[2, 4], batch_size=4, max_new_tokens=4)
     for halting_row, sweep_row in ((rows[("l1", 1e6)], sweep["rows"][0]), (rows[(None, None)], sweep["rows"][1])):
         assert halting_row["accuracy"] == sweep_row["accuracy"]
         assert halting_row["avg_tokens"] == sweep_row["avg_tokens"]
-    assert list(report["step_distance_by_step"]["l2"]) == [2, 3, 4]
+    assert list(report["step_distance_by_step"]["l2"]) == list(range(2, 9))
+    capped = halting_analysis(
+        model, processor, bench, samples, [2, 4], {"cosine": [1.0]}, batch_size=4, max_new_tokens=4,
+        max_latent_steps=5,
+    )  # fmt: skip
+    assert [(row["method"], row["avg_latent_steps"]) for row in capped["rows"]] == [
+        ("LaRe (K=2)", 2), ("LaRe (K=4)", 4), ("+ Adaptive (cosine, t=1, cap 5)", 5),
+    ]  # fmt: skip
     assert is_png(plot_halting(report, tmp_path / "halting.png"))
     with pytest.raises(ValueError, match="latent_halting must be one of"):
         halting_analysis(model, processor, bench, samples, 4, {"l3": [0.1]})

@@ -65,7 +65,8 @@ def generate_batched(
     """Greedy answers for `samples` in batches; `generate_kwargs` go to `model.generate` (e.g. `latent_halting`).
 
     Returns ``{"texts", "counts"`` (generated tokens per sample), ``"latent_steps"`` (per sample: the steps it used;
-    K for every sample unless adaptive halting stopped it earlier) ``, "seconds"}``."""
+    K for every sample; with adaptive halting the step it stopped at, `num_latent_steps` being the cap)
+    ``, "seconds"}``."""
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     pad_id = model.generation_config.pad_token_id
@@ -76,7 +77,12 @@ def generate_batched(
         batch = samples[start : start + batch_size]
         inputs = prompt_inputs(model, processor, batch, num_latent_steps)
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **generate_kwargs
+            **inputs,
+            num_latent_steps=num_latent_steps,  # with adaptive halting: the cap (None: max_latent_steps)
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            **generate_kwargs,
         )
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         texts += processor.batch_decode(new_tokens, skip_special_tokens=True)
