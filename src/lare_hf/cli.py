@@ -487,14 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_analyze_commands(sub)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
+    from .demo import DEMO_VARIANT, QUICK_HELP, VARIANT_HELP
+
+    demo_help = (
+        "the whole pipeline offline on CPU: the reproduction's small LaRe for RefocusChains (1-2 hops), trained "
+        "against the K=0 baseline"
+    )
+    demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     demo.add_argument("--output", default="lare-demo")
-    demo.add_argument("--quick", action="store_true", help="fewer training steps (used by the tests)")
+    demo.add_argument("--quick", action="store_true", help=QUICK_HELP)
     demo.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     demo.add_argument(
         "--variant",
-        default="lare_grounded_k2",
-        help="the LaRe variant to train (lare_hf.reproduction.variant names; lare_k2: the paper's target)",
+        default=DEMO_VARIANT,
+        help=VARIANT_HELP,
     )
     demo.set_defaults(func=cmd_demo)
     return parser
