@@ -47,7 +47,7 @@ class LaReDataArguments:
         default="reasoning",
         metadata={
             "help": "what the model learns to generate: 'reasoning' (the paper: rationale, then 'Answer: ...'; the "
-            "bare answer for records without a rationale) or 'answer' (the bare answer)"
+            "bare answer for records without a rationale) or 'answer' (the bare answer; not in the paper)"
         },
     )
 
