@@ -265,6 +265,26 @@ def test_probe_pairs_follow_the_protocol():
             assert questions[i] == questions[j] and images[i] != images[j]
     again = build_probe_pairs(images, questions, num_pairs=1000, seed=0)
     assert all((pairs[key] == again[key]).all() for key in pairs)
+    assert (pairs["substituted"] == "").all()
+
+
+def test_probe_random_negatives_are_in_batch_and_missing_kinds_are_reported():
+    from lare_hf.analysis import build_probe_pairs, run_probes
+
+    images = [i // 4 for i in range(1200)]
+    questions = [i % 50 for i in range(1200)]
+    pairs = build_probe_pairs(images, questions, num_pairs=1000, seed=0, batch_size=16)
+    random = pairs["kind"] == "random"
+    assert random.sum() == 166 and (pairs["latent"][random] // 16 == pairs["partner"][random] // 16).all()
+    with pytest.raises(ValueError, match="batch_size .* must be an integer >= 2 or None, got 1"):
+        build_probe_pairs(images, questions, batch_size=1)
+    # every sample its own image: no same-image negative exists; those pairs are replaced and reported
+    latents, partners, _, questions = toy_probe_inputs()
+    lonely = list(range(len(latents)))
+    with pytest.warns(UserWarning, match=r"\{'same_image': \d+\} negatives .* no candidate"):
+        report = run_probes(latents, partners, lonely, questions, num_pairs=400, seed=0, batch_size=16)
+    assert report["negatives_substituted"]["same_image"] == report["pair_kinds"]["random"] - 66
+    assert "same_image" not in report["pair_kinds"]
 
 
 def test_probes_above_chance_on_separable_pairs_and_at_chance_on_shuffled_labels():
