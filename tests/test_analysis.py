@@ -138,6 +138,20 @@ def is_png(path) -> bool:
         return handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fig5_draws_the_tokens_of_correct_answers(tmp_path):
+    """Fig. 5's "# tokens" is over the correct answers (the paper's tables); a K with none correct has no point."""
+    from lare_hf.analysis import plot_steps_sweep, steps_sweep_series
+
+    rows = [
+        {"num_latent_steps": 0, "accuracy": 0.0, "avg_tokens": 9.0, "avg_tokens_correct": None},
+        {"num_latent_steps": 2, "accuracy": 50.0, "avg_tokens": 7.0, "avg_tokens_correct": 4.0},
+        {"num_latent_steps": 4, "accuracy": 75.0, "avg_tokens": 6.0, "avg_tokens_correct": 5.5},
+    ]
+    series = steps_sweep_series({"rows": rows})
+    assert series == {"num_latent_steps": [0, 2, 4], "accuracy": [0.0, 50.0, 75.0], "tokens_correct": [None, 4.0, 5.5]}
+    assert is_png(plot_steps_sweep({"rows": rows, "benchmark": "b"}, tmp_path / "steps.png"))
+
+
 def test_steps_sweep_rows_are_deterministic_and_match_the_evaluation(
     tiny_model_and_processor, chains_samples, tmp_path
 ):
