@@ -332,6 +332,40 @@ def test_probe_features_from_the_model(tiny_model_and_processor, chains_data):
 # ---------------------------------------------------------------------------------------------------- figures
 
 
+def test_fig3_draws_the_extractor_attention_inside_the_window_and_the_generated_text(
+    tiny_model_and_processor, chains_samples, tmp_path
+):
+    from lare_hf.analysis import refocus_figure, refocus_record
+    from lare_hf.visualization import extractor_attention_maps
+
+    model, processor = tiny_model_and_processor
+    _, samples = chains_samples
+    record = refocus_record(model, processor, samples[:3], 2, return_extractor_attention=True)
+    attention = record["extractor_attentions"]  # [N, K, m, window tokens]: lare-tiny's m = 2, window 4x4
+    assert attention.shape == (3, 2, 2, 16)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2, 2))
+    maps = extractor_attention_maps(attention, record["window_positions"], 4, 8)
+    for i in range(3):
+        for k in range(2):
+            row, col = record["window_positions"][i, k].tolist()
+            inside = maps[i, k, row : row + 4, col : col + 4]
+            torch.testing.assert_close(inside.flatten(), attention[i, k].mean(0))
+            assert maps[i, k].sum() == pytest.approx(1.0, abs=1e-5)  # nothing outside the window
+    assert "extractor_attentions" not in refocus_record(model, processor, samples[:1], 2)
+    path = refocus_figure(model, processor, samples[:2], tmp_path / "fig3.png", num_latent_steps=2, max_new_tokens=3)
+    assert is_png(path)
+    from PIL import Image
+
+    with_attention = Image.open(path).size
+    from lare_hf.visualization import plot_refocus_grid
+
+    without = plot_refocus_grid(
+        [s.image for s in samples[:2]], record["saliency_maps"][:2], record["window_positions"][:2], 4,
+        str(tmp_path / "plain.png"), titles=["a", "b"],
+    )  # fmt: skip
+    assert with_attention[1] > 1.8 * Image.open(without).size[1]  # a second row per sample: the Extractor's heatmap
+
+
 def test_figures_and_window_hits(chains_checkpoint, chains_samples, tiny_model_and_processor, tmp_path):
     from lare_hf.analysis import (
         load_model,

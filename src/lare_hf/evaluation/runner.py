@@ -99,15 +99,24 @@ def generate_batched(
 
 @torch.no_grad()
 def refocus_record(
-    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
+    model,
+    processor,
+    samples: list[BenchmarkSample],
+    num_latent_steps: int,
+    batch_size: int = 16,
+    return_extractor_attention: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
     `[N, K, grid, grid]` and window positions `[N, K, 2]` (on the CPU), latents `[N, K, m, D]` and the pixel values
-    (on the model's device). The figures, the window-hit rates and the reproduction read it."""
+    (on the model's device). The figures, the window-hit rates and the reproduction read it. With
+    `return_extractor_attention` also the Extractor's last cross-attention over each window, `extractor_attentions`
+    `[N, K, m, window tokens]` on the CPU (absent when the Extractor is ablated)."""
     found: dict[str, list[torch.Tensor]] = defaultdict(list)
     for start in range(0, len(samples), batch_size):
         inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
-        outputs = model(**inputs)
+        outputs = model(**inputs, return_extractor_attention=return_extractor_attention)
+        if outputs.extractor_attentions is not None:
+            found["extractor_attentions"].append(outputs.extractor_attentions.float().cpu())
         found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
         found["window_positions"].append(outputs.window_positions.cpu())
         found["latent_embeds"].append(outputs.latent_embeds)
