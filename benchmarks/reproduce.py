@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--curriculum-steps",
         type=int,
         default=0,
-        help="the first that many of --steps train on one-hop questions only (a chain-length curriculum)",
+        help="the first that many of --steps train on one-hop questions only (a chain-length curriculum, not in "
+        "the paper)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=VARIANT_LEARNING_RATE,

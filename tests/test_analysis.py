@@ -40,7 +40,8 @@ def test_halting_equals_a_run_with_that_many_steps_alone_and_in_a_batch(
     batch = prompts(processor, QUESTIONS, seeds, num_latent_steps=6)
     halted = model.generate(**batch, latent_halting=criterion, latent_halting_threshold=threshold, **GREEDY)
     steps = halted.latent_steps.tolist()
-    assert len(set(steps)) > 1 and min(steps) >= 2 and max(steps) <= 6  # samples of one batch stop at their own step
+    # samples of one batch stop at their own step, up to the cap max_latent_steps=8 (not the prompt's 6 slots)
+    assert len(set(steps)) > 1 and min(steps) >= 2 and max(steps) <= 8
     length = batch["input_ids"].shape[1]
     for row, (question, seed) in enumerate(zip(QUESTIONS, seeds)):
         single = prompts(processor, [question], [seed], num_latent_steps=6)
@@ -52,8 +53,8 @@ def test_halting_equals_a_run_with_that_many_steps_alone_and_in_a_batch(
         assert halted.sequences[row, length:].tolist() == expected == alone.sequences[0, single_length:].tolist()
         torch.testing.assert_close(new_logits(halted, row), new_logits(fixed, 0), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(new_logits(alone, 0), new_logits(fixed, 0), atol=1e-5, rtol=1e-5)
-        if steps[row] < 6:  # the comparison can fail: all six steps give other logits
-            full = model.generate(**single, **GREEDY)
+        if steps[row] < 8:  # the comparison can fail: all eight steps give other logits
+            full = model.generate(**single, num_latent_steps=8, **GREEDY)
             assert (new_logits(full, 0) - new_logits(fixed, 0)).abs().max() > 1e-3
 
 
@@ -137,6 +138,20 @@ def is_png(path) -> bool:
         return handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fig5_draws_the_tokens_of_correct_answers(tmp_path):
+    """Fig. 5's "# tokens" is over the correct answers (the paper's tables); a K with none correct has no point."""
+    from lare_hf.analysis import plot_steps_sweep, steps_sweep_series
+
+    rows = [
+        {"num_latent_steps": 0, "accuracy": 0.0, "avg_tokens": 9.0, "avg_tokens_correct": None},
+        {"num_latent_steps": 2, "accuracy": 50.0, "avg_tokens": 7.0, "avg_tokens_correct": 4.0},
+        {"num_latent_steps": 4, "accuracy": 75.0, "avg_tokens": 6.0, "avg_tokens_correct": 5.5},
+    ]
+    series = steps_sweep_series({"rows": rows})
+    assert series == {"num_latent_steps": [0, 2, 4], "accuracy": [0.0, 50.0, 75.0], "tokens_correct": [None, 4.0, 5.5]}
+    assert is_png(plot_steps_sweep({"rows": rows, "benchmark": "b"}, tmp_path / "steps.png"))
+
+
 def test_steps_sweep_rows_are_deterministic_and_match_the_evaluation(
     tiny_model_and_processor, chains_samples, tmp_path
 ):
@@ -172,14 +187,24 @@ def test_halting_table_rows(tiny_model_and_processor, chains_samples, tmp_path):
     report = halting_analysis(model, processor, bench, samples, 4, thresholds, batch_size=4, max_new_tokens=4)
     rows = {(row["criterion"], row["threshold"]): row for row in report["rows"]}
     assert len(rows) == 4 and rows[(None, None)]["avg_latent_steps"] == 4
+    assert report["max_latent_steps"] == 8 and rows[(None, None)]["method"] == "LaRe (K=4)"
     assert rows[("l1", 1e6)]["avg_latent_steps"] == 2  # every sample halts at the first check
-    assert rows[("cosine", 1.0)]["avg_latent_steps"] == 4  # none converges exactly
-    assert 2 <= rows[("l2", thresholds["l2"][0])]["avg_latent_steps"] <= 4
+    # Table 4: the adaptive rows run past the fixed K, up to the cap max_latent_steps (8 in lare-tiny)
+    assert rows[("cosine", 1.0)]["avg_latent_steps"] == 8  # none converges exactly
+    assert rows[("cosine", 1.0)]["max_latent_steps"] == 8
+    assert 2 <= rows[("l2", thresholds["l2"][0])]["avg_latent_steps"] <= 8
     sweep = latent_steps_sweep(model, processor, bench, samples, steps=[2, 4], batch_size=4, max_new_tokens=4)
     for halting_row, sweep_row in ((rows[("l1", 1e6)], sweep["rows"][0]), (rows[(None, None)], sweep["rows"][1])):
         assert halting_row["accuracy"] == sweep_row["accuracy"]
         assert halting_row["avg_tokens"] == sweep_row["avg_tokens"]
-    assert list(report["step_distance_by_step"]["l2"]) == [2, 3, 4]
+    assert list(report["step_distance_by_step"]["l2"]) == list(range(2, 9))
+    capped = halting_analysis(
+        model, processor, bench, samples, [2, 4], {"cosine": [1.0]}, batch_size=4, max_new_tokens=4,
+        max_latent_steps=5,
+    )  # fmt: skip
+    assert [(row["method"], row["avg_latent_steps"]) for row in capped["rows"]] == [
+        ("LaRe (K=2)", 2), ("LaRe (K=4)", 4), ("+ Adaptive (cosine, t=1, cap 5)", 5),
+    ]  # fmt: skip
     assert is_png(plot_halting(report, tmp_path / "halting.png"))
     with pytest.raises(ValueError, match="latent_halting must be one of"):
         halting_analysis(model, processor, bench, samples, 4, {"l3": [0.1]})
@@ -254,6 +279,26 @@ def test_probe_pairs_follow_the_protocol():
             assert questions[i] == questions[j] and images[i] != images[j]
     again = build_probe_pairs(images, questions, num_pairs=1000, seed=0)
     assert all((pairs[key] == again[key]).all() for key in pairs)
+    assert (pairs["substituted"] == "").all()
+
+
+def test_probe_random_negatives_are_in_batch_and_missing_kinds_are_reported():
+    from lare_hf.analysis import build_probe_pairs, run_probes
+
+    images = [i // 4 for i in range(1200)]
+    questions = [i % 50 for i in range(1200)]
+    pairs = build_probe_pairs(images, questions, num_pairs=1000, seed=0, batch_size=16)
+    random = pairs["kind"] == "random"
+    assert random.sum() == 166 and (pairs["latent"][random] // 16 == pairs["partner"][random] // 16).all()
+    with pytest.raises(ValueError, match="batch_size .* must be an integer >= 2 or None, got 1"):
+        build_probe_pairs(images, questions, batch_size=1)
+    # every sample its own image: no same-image negative exists; those pairs are replaced and reported
+    latents, partners, _, questions = toy_probe_inputs()
+    lonely = list(range(len(latents)))
+    with pytest.warns(UserWarning, match=r"\{'same_image': \d+\} negatives .* no candidate"):
+        report = run_probes(latents, partners, lonely, questions, num_pairs=400, seed=0, batch_size=16)
+    assert report["negatives_substituted"]["same_image"] == report["pair_kinds"]["random"] - 66
+    assert "same_image" not in report["pair_kinds"]
 
 
 def test_probes_above_chance_on_separable_pairs_and_at_chance_on_shuffled_labels():
@@ -285,6 +330,40 @@ def test_probe_features_from_the_model(tiny_model_and_processor, chains_data):
 
 
 # ---------------------------------------------------------------------------------------------------- figures
+
+
+def test_fig3_draws_the_extractor_attention_inside_the_window_and_the_generated_text(
+    tiny_model_and_processor, chains_samples, tmp_path
+):
+    from lare_hf.analysis import refocus_figure, refocus_record
+    from lare_hf.visualization import extractor_attention_maps
+
+    model, processor = tiny_model_and_processor
+    _, samples = chains_samples
+    record = refocus_record(model, processor, samples[:3], 2, return_extractor_attention=True)
+    attention = record["extractor_attentions"]  # [N, K, m, window tokens]: lare-tiny's m = 2, window 4x4
+    assert attention.shape == (3, 2, 2, 16)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2, 2))
+    maps = extractor_attention_maps(attention, record["window_positions"], 4, 8)
+    for i in range(3):
+        for k in range(2):
+            row, col = record["window_positions"][i, k].tolist()
+            inside = maps[i, k, row : row + 4, col : col + 4]
+            torch.testing.assert_close(inside.flatten(), attention[i, k].mean(0))
+            assert maps[i, k].sum() == pytest.approx(1.0, abs=1e-5)  # nothing outside the window
+    assert "extractor_attentions" not in refocus_record(model, processor, samples[:1], 2)
+    path = refocus_figure(model, processor, samples[:2], tmp_path / "fig3.png", num_latent_steps=2, max_new_tokens=3)
+    assert is_png(path)
+    from PIL import Image
+
+    with_attention = Image.open(path).size
+    from lare_hf.visualization import plot_refocus_grid
+
+    without = plot_refocus_grid(
+        [s.image for s in samples[:2]], record["saliency_maps"][:2], record["window_positions"][:2], 4,
+        str(tmp_path / "plain.png"), titles=["a", "b"],
+    )  # fmt: skip
+    assert with_attention[1] > 1.8 * Image.open(without).size[1]  # a second row per sample: the Extractor's heatmap
 
 
 def test_figures_and_window_hits(chains_checkpoint, chains_samples, tiny_model_and_processor, tmp_path):

@@ -30,12 +30,37 @@ def test_lare_demo_runs_the_whole_pipeline(tmp_path):
     assert {"train.jsonl", "test.jsonl", "captions.jsonl"} <= {p.name for p in (tmp_path / "data").iterdir()}
     last = result.stdout.strip().splitlines()[-1]
     match = re.fullmatch(
-        r"demo: LaRe (\d+\.\d)% vs K=0 (\d+\.\d)% on (\d+) held-out questions \(window hit rate (\d+\.\d)%\)", last
+        r"demo: LaRe \((\w+)\) (\d+\.\d)% vs K=0 (\d+\.\d)% on (\d+) held-out questions "
+        r"\(window hit rate (\d+\.\d)%\)",
+        last,
     )
     assert match, last
-    assert float(match.group(1)) == round(summary["lare_accuracy"], 1) and int(match.group(3)) == summary["num_test"]
+    assert match.group(1) == summary["variant"] == "lare_grounded_k2"
+    assert float(match.group(2)) == round(summary["lare_accuracy"], 1) and int(match.group(4)) == summary["num_test"]
     assert "chat:" in result.stdout and summary["chat"]["question"].startswith("From the ")
     assert summary["variant"] == "lare_grounded_k2" and summary["window_loss_weight"] == 1.0
+    card = (tmp_path / "lare_grounded_k2" / "README.md").read_text()
+    assert "Not in the paper: window-grounding loss (window_loss_weight=1.0)" in card
+    assert "Not in the paper" not in (tmp_path / "k0" / "README.md").read_text()
+
+
+def test_model_card_names_the_window_grounding_loss(tmp_path):
+    from lare_hf.build import build_tiny, save_checkpoint
+    from lare_hf.hub import build_model_card
+
+    for weight in (0.0, 1.0):
+        model, processor = build_tiny(overrides={"window_loss_weight": weight})
+        card = str(build_model_card(save_checkpoint(model, processor, str(tmp_path / str(weight)))))
+        assert ("Not in the paper: window-grounding loss (window_loss_weight=1.0)" in card) == bool(weight)
+
+
+def test_demo_help_names_the_model_and_what_the_default_variant_adds(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tiny preset" not in text and "the reproduction's small LaRe for RefocusChains" in text
+    assert "lare_grounded_k2, is answer-only with the window-grounding loss, which is not in the paper" in text
+    assert "16 training boards, 8 held-out questions" in text and "2 training steps per stage" in text
 
 
 def test_demo_refuses_a_variant_without_latent_steps_before_writing(tmp_path, capsys):

@@ -265,6 +265,11 @@ def test_variant_names():
     assert variant("lare").response_format == "reasoning" and variant("lare").latent_losses
     no_sym = variant("no_sym", "lare_steps")
     assert no_sym.overrides == {"sym_loss_weight": 0.0} and no_sym.step_supervision
+    # the ablations modify the paper's LaRe unless told otherwise, as benchmarks/reproduce.py does
+    no_img = variant("no_img")
+    assert no_img.response_format == "reasoning" and no_img.description.startswith("lare w/o")
+    for name in ("lare_answer", "lare_coconut"):
+        assert "not in the paper" in VARIANTS[name].description
     assert variant("lare_answer_k2").num_latent_steps == 2 and variant("lare_steps_k3").step_supervision
     grounded = variant("lare_grounded_k2")
     assert grounded.num_latent_steps == 2 and grounded.overrides == {"window_loss_weight": 1.0}

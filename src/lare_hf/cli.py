@@ -261,8 +261,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         elif kind == "halting":
             thresholds = _parse_thresholds(args.thresholds)
             report = halting.run(
-                source, output, args.num_latent_steps, thresholds, args.batch_size, args.max_new_tokens
-            )
+                source, output, args.num_latent_steps, thresholds, args.batch_size, args.max_new_tokens,
+                args.max_latent_steps,
+            )  # fmt: skip
         elif kind == "attention":
             report = attention.run(
                 source, output, args.baseline, args.num_latent_steps, args.baseline_num_latent_steps, args.batch_size
@@ -437,7 +438,8 @@ def _add_analyze_commands(sub) -> None:
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
     helps = {
         "steps": "latent steps sweep (Fig. 5): accuracy and generated tokens for each K",
-        "halting": "adaptive halting (Table 4): average steps, accuracy, tokens per criterion and threshold",
+        "halting": "adaptive halting (Table 4): the fixed-K row, then average steps (up to max_latent_steps), "
+        "accuracy and tokens per criterion and threshold",
         "probing": "probing (Table 6): SVM / MLP accuracy of latent-vision and latent-text pairs",
         "attention": "attention of the first generated token to the image (Table 5): LaRe vs the K=0 model",
         "figures": "Fig. 3 refocus grid, Fig. 4 reconstructions, RefocusChains window-hit rate per step",
@@ -465,6 +467,11 @@ def _add_analyze_commands(sub) -> None:
             command.add_argument(
                 "--thresholds", nargs="+", default=None,
                 help="criterion=t1,t2 ... (cosine, l1, l2); default: quartiles of the model's own step distances",
+            )  # fmt: skip
+            command.add_argument(
+                "--max-latent-steps", type=int, default=None,
+                help="the adaptive rows' cap on latent steps (default: the model's max_latent_steps); the fixed row "
+                "runs --num-latent-steps",
             )  # fmt: skip
         if name in ("probing", "attention"):
             command.add_argument(
@@ -496,14 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_analyze_commands(sub)
 
-    demo = sub.add_parser("demo", help="the whole pipeline on the offline tiny preset")
+    from .demo import DEMO_VARIANT, QUICK_HELP, VARIANT_HELP
+
+    demo_help = (
+        "the whole pipeline offline on CPU: the reproduction's small LaRe for RefocusChains (1-2 hops), trained "
+        "against the K=0 baseline"
+    )
+    demo = sub.add_parser("demo", help=demo_help, description=demo_help)
     demo.add_argument("--output", default="lare-demo")
-    demo.add_argument("--quick", action="store_true", help="fewer training steps (used by the tests)")
+    demo.add_argument("--quick", action="store_true", help=QUICK_HELP)
     demo.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
     demo.add_argument(
         "--variant",
-        default="lare_grounded_k2",
-        help="the LaRe variant to train (lare_hf.reproduction.variant names; lare_k2: the paper's target)",
+        default=DEMO_VARIANT,
+        help=VARIANT_HELP,
     )
     demo.set_defaults(func=cmd_demo)
     return parser

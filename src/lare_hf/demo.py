@@ -4,7 +4,7 @@ build a small LaRe -> write RefocusChains (easy setting: chains of 1-2 hops) -> 
 Stage I analogue) -> train LaRe and the K=0 baseline from the aligned weights (same budget) -> evaluate both on
 held-out boards -> draw where each latent step refocused (refocus.png) -> chat with the saved LaRe checkpoint
 through the Auto classes. The last line reads
-``demo: LaRe X% vs K=0 Y% on N held-out questions (window hit rate Z%)``.
+``demo: LaRe (VARIANT) X% vs K=0 Y% on N held-out questions (window hit rate Z%)``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ DEMO_VARIANT = "lare_grounded_k2"
 DEMO_HOPS = (1, 2)
 FULL = dict(num_train=2000, num_test=200, num_captions=3000, align_steps=600, steps=300, batch_size=32)
 QUICK = dict(num_train=16, num_test=8, num_captions=16, align_steps=2, steps=2, batch_size=4)
+QUICK_HELP = (
+    f"a smoke run: {QUICK['num_train']} training boards, {QUICK['num_test']} held-out questions, "
+    f"{QUICK['num_captions']} captions and {QUICK['steps']} training steps per stage (the full demo: "
+    f"{FULL['num_train']}, {FULL['num_test']}, {FULL['num_captions']}, {FULL['align_steps']} / {FULL['steps']}); its "
+    "accuracies mean nothing (used by the tests)"
+)
+VARIANT_HELP = (
+    f"the LaRe variant to train (lare_hf.reproduction.variant names). The default, {DEMO_VARIANT}, is answer-only "
+    "with the window-grounding loss, which is not in the paper; lare_k2 trains the paper's LaRe (reasoning text "
+    "after the latents, no grounding loss)"
+)
 
 
 def run_demo(output: str, quick: bool = False, overwrite: bool = False, lare_variant: str = DEMO_VARIANT) -> dict:
@@ -33,6 +44,7 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False, lare_var
 
     from .build import save_checkpoint
     from .data.refocus_chains import write_refocus_chains
+    from .modeling.model_card import write_model_card
     from .reproduction import (
         VARIANT_LEARNING_RATE,
         build_chains_model,
@@ -75,6 +87,7 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False, lare_var
             learning_rate=VARIANT_LEARNING_RATE, seed=0, init_state=state,
         )  # fmt: skip
         checkpoints[name] = save_checkpoint(trained, trained_processor, str(root / name))
+        write_model_card(checkpoints[name])  # says what the variant adds that is not in the paper
         results[name] = evaluate_variant(trained, trained_processor, trained_spec, data["test"])
         results[name]["train_seconds"] = summary["seconds"]
         grounding = trained_spec.overrides.get("window_loss_weight", 0.0)
@@ -127,6 +140,6 @@ def run_demo(output: str, quick: bool = False, overwrite: bool = False, lare_var
         "seconds": time.perf_counter() - started,
     }
     (root / "demo.json").write_text(json.dumps(summary, indent=2))
-    print(f"demo: LaRe {lare['accuracy']:.1f}% vs K=0 {k0['accuracy']:.1f}% on {lare['num_test']} held-out questions "
+    print(f"demo: LaRe ({lare_variant}) {lare['accuracy']:.1f}% vs K=0 {k0['accuracy']:.1f}% on {lare['num_test']} held-out questions "
           f"(window hit rate {lare['window_hit_rate']:.1f}%)")  # fmt: skip
     return summary

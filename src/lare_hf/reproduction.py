@@ -8,7 +8,8 @@ Every variant starts from the same weights and trains with the same budget (step
 * ``k0``: the no-latent baseline (K=0, trained on the bare answer);
 * ``cot``: explicit chain of thought (K=0, trained on "path: red green blue\\nAnswer: the blue cell");
 * ``lare``: LaRe as in the paper (K latent steps, all losses of Eq. 10, then the same text as ``cot``);
-* ``lare_answer``: LaRe with the latent steps as the only reasoning (K steps, all losses, bare answer);
+* ``lare_answer``: LaRe with the latent steps as the only reasoning (K steps, all losses, bare answer): the
+  answer-only target is not in the paper, whose LaRe writes reasoning text after the latents;
 * ``lare_steps``: ``lare_answer`` plus per-step supervision, a lever that is not in the paper: the LM's prediction
   at the position whose attention picks step k's window is trained on the colour hop k reaches
   (`LaReDataCollator.latent_step_targets`), so each latent step has its own target instead of only the final
@@ -123,7 +124,11 @@ VARIANTS: dict[str, Variant] = {
     "cot": Variant("cot", 0, "reasoning", False, description="explicit chain of thought (K=0, path + answer)"),
     "lare": Variant("lare", 4, "reasoning", True, description="LaRe (K=4, all losses, path + answer; the paper)"),
     "lare_answer": Variant(
-        "lare_answer", 4, "answer", True, description="LaRe, latent reasoning only (K=4, all losses, bare answer)"
+        "lare_answer",
+        4,
+        "answer",
+        True,
+        description="LaRe, latent reasoning only (K=4, all losses, bare answer; answer-only target not in the paper)",
     ),
     "lare_steps": Variant(
         "lare_steps",
@@ -165,7 +170,8 @@ VARIANTS: dict[str, Variant] = {
         4,
         "answer",
         True,
-        description="lare_answer trained by Coconut's curriculum: stage c = c latent steps + the path after hop c",
+        description="lare_answer trained by Coconut's curriculum (not in the paper): stage c = c latent steps + the "
+        "path after hop c",
         coconut=True,
     ),
 }
@@ -178,8 +184,9 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def variant(name: str, ablation_base: str = "lare_answer") -> Variant:
-    """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`), or ``{base}_k{K}`` for
+def variant(name: str, ablation_base: str = "lare") -> Variant:
+    """A variant by name: one of `VARIANTS`, an `ABLATIONS` key (applied to `ablation_base`; default the paper's
+    ``lare``, as `benchmarks/reproduce.py --ablation-base` and the README use), or ``{base}_k{K}`` for
     a LaRe variant `base` of `VARIANTS` (``lare_k2``, ``lare_grounded_k2``, ...: that variant with K latent steps)."""
     if name in VARIANTS:
         return VARIANTS[name]
@@ -309,9 +316,9 @@ def train_variant(
     """Train one variant from random init (or from the aligned `init_state`); returns (model, processor, summary).
 
     With `curriculum_steps` > 0 the first that many steps train on the one-hop questions of `train_file` only, the
-    remaining `steps` - `curriculum_steps` on all of them (a curriculum over chain length; each phase is its own
-    `Trainer` run with its own warmup and cosine schedule). A ``coconut`` variant trains in K+1 stages instead
-    (`_phases`)."""
+    remaining `steps` - `curriculum_steps` on all of them (a curriculum over chain length, not in the paper; each
+    phase is its own `Trainer` run with its own warmup and cosine schedule). A ``coconut`` variant trains in K+1
+    stages instead (`_phases`: Coconut's curriculum, not in the paper)."""
     set_seed(seed)
     model, processor = build_chains_model(spec.overrides, seed=seed)
     if init_state is not None:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from .destinations import check_lare_checkpoint, refuse_non_empty
+from .modeling.latent_region import halting_latent_steps
 
 
 @torch.no_grad()
@@ -35,12 +36,14 @@ def latent_phase_embeds(
     The prompts are prepared as `generate()` prepares them (`set_latent_steps`: the region rewritten to K x m slots,
     removed from text-only prompts), then one forward pass runs the latent loop; each row is the token embeddings
     with the image features in the `<|image|>` positions and its latents in its slots, without padding. Under
-    adaptive halting (`latent_halting`, Table 4) a sample's unused slots are dropped, so its sequence is the one a run
+    adaptive halting (`latent_halting`, Table 4; the cap is `num_latent_steps`, else `max_latent_steps`, as in
+    `generate()`) a sample's unused slots are dropped, so its sequence is the one a run
     with K = its step count has. Feed each to a causal LM with positions 0..length_i-1 (left padding and an attention
     mask when batched).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    num_latent_steps = halting_latent_steps(num_latent_steps, latent_halting, model.config)
     input_ids, attention_mask = model.set_latent_steps(input_ids, attention_mask, num_latent_steps)
     outputs = model(
         input_ids=input_ids,

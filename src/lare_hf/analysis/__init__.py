@@ -17,7 +17,7 @@ from .probing import (
     refocus_chains_probe_records,
     run_probes,
 )
-from .steps import latent_steps_sweep, plot_steps_sweep, score_generations
+from .steps import latent_steps_sweep, plot_steps_sweep, score_generations, steps_sweep_series
 
 __all__ = [
     "AnalysisSource",
@@ -34,6 +34,7 @@ __all__ = [
     "plot_halting",
     "plot_probing",
     "plot_steps_sweep",
+    "steps_sweep_series",
     "plot_window_hits",
     "probe_features",
     "probing_analysis",

@@ -11,7 +11,7 @@ import torch
 
 from ..data.refocus_chains import GRID, window_hit_rates_by_step
 from ..evaluation.benchmarks import BenchmarkSample
-from ..evaluation.runner import refocus_record
+from ..evaluation.runner import generate_batched, refocus_record
 from ..visualization import plot_refocus_grid
 from .common import AnalysisSource, check_steps, model_view, pyplot, save_figure
 from .steps import plot_steps_sweep
@@ -26,14 +26,23 @@ def _check_latent_steps(model, processor, num_latent_steps: int | None) -> int:
 
 
 def refocus_figure(
-    model, processor, samples: list[BenchmarkSample], path: str | Path, num_latent_steps: int | None = None
+    model,
+    processor,
+    samples: list[BenchmarkSample],
+    path: str | Path,
+    num_latent_steps: int | None = None,
+    max_new_tokens: int = 64,
 ) -> str:
-    """Fig. 3: one row per sample, one panel per latent step k with the saliency that chose step k's window and the
-    window (`lare_hf.visualization.plot_refocus_grid`); RefocusChains samples also show the cell step k needs."""
+    """Fig. 3: per sample, one panel per latent step k with the saliency that chose step k's window and the window,
+    and below it the Extractor's cross-attention inside that window (the paper's heatmaps; absent when the
+    Extractor is ablated), beside the text the model generates after its latent steps (its reasoning trajectory
+    for a model trained on the paper's target, the bare answer for an answer-only one; greedy, `max_new_tokens`).
+    RefocusChains samples also show the cell step k needs (`lare_hf.visualization.plot_refocus_grid`)."""
     steps = _check_latent_steps(model, processor, num_latent_steps)
-    record = refocus_record(model, processor, samples, steps)
+    record = refocus_record(model, processor, samples, steps, return_extractor_attention=True)
+    generated = generate_batched(model, processor, samples, steps, len(samples), max_new_tokens, progress=False)
     needed = [s.meta.get("visited_cells") for s in samples]
-    titles = [f"{s.prompt}\ngold: {s.answer}" for s in samples]
+    titles = [f"{s.prompt}\ngold: {s.answer}\ngenerated: {text}" for s, text in zip(samples, generated["texts"])]
     return plot_refocus_grid(
         [model_view(model, s.image) for s in samples],
         record["saliency_maps"],
@@ -41,7 +50,9 @@ def refocus_figure(
         model.config.effective_window_size,
         str(path),
         titles=titles,
-        needed_cells=needed if all(needed) else None,
+        # the cells are board cells: drawn only where a patch is a cell (the reproduction's models)
+        needed_cells=needed if all(needed) and model.config.patch_grid_size == GRID else None,
+        extractor_attentions=record.get("extractor_attentions"),
     )
 
 

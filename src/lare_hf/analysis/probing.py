@@ -8,20 +8,23 @@ The paper's protocol (Appendix, "Settings of Probing Analysis"):
 * each projected to 256 dimensions by a trainable linear layer and L2-normalised;
 * 1,000 labelled pairs (latent of sample i, partner of sample j), 500 positive (j = i) and 500 negative, the
   negatives balanced over three kinds: (i) same image, different question; (ii) same question, different image;
-  (iii) random;
+  (iii) random in-batch negatives (another sample of the feature-extraction batch, `batch_size` samples);
 * a 70/30 train/test split stratified by pair kind;
 * a linear SVM (C chosen by 5-fold cross-validation on the training pairs) and a one-hidden-layer MLP (Adam, early
   stopping on validation loss); the reported figure is test accuracy, for latent-vision and latent-text pairs.
 
 Decisions the paper leaves open (ours): the two projections are trained with the symmetric InfoNCE of Eq. 6 on the
 positive training pairs only, then frozen; a pair is classified from ``[z * p, |z - p|]`` of its two projected
-vectors.
+vectors. A negative kind that has no candidate for a drawn sample (e.g. data where no two questions share an
+image) is replaced by a random in-batch negative, and the report counts the replacements per kind
+(`negatives_substituted`) and warns: the kinds are then not balanced as the paper's are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,11 +131,17 @@ def probe_features(
 
 
 def build_probe_pairs(
-    image_ids: Sequence[Any], question_ids: Sequence[Any], num_pairs: int = 1000, seed: int = 0
+    image_ids: Sequence[Any],
+    question_ids: Sequence[Any],
+    num_pairs: int = 1000,
+    seed: int = 0,
+    batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Half positive pairs (i, i) over distinct samples, half negatives (i, j) balanced over `NEGATIVE_KINDS`; a kind
-    with no candidate j for a drawn sample is drawn as "random" instead. Returns `latent`, `partner` (indices),
-    `label` (1 / 0) and `kind` arrays."""
+    """Half positive pairs (i, i) over distinct samples, half negatives (i, j) balanced over `NEGATIVE_KINDS`.
+    "random" negatives are in-batch, as in the paper: j is another sample of i's batch of `batch_size` consecutive
+    samples (None: any other sample). A kind with no candidate j for a drawn sample is replaced by a random in-batch
+    negative. Returns `latent`, `partner` (indices), `label` (1 / 0), `kind` and `substituted` (per pair, the kind it
+    replaces, or "") arrays."""
     count = len(image_ids)
     if len(question_ids) != count or count < 4:
         raise ValueError(
@@ -140,7 +149,12 @@ def build_probe_pairs(
         )
     if num_pairs < 20:
         raise ValueError(f"num_pairs must be >= 20 (the SVM's 5-fold cross-validation needs it), got {num_pairs}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2):
+        raise ValueError(
+            f"batch_size (the in-batch negatives' batch) must be an integer >= 2 or None, got {batch_size!r}."
+        )
     rng = np.random.default_rng(seed)
+    batches = np.arange(count) // (batch_size or count)
     images, questions = np.asarray([str(v) for v in image_ids]), np.asarray([str(v) for v in question_ids])
     num_positive = min(num_pairs // 2, count)
     pairs = [(int(i), int(i), 1, "positive") for i in rng.permutation(count)[:num_positive]]
@@ -148,11 +162,13 @@ def build_probe_pairs(
     candidates = {
         "same_image": lambda i: np.flatnonzero((images == images[i]) & (questions != questions[i])),
         "same_question": lambda i: np.flatnonzero((questions == questions[i]) & (images != images[i])),
-        "random": lambda i: np.flatnonzero(np.arange(count) != i),
+        "random": lambda i: np.flatnonzero((np.arange(count) != i) & (batches == batches[i])),
     }
     wanted = [NEGATIVE_KINDS[n % len(NEGATIVE_KINDS)] for n in range(num_positive)]
+    substituted = [""] * len(pairs)
     for kind in wanted:
-        for _ in range(100):  # a few draws to find a new pair; then fall back to a random negative
+        replaces = ""
+        for _ in range(100):  # a few draws to find a new pair; then a random in-batch negative, counted
             i = int(rng.integers(count))
             options = candidates[kind](i)
             options = [int(j) for j in options if (i, int(j)) not in seen]
@@ -160,16 +176,26 @@ def build_probe_pairs(
                 j = options[int(rng.integers(len(options)))]
                 break
         else:
-            kind = "random"
-            i = int(rng.integers(count))
-            options = [int(j) for j in candidates["random"](i) if (i, int(j)) not in seen]
+            kind, replaces = "random", kind
+            for _ in range(100):
+                i = int(rng.integers(count))
+                options = [int(j) for j in candidates["random"](i) if (i, int(j)) not in seen]
+                if options:
+                    break
             if not options:
                 continue
             j = options[int(rng.integers(len(options)))]
         seen.add((i, j))
         pairs.append((i, j, 0, kind))
+        substituted.append(replaces)
     latent, partner, label, kind = zip(*pairs)
-    return {"latent": np.array(latent), "partner": np.array(partner), "label": np.array(label), "kind": np.array(kind)}
+    return {
+        "latent": np.array(latent),
+        "partner": np.array(partner),
+        "label": np.array(label),
+        "kind": np.array(kind),
+        "substituted": np.array(substituted),
+    }
 
 
 def _train_projections(latents: torch.Tensor, partners: torch.Tensor, seed: int, epochs: int = 200):
@@ -258,15 +284,24 @@ def run_probes(
     num_pairs: int = 1000,
     seed: int = 0,
     shuffle_labels: bool = False,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """The protocol above for one partner modality: pairs, stratified 70/30 split, projections, SVM and MLP test
     accuracy (percent, overall and per pair kind). `shuffle_labels` permutes the pair labels first (a control: the
-    probes must then be at chance)."""
+    probes must then be at chance). `batch_size`: the batches of the in-batch "random" negatives."""
     from sklearn.model_selection import train_test_split
 
     if len(latents) != len(partners):
         raise ValueError(f"latents ({len(latents)}) and partners ({len(partners)}) must have one row per sample.")
-    pairs = build_probe_pairs(image_ids, question_ids, num_pairs, seed)
+    pairs = build_probe_pairs(image_ids, question_ids, num_pairs, seed, batch_size)
+    replaced, replaced_counts = np.unique(pairs["substituted"][pairs["substituted"] != ""], return_counts=True)
+    negatives_substituted = dict(zip(replaced.tolist(), replaced_counts.tolist()))
+    if negatives_substituted:
+        warnings.warn(
+            f"Probing: {negatives_substituted} negatives of these kinds had no candidate pair in the data and were "
+            "drawn as random in-batch negatives instead; the negative kinds are not balanced as in the paper.",
+            stacklevel=2,
+        )
     labels = pairs["label"].copy()
     if shuffle_labels:
         labels = np.random.default_rng(seed + 1).permutation(labels)
@@ -306,6 +341,7 @@ def run_probes(
         "num_train": len(train),
         "num_test": len(test),
         "pair_kinds": dict(zip(kinds.tolist(), counts.tolist())),
+        "negatives_substituted": negatives_substituted,
         "shuffled_labels": shuffle_labels,
     }
 
@@ -329,8 +365,9 @@ def probing_analysis(
     }
     for modality in ("vision", "text"):
         report[modality] = run_probes(
-            features["latents"], features[modality], features["image_ids"], features["question_ids"], num_pairs, seed
-        )
+            features["latents"], features[modality], features["image_ids"], features["question_ids"], num_pairs, seed,
+            batch_size=batch_size,
+        )  # fmt: skip
     return report
 
 

@@ -17,7 +17,8 @@ def response_text(answer: str, rationale: str | None, response_format: str = "re
 
     "reasoning" (the paper, Sec. 3.1: after the latent steps the model generates its reasoning in text, then the
     answer): ``"{rationale}\nAnswer: {answer}"``, or the bare answer when the example has no rationale;
-    "answer": the bare answer (short-answer fine-tuning, e.g. captions or multiple-choice letters).
+    "answer": the bare answer (short-answer fine-tuning, e.g. captions or multiple-choice letters; for reasoning data
+    it is not in the paper: the latents then carry all the reasoning).
     """
     if response_format not in RESPONSE_FORMATS:
         raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got {response_format!r}.")
@@ -65,8 +66,8 @@ class LaReDataCollator:
             `window_targets` `[batch, K]` (-100 after the chain, and in rows without an image). None (default):
             not added.
         response_rationale: the reasoning written in the "reasoning" response, per example (None: the example's
-            own rationale). A curriculum that replaces the first reasoning steps by latent steps, as Coconut does,
-            writes only the rest; the latent losses keep the full rationale.
+            own rationale). A curriculum that replaces the first reasoning steps by latent steps, as Coconut does
+            (not in the paper), writes only the rest; the latent losses keep the full rationale.
 
     A batch may mix examples with an image and text-only ones: a text-only prompt has no latent region (the
     latent phase refocuses on the image) and is left-padded with the others; `pixel_values` holds the images of

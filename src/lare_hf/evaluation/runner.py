@@ -65,7 +65,8 @@ def generate_batched(
     """Greedy answers for `samples` in batches; `generate_kwargs` go to `model.generate` (e.g. `latent_halting`).
 
     Returns ``{"texts", "counts"`` (generated tokens per sample), ``"latent_steps"`` (per sample: the steps it used;
-    K for every sample unless adaptive halting stopped it earlier) ``, "seconds"}``."""
+    K for every sample; with adaptive halting the step it stopped at, `num_latent_steps` being the cap)
+    ``, "seconds"}``."""
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     pad_id = model.generation_config.pad_token_id
@@ -76,7 +77,12 @@ def generate_batched(
         batch = samples[start : start + batch_size]
         inputs = prompt_inputs(model, processor, batch, num_latent_steps)
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **generate_kwargs
+            **inputs,
+            num_latent_steps=num_latent_steps,  # with adaptive halting: the cap (None: max_latent_steps)
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            **generate_kwargs,
         )
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :]
         texts += processor.batch_decode(new_tokens, skip_special_tokens=True)
@@ -93,15 +99,24 @@ def generate_batched(
 
 @torch.no_grad()
 def refocus_record(
-    model, processor, samples: list[BenchmarkSample], num_latent_steps: int, batch_size: int = 16
+    model,
+    processor,
+    samples: list[BenchmarkSample],
+    num_latent_steps: int,
+    batch_size: int = 16,
+    return_extractor_attention: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The latent phase of each sample's prompt (what `generate()` runs before its first token): saliency maps
     `[N, K, grid, grid]` and window positions `[N, K, 2]` (on the CPU), latents `[N, K, m, D]` and the pixel values
-    (on the model's device). The figures, the window-hit rates and the reproduction read it."""
+    (on the model's device). The figures, the window-hit rates and the reproduction read it. With
+    `return_extractor_attention` also the Extractor's last cross-attention over each window, `extractor_attentions`
+    `[N, K, m, window tokens]` on the CPU (absent when the Extractor is ablated)."""
     found: dict[str, list[torch.Tensor]] = defaultdict(list)
     for start in range(0, len(samples), batch_size):
         inputs = prompt_inputs(model, processor, samples[start : start + batch_size], num_latent_steps)
-        outputs = model(**inputs)
+        outputs = model(**inputs, return_extractor_attention=return_extractor_attention)
+        if outputs.extractor_attentions is not None:
+            found["extractor_attentions"].append(outputs.extractor_attentions.float().cpu())
         found["saliency_maps"].append(outputs.saliency_maps.float().cpu())
         found["window_positions"].append(outputs.window_positions.cpu())
         found["latent_embeds"].append(outputs.latent_embeds)

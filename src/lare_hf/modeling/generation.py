@@ -11,6 +11,7 @@ import torch
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import ModelOutput
 
+from .latent_region import halting_latent_steps
 from .refocus import check_latent_halting
 from .validation import check_generation_inputs
 
@@ -73,11 +74,15 @@ class LaReGenerationHooksMixin:
         `latent_halting` ("cosine" | "l1" | "l2") with `latent_halting_threshold`: adaptive halting (Table 4). Each
         sample stops its latent phase after the first step k >= 2 whose latents Z^(k) have converged to Z^(k-1)
         (cosine similarity >= threshold, or L1 / L2 distance <= threshold, see `latent_step_distance`), at the latest
-        after K; its answer is then the one `num_latent_steps=k` gives it. With `return_dict_in_generate=True` the
-        output's `latent_steps` (`[batch]`) holds each sample's step count.
+        after the cap: `num_latent_steps` when given, else `config.max_latent_steps` (the region is rewritten to the
+        cap's slots, so the mean step count can exceed the prompt's K, as in Table 4). Its answer is then the one
+        `num_latent_steps=k` gives it. With `return_dict_in_generate=True` the output's `latent_steps` (`[batch]`)
+        holds each sample's step count. (Given `inputs_embeds` instead of `input_ids`, the prompt's region is the cap.)
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
         check_generation_inputs(input_ids, num_latent_steps, latent_halting, kwargs)
+        if input_ids is not None and kwargs.get("past_key_values") is None:
+            num_latent_steps = halting_latent_steps(num_latent_steps, latent_halting, self.config)
         if latent_halting is not None:
             kwargs.update(latent_halting=latent_halting, latent_halting_threshold=latent_halting_threshold)
         prompt_ids = input_ids

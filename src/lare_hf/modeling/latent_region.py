@@ -165,6 +165,15 @@ def check_num_latent_steps(num_latent_steps: int | None, config: LaReConfig) -> 
         )
 
 
+def halting_latent_steps(num_latent_steps: int | None, latent_halting: str | None, config: LaReConfig) -> int | None:
+    """The K a prompt's latent region is rewritten to: `num_latent_steps`, or with adaptive halting and no K asked
+    for, the cap `max_latent_steps` (Table 4: the adaptive rows run past the fixed K, up to a maximum, and stop when
+    the latents converge), so a sample may take more steps than the prompt's K."""
+    if latent_halting is not None and num_latent_steps is None:
+        return config.max_latent_steps
+    return num_latent_steps
+
+
 def rewrite_latent_steps(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor,
@@ -239,6 +248,7 @@ __all__ = [
     "LatentRegions",
     "check_num_latent_steps",
     "find_latent_regions",
+    "halting_latent_steps",
     "latent_layout",
     "placeholder_ids_from_embeds",
     "rewrite_latent_steps",

@@ -65,6 +65,17 @@ def card_license(components: dict[str, dict]) -> tuple[str | None, str]:
     return "other", f"License: the components' licenses differ ({listed}); each applies to its part of the weights."
 
 
+def levers_not_in_the_paper(config: dict[str, Any]) -> list[str]:
+    """The training levers of a checkpoint's config that the paper does not have and that are switched on."""
+    levers = []
+    if config.get("window_loss_weight"):
+        levers.append(
+            f"window-grounding loss (window_loss_weight={config['window_loss_weight']}): trained with a cross-entropy "
+            "pulling each step's saliency onto the image token that step needs (the reproduction's default)"
+        )
+    return levers
+
+
 def build_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> ModelCard:
     """Model card from the checkpoint itself: config, components, stage history, data, evaluation reports."""
     root = Path(folder)
@@ -122,6 +133,7 @@ def build_model_card(folder: str | os.PathLike, repo_id: str | None = None) -> M
         f"per step, window {config.get('window_size')}x{config.get('window_size')}, Extractor "
         f"{config.get('extractor_num_layers')} layers / {config.get('extractor_num_heads')} heads",
         f"- Image reconstructor (U-Net) included: {config.get('use_reconstructor')}",
+        *(f"- Not in the paper: {lever}" for lever in levers_not_in_the_paper(config)),
         "",
         "## Usage",
         "",
@@ -189,6 +201,7 @@ __all__ = [
     "build_model_card",
     "card_license",
     "evaluation_reports",
+    "levers_not_in_the_paper",
     "read_history",
     "write_model_card",
 ]

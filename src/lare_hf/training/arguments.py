@@ -41,13 +41,21 @@ class LaReDataArguments:
     )
     num_latent_steps: int | None = field(default=None, metadata={"help": "K for the latent slots (stage I: 0)"})
     max_answer_length: int | None = field(default=None)
-    max_rationale_length: int | None = field(default=64)
+    # Not in the paper, which takes T (Eq. 6) from the whole rationale: a cap on the extra LM pass over long
+    # rationales; 512 keeps rationales of a few hundred tokens whole (benchmarks/bench_rationale_length.py).
+    max_rationale_length: int | None = field(
+        default=512,
+        metadata={
+            "help": "rationale tokens whose LM hidden states T enter L_Z<->T (Eq. 6) and whose prefix L_text (Eq. 8) "
+            "reconstructs; longer rationales are cut (not in the paper, which uses the whole rationale; None: no cut)"
+        },
+    )
     max_train_samples: int | None = field(default=None)
     response_format: str = field(
         default="reasoning",
         metadata={
             "help": "what the model learns to generate: 'reasoning' (the paper: rationale, then 'Answer: ...'; the "
-            "bare answer for records without a rationale) or 'answer' (the bare answer)"
+            "bare answer for records without a rationale) or 'answer' (the bare answer; not in the paper)"
         },
     )
 
