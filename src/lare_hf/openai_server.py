@@ -1,23 +1,28 @@
 """`lare serve`: a LaRe checkpoint behind an OpenAI-compatible API (`/v1/chat/completions`, `/v1/responses`), built
 from transformers' own server (`transformers serve`, transformers/cli/serving) with the pieces that keep LaRe out of
-it in transformers 5.23 replaced (the same code is still there in 5.25):
+it replaced. transformers 5.25 restructured that server (each model runs in a process of its own, see
+`MODEL_PROCESS`); the same problems are in both layouts, fixed in the class each layout has them in
+(5.23 | 5.25):
 
-- `ModelManager._load_model` instantiates `getattr(transformers, config.architectures[0])`, a class that must live in
-  the transformers namespace: a LaRe checkpoint fails with "module transformers has no attribute
-  LaReForConditionalGeneration", installed package or `--trust-remote-code` alike. `LaReModelManager` loads it with
-  `AutoModelForImageTextToText`, where lare_hf registers it (or the checkpoint's `auto_map` points).
-- `ModelManager.get_model_modality` looks the model's class name up in transformers' static name tables
+- Loading (`ModelManager._load_model` | `ModelLoader._load_model`) instantiates
+  `getattr(transformers, config.architectures[0])`, a class that must live in the transformers namespace: a LaRe
+  checkpoint fails with "module transformers has no attribute LaReForConditionalGeneration", installed package or
+  `--trust-remote-code` alike. `LaReModelManager` | `LaReModelLoader` loads it with `AutoModelForImageTextToText`,
+  where lare_hf registers it (or the checkpoint's `auto_map` points).
+- The modality (`ModelManager.get_model_modality` | `ModelLoader.get_model_modality`, read by
+  `EngineClient.modality`) is looked up by class name in transformers' static name tables
   (`MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`, ...), which registered models are not in: "Unknown modality".
-  `LaReModelManager` answers `Modality.VLM`, so `image_url` parts reach the processor.
-- `BaseHandler.get_processor_inputs_from_messages` hands an image URL to `load_image`, which also opens local file
-  paths on the server and whose failures (bad base64, bytes that are no image) surface as 500 errors.
+  `LaReModelManager` | `LaReEngineClient` answers `Modality.VLM`, so `image_url` parts reach the processor.
+- `BaseHandler.get_processor_inputs_from_messages` (both) hands an image URL to `load_image`, which also opens local
+  file paths on the server and whose failures (bad base64, bytes that are no image) surface as 500 errors.
   `LaReRequestsMixin` decodes `data:` URLs itself (http(s) URLs through `load_image`), refuses anything else, and
   answers every bad image, bad K and invalid message with a 400 that says what to fix.
-- `GenerateManager.generate_streaming` / `generate_non_streaming` pass the processor as `generate(tokenizer=...)`,
-  which `stop` strings need to be a tokenizer (`StopStringCriteria` calls `get_vocab`): a request with `stop` fails
-  for any processor-backed model. `LaReGenerateManager` hands them the processor's tokenizer.
-- `ModelManager.get_gen_models` (`/v1/models`) lists the models of the local Hub cache, not the one being served;
-  `LaReModelManager` lists the served checkpoint.
+- Generation (`GenerateManager.generate_streaming` / `generate_non_streaming` | `GenerateRunner.generate`) passes
+  the processor as `generate(tokenizer=...)`, which `stop` strings need to be a tokenizer (`StopStringCriteria`
+  calls `get_vocab`): a request with `stop` fails for any processor-backed model. `LaReGenerateManager` |
+  `LaReModelLoader.load_model_and_processor` hands it the processor's tokenizer.
+- `/v1/models` (`ModelManager.get_gen_models` | `ModelManager.list_models`) lists the models of the local Hub cache
+  or the checkpoint path; `LaReModelManager` lists the served checkpoint under its served name.
 
 Everything else (generation on a dedicated thread through `model.generate()`, streaming, the OpenAI response
 formats, `max_tokens`, `temperature`, `stop`, `seed`) is transformers'. K (the number of latent refocusing steps) is
@@ -45,13 +50,27 @@ try:
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.systemone import SystemOneHandler
     from transformers.cli.serving.transcription import TranscriptionHandler
-    from transformers.cli.serving.utils import BaseHandler, GenerateManager, GenerationState, Modality
+    from transformers.cli.serving.utils import BaseHandler, GenerationState, Modality
     from transformers.image_utils import load_image
 except ImportError as error:  # fastapi / uvicorn / openai are not installed
     raise ImportError(
         f"`lare serve` needs transformers' serving dependencies ({error}); install them with "
         '`pip install "lare-hf[serving]"` (or `pip install "transformers[serving]"`).'
     ) from error
+
+# transformers 5.25 runs each served model in a process of its own: `ModelLoader` loads it there, an `EngineClient`
+# sends it the requests, and `GenerateRunner` calls `generate()` (transformers/cli/serving/model_manager.py). In 5.23
+# the model lives in the server's process, loaded by `ModelManager` and run by `GenerateManager`. The same four
+# pieces are replaced in both (see the module docstring); which layout is installed is read from what it defines.
+try:
+    from transformers.cli.serving.model_manager import EngineClient, ModelLoader
+    from transformers.cli.serving.utils import canonical_model_id, parse_model_id
+
+    MODEL_PROCESS = True
+except ImportError:
+    from transformers.cli.serving.utils import GenerateManager
+
+    MODEL_PROCESS = False
 
 IMAGE_FETCH_TIMEOUT_S = 10.0
 
@@ -98,63 +117,132 @@ def load_request_image(url) -> Image.Image:
     return load_image(image)
 
 
-class LaReModelManager(ModelManager):
-    """transformers' `ModelManager`, loading LaRe through the Auto class it is registered with and reporting it as
-    the vision-language model it is (see the module docstring for the transformers code this replaces).
-    `served_model_name`: the name requests may give as `model` besides the checkpoint path (not in transformers)."""
-
-    def __init__(self, *args, served_model_name: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.served_model_name = served_model_name or self.force_model
-
-    def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
-        from transformers import AutoModelForImageTextToText
-
-        import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
-
-        model_id, revision = model_id_and_revision.split("@", 1)
-        if progress_callback is not None:
-            progress_callback({"status": "loading", "model": model_id_and_revision, "stage": "config"})
-        return AutoModelForImageTextToText.from_pretrained(
-            model_id,
-            revision=revision,
-            attn_implementation=self.attn_implementation,
-            dtype=self.dtype,
-            device_map=self.device,
-            trust_remote_code=self.trust_remote_code,
-            quantization_config=self.get_quantization_config(),
-        ).eval()
-
-    @staticmethod
-    def get_model_modality(model, processor=None) -> Modality:
-        return Modality.VLM
-
-    def get_gen_models(self, cache_dir: str | None = None) -> list[dict]:
-        return [{"id": self.served_model_name, "object": "model", "owned_by": "lare_hf", "created": int(time.time())}]
+def _served_model_entry(name: str) -> dict:
+    """The one `/v1/models` entry: the served checkpoint."""
+    return {"id": name, "object": "model", "owned_by": "lare_hf", "created": int(time.time())}
 
 
-class LaReGenerateManager(GenerateManager):
-    """transformers' sequential `GenerateManager`, given the processor's tokenizer where it hands the processor to
-    `generate(tokenizer=...)` (for `stop` strings) and decodes with it (the same text: the processor decodes with its
-    tokenizer)."""
+if MODEL_PROCESS:  # transformers 5.25
 
-    def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
-        tokenizer = getattr(processor, "tokenizer", processor)
-        return super().generate_streaming(model, tokenizer, inputs, gen_config, request_id, response_parser)
+    class LaReModelLoader(ModelLoader):
+        """transformers' `ModelLoader` (a copy of it loads the model in the model's process), loading LaRe through
+        the Auto class it is registered with, in place of `getattr(transformers, config.architectures[0])`."""
 
-    async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
-        tokenizer = getattr(processor, "tokenizer", processor)
-        return await super().generate_non_streaming(model, tokenizer, inputs, gen_config, request_id)
+        def _load_model(self, model_id: str, tqdm_class=None, progress_callback=None):
+            from transformers import AutoModelForImageTextToText
 
+            import lare_hf  # noqa: F401  (registers the "lare" Auto classes in the model's process)
 
-class LaReGenerationState(GenerationState):
-    """transformers' `GenerationState` whose per-model managers are `LaReGenerateManager`s (LaRe runs without
-    continuous batching: its prefill is the latent loop)."""
+            repo, revision, _ = parse_model_id(model_id)
+            if progress_callback is not None:
+                progress_callback({"status": "loading", "model": model_id, "stage": "config"})
+            return AutoModelForImageTextToText.from_pretrained(
+                repo,
+                revision=revision,
+                attn_implementation=self.attn_implementation,
+                dtype=self.dtype,
+                device_map=self.device,
+                trust_remote_code=self.trust_remote_code,
+                quantization_config=self.get_quantization_config(),
+                tqdm_class=tqdm_class,
+            ).eval()
 
-    def get_manager(self, model_id: str, use_cb: bool = False):
-        if not use_cb and model_id not in self._generate_managers:
-            self._generate_managers[model_id] = LaReGenerateManager()
-        return super().get_manager(model_id, use_cb=use_cb)
+        def load_model_and_processor(self, model_id: str, on_progress=None):
+            """The model and, for the model's process, the processor's tokenizer: there `GenerateRunner.generate`
+            only hands it to `generate(tokenizer=...)`, which `stop` strings need to be a tokenizer. The server's
+            process keeps the whole processor (`load_processor`) for the chat template and decoding."""
+            model, processor = super().load_model_and_processor(model_id, on_progress)
+            return model, getattr(processor, "tokenizer", processor)
+
+    class LaReEngineClient(EngineClient):
+        """transformers' `EngineClient`, reporting LaRe as the vision-language model it is: `EngineClient.modality`
+        asks `ModelLoader.get_model_modality`, whose static name tables registered models are not in."""
+
+        @property
+        def modality(self) -> Modality:
+            return Modality.VLM
+
+    class LaReModelManager(ModelManager):
+        """transformers' `ModelManager` serving one LaRe checkpoint through a `LaReEngineClient`, listing it in
+        `/v1/models`. `served_model_name`: the name requests may give as `model` besides the checkpoint path (not in
+        transformers)."""
+
+        def __init__(self, *args, served_model_name: str | None = None, **kwargs):
+            self.served_model_name = served_model_name or kwargs.get("force_model")
+            super().__init__(*args, **kwargs)  # starts the model's process
+
+        def preload_engine(self, force_model: str, engine_connection: tuple | None) -> None:
+            # as `ModelManager.preload_engine`, with LaRe's engine client
+            model_id = canonical_model_id(force_model)
+            engine = LaReEngineClient(model_id, self.loader, self.generation_state, connection=engine_connection)
+            self.engines[model_id] = engine
+            if engine_connection is None:
+                engine.start()
+
+        def get_engine(self, model: str | None) -> EngineClient:
+            return super().get_engine(self.force_model if model == self.served_model_name else model)
+
+        def list_models(self, cache_dir: str | None = None) -> list[dict]:
+            return [_served_model_entry(self.served_model_name)]
+
+else:  # transformers 5.23
+
+    class LaReModelManager(ModelManager):
+        """transformers' `ModelManager`, loading LaRe through the Auto class it is registered with and reporting it
+        as the vision-language model it is (see the module docstring for the transformers code this replaces).
+        `served_model_name`: the name requests may give as `model` besides the checkpoint path (not in
+        transformers)."""
+
+        def __init__(self, *args, served_model_name: str | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.served_model_name = served_model_name or self.force_model
+
+        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
+            from transformers import AutoModelForImageTextToText
+
+            import lare_hf  # noqa: F401  (registers the "lare" Auto classes)
+
+            model_id, revision = model_id_and_revision.split("@", 1)
+            if progress_callback is not None:
+                progress_callback({"status": "loading", "model": model_id_and_revision, "stage": "config"})
+            return AutoModelForImageTextToText.from_pretrained(
+                model_id,
+                revision=revision,
+                attn_implementation=self.attn_implementation,
+                dtype=self.dtype,
+                device_map=self.device,
+                trust_remote_code=self.trust_remote_code,
+                quantization_config=self.get_quantization_config(),
+            ).eval()
+
+        @staticmethod
+        def get_model_modality(model, processor=None) -> Modality:
+            return Modality.VLM
+
+        def get_gen_models(self, cache_dir: str | None = None) -> list[dict]:
+            return [_served_model_entry(self.served_model_name)]
+
+    class LaReGenerateManager(GenerateManager):
+        """transformers' sequential `GenerateManager`, given the processor's tokenizer where it hands the processor
+        to `generate(tokenizer=...)` (for `stop` strings) and decodes with it (the same text: the processor decodes
+        with its tokenizer)."""
+
+        def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
+            tokenizer = getattr(processor, "tokenizer", processor)
+            return super().generate_streaming(model, tokenizer, inputs, gen_config, request_id, response_parser)
+
+        async def generate_non_streaming(self, model, processor, inputs, gen_config, request_id):
+            tokenizer = getattr(processor, "tokenizer", processor)
+            return await super().generate_non_streaming(model, tokenizer, inputs, gen_config, request_id)
+
+    class LaReGenerationState(GenerationState):
+        """transformers' `GenerationState` whose per-model managers are `LaReGenerateManager`s (LaRe runs without
+        continuous batching: its prefill is the latent loop)."""
+
+        def get_manager(self, model_id: str, use_cb: bool = False):
+            if not use_cb and model_id not in self._generate_managers:
+                self._generate_managers[model_id] = LaReGenerateManager()
+            return super().get_manager(model_id, use_cb=use_cb)
 
 
 class LaReRequestsMixin:
@@ -178,10 +266,17 @@ class LaReRequestsMixin:
                     part["image"] = load_request_image(part.pop("url"))
         return parsed
 
-    def _resolve_model(self, body: dict):
+    def _resolve_model(self, body: dict):  # transformers 5.23 (5.25 resolves it in `LaReModelManager.get_engine`)
         if body.get("model") == self.model_manager.served_model_name:
             body["model"] = self.model_manager.force_model
         return super()._resolve_model(body)
+
+    def served_config(self, body: dict):
+        """The config of the model `body` asks for (a 400 when the server does not serve it)."""
+        if MODEL_PROCESS:
+            return self.model_manager.get_engine(body.get("model")).model_config
+        _, model, _ = self._resolve_model(dict(body))
+        return model.config
 
     def check_latent_steps(self, body: dict) -> None:
         """`chat_template_kwargs.num_latent_steps` (K for this request), when given, is an integer the model allows."""
@@ -193,8 +288,7 @@ class LaReRequestsMixin:
         steps = template_kwargs.get("num_latent_steps")
         if steps is None:
             return
-        _, model, _ = self._resolve_model(dict(body))
-        maximum = model.config.max_latent_steps
+        maximum = self.served_config(body).max_latent_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= maximum:
             raise _bad_request(
                 f"chat_template_kwargs.num_latent_steps must be an integer between 0 and {maximum} (the model's "
@@ -231,28 +325,40 @@ def build_app(
     trust_remote_code: bool = False,
     served_model_name: str | None = None,
 ):
-    """The FastAPI app serving the LaRe checkpoint `model` (loaded now), assembled as transformers'
-    `Serve.__init__` (transformers/cli/serve.py) assembles it, with the LaRe model manager and chat handlers.
+    """The FastAPI app serving the LaRe checkpoint `model` (loaded now; on transformers 5.25 in a process of its
+    own), assembled as transformers' `Serve` (transformers/cli/serve.py) assembles it, with the LaRe model manager
+    and chat handlers.
     Requests name the model by `model` or by `served_model_name`."""
     if Path(model).expanduser().exists():
         check_lare_checkpoint(model, "model")
-    model_manager = LaReModelManager(
-        device=device,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        force_model=model,
-        served_model_name=served_model_name,
-    )
-    generation_state = LaReGenerationState()
+    if MODEL_PROCESS:  # as `Serve.run` assembles it in transformers 5.25
+        generation_state = GenerationState()
+        loader = LaReModelLoader(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        model_manager = LaReModelManager(
+            loader, generation_state, force_model=model, served_model_name=served_model_name
+        )
+        transcription_handler = TranscriptionHandler(model_manager)
+        server_kwargs = {}
+    else:  # as `Serve.__init__` assembles it in transformers 5.23
+        model_manager = LaReModelManager(
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            force_model=model,
+            served_model_name=served_model_name,
+        )
+        generation_state = LaReGenerationState()
+        transcription_handler = TranscriptionHandler(model_manager, generation_state)
+        server_kwargs = {"generation_state": generation_state}
     handler_kwargs = dict(model_manager=model_manager, generation_state=generation_state)
     return build_server(
         model_manager,
         LaReChatCompletionHandler(**handler_kwargs),
         completion_handler=CompletionHandler(**handler_kwargs),
         response_handler=LaReResponseHandler(**handler_kwargs),
-        transcription_handler=TranscriptionHandler(model_manager, generation_state),
+        transcription_handler=transcription_handler,
         systemone_handler=SystemOneHandler(**handler_kwargs),
-        generation_state=generation_state,
+        **server_kwargs,
     )
 
 
@@ -276,9 +382,8 @@ def serve(
 
 
 __all__ = [
+    "MODEL_PROCESS",
     "LaReChatCompletionHandler",
-    "LaReGenerateManager",
-    "LaReGenerationState",
     "LaReModelManager",
     "LaReResponseHandler",
     "build_app",

@@ -11,6 +11,7 @@ import torch
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_outputs import ModelOutput
 
+from .cache_naming import cache_argument, given_cache
 from .latent_region import halting_latent_steps
 from .refocus import check_latent_halting
 from .validation import check_generation_inputs
@@ -45,9 +46,13 @@ class LaReGenerationHooksMixin:
             if model_kwargs.get("position_ids") is not None:
                 model_kwargs["position_ids"] = outputs.halted_position_ids
             self._halted_latent_steps = outputs.latent_steps
-        return super()._update_model_kwargs_for_generation(
+        model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
+        # LaRe's outputs carry the cache as `past_key_values`; GenerationMixin (>= 5.24) reads it as `cache`
+        if outputs.past_key_values is not None:
+            model_kwargs.update(cache_argument(outputs.past_key_values))
+        return model_kwargs
 
     @torch.no_grad()
     def generate(
@@ -81,12 +86,12 @@ class LaReGenerationHooksMixin:
         """
         check_latent_halting(latent_halting, latent_halting_threshold)
         check_generation_inputs(input_ids, num_latent_steps, latent_halting, kwargs)
-        if input_ids is not None and kwargs.get("past_key_values") is None:
+        if input_ids is not None and given_cache(kwargs) is None:
             num_latent_steps = halting_latent_steps(num_latent_steps, latent_halting, self.config)
         if latent_halting is not None:
             kwargs.update(latent_halting=latent_halting, latent_halting_threshold=latent_halting_threshold)
         prompt_ids = input_ids
-        if input_ids is not None and input_ids.shape[1] > 0 and kwargs.get("past_key_values") is None:
+        if input_ids is not None and input_ids.shape[1] > 0 and given_cache(kwargs) is None:
             rewritten = self.set_latent_steps(
                 input_ids,
                 attention_mask if attention_mask is not None else torch.ones_like(input_ids),

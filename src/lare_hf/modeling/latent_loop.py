@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .cache_naming import CACHE_ARGUMENT, cache_argument, output_cache
 from .latent_region import LatentLayout
 from .outputs import LaReModelOutputWithPast
 from .refocus import (
@@ -302,9 +303,7 @@ class LaReLatentRefocusMixin:
         if layout.num_steps == 0:
             # one pass of the language model alone (packed sequences included: no mask, no cache)
             lm_output = self._single_pass(inputs_embeds, attention_mask, position_ids, cache, use_cache, **kwargs)
-            return self._merge_lm_calls(
-                {"image_hidden_states": image_features}, [lm_output], lm_output.past_key_values
-            )
+            return self._merge_lm_calls({"image_hidden_states": image_features}, [lm_output], output_cache(lm_output))
         check_halting_mask(latent_halting, attention_mask)  # only a latent region has slots to mask
         if image_features is None:
             raise ValueError(
@@ -354,7 +353,7 @@ class LaReLatentRefocusMixin:
             and (kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
         ):
             replay = self._replay(inputs_embeds, trace, slots_start, halting, use_cache, **kwargs)
-            return self._merge_lm_calls(fields, [replay], replay.past_key_values)
+            return self._merge_lm_calls(fields, [replay], output_cache(replay))
         return self._merge_lm_calls(fields, lm_calls, cache if use_cache else None)
 
     def _feed(
@@ -384,8 +383,8 @@ class LaReLatentRefocusMixin:
                 inputs_embeds=inputs_embeds,
                 attention_mask=halting.attention_mask[:, :end],
                 position_ids=halting.position_ids[..., start:end],
-                past_key_values=cache,
                 use_cache=True,
+                **cache_argument(cache),
                 **kwargs,
             )
         return lm_output, recorder.saliency() if recorder is not None else None
@@ -424,17 +423,17 @@ class LaReLatentRefocusMixin:
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """The language model over a whole sequence at once (its own cache when `cache` is None and `use_cache`);
-        `past_key_values` of the result is None without `use_cache`."""
+        the cache of the result is None without `use_cache`."""
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=use_cache,
+            **cache_argument(cache),
             **kwargs,
         )
         if not use_cache:
-            outputs.past_key_values = None
+            setattr(outputs, CACHE_ARGUMENT, None)
         return outputs
 
     @staticmethod
@@ -448,7 +447,7 @@ class LaReLatentRefocusMixin:
             (outputs,) = lm_calls
             return LaReModelOutputWithPast(
                 last_hidden_state=outputs.last_hidden_state,
-                past_key_values=cache,
+                **cache_argument(cache),
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
                 **fields,
@@ -473,7 +472,7 @@ class LaReLatentRefocusMixin:
             attentions = tuple(merged)
         return LaReModelOutputWithPast(
             last_hidden_state=torch.cat([outputs.last_hidden_state for outputs in lm_calls], dim=1),
-            past_key_values=cache,
+            **cache_argument(cache),
             hidden_states=hidden_states,
             attentions=attentions,
             **fields,

@@ -27,6 +27,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
 
 from .builders import from_components, from_llava
+from .cache_naming import accepts_cache_argument, output_cache
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
@@ -92,7 +93,7 @@ class LaRePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -290,6 +291,7 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
             return inputs_embeds, features[:, offset:], image_positions[:, offset:]
         return inputs_embeds, None, None
 
+    @accepts_cache_argument
     @can_return_tuple
     def forward(
         self,
@@ -341,7 +343,7 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
             outputs = self._single_pass(
                 inputs_embeds, attention_mask, position_ids, past_key_values, use_cache, **kwargs
             )
-            return self._merge_lm_calls({}, [outputs], outputs.past_key_values)
+            return self._merge_lm_calls({}, [outputs], output_cache(outputs))
 
         if pixel_values is None:
             layout = LatentLayout(start=None, num_steps=0)
@@ -487,6 +489,7 @@ class LaReForConditionalGeneration(
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
+    @accepts_cache_argument
     @can_return_tuple
     def forward(
         self,
@@ -568,7 +571,7 @@ class LaReForConditionalGeneration(
             lm_loss=lm_loss,
             **latent_losses,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            past_key_values=output_cache(outputs),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,

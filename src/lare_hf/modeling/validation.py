@@ -1,7 +1,8 @@
 """Small checks for user input at LaRe's boundaries (config, model calls, command line).
 
 Every helper raises `ValueError` with a message that names the argument, the value it got and how to fix it. This
-module imports only the standard library, torch and transformers' logging: it travels with the model's custom code.
+module imports only the standard library, torch, transformers' logging and `cache_naming`: it travels with the
+model's custom code.
 The checks of a model call (`check_model_inputs`, `check_training_inputs`, `check_continuation`,
 `check_generation_inputs`) run before anything is computed.
 """
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from transformers.utils import logging
+
+from .cache_naming import given_cache
 
 logger = logging.get_logger(__name__)
 
@@ -368,7 +371,7 @@ def check_generation_inputs(
     """What a LaRe `generate()` refuses before GenerationMixin runs: assisted / prompt-lookup decoding, and
     `num_latent_steps` / `latent_halting` where the prompt's latent phase cannot run (no `input_ids` to rewrite, a
     cache that already holds the prompt, a static cache)."""
-    past_key_values = generate_kwargs.get("past_key_values")
+    past_key_values = given_cache(generate_kwargs)
     if latent_halting is not None:
         if past_key_values is not None:
             raise ValueError(
