@@ -33,7 +33,7 @@ from lare_hf.output_lock import OutputFolderLockedError, OutputLock
 from lare_hf.output_lock import logger as lock_logger
 from lare_hf.training import run as run_module
 from lare_hf.training.run import run_stage
-from test_training import REPO, stage_args
+from test_training import stage_args
 
 TRAIN_STEPS = ("--max_steps", "4", "--save_steps", "2", "--seed", "3")
 
@@ -158,7 +158,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def train_args(model: str, data: str, output: Path, *extra: str) -> list[str]:
     """`lare train` with the arguments `stage_args(2, ...)` gives run_stage in-process (the same run)."""
-    return ["train", "--config", str(REPO / "configs" / "tiny" / "stage2.yaml"), "--model_name_or_path", model,
+    return ["train", "--config", "tiny/stage2", "--model_name_or_path", model,
             "--train_file", data, "--output_dir", str(output), "--max_steps", "2", "--per_device_train_batch_size",
             "2", "--learning_rate", "1e-2", "--projector_lr", "1e-2", "--latent_lr", "1e-2", "--language_model_lr",
             "1e-2", "--save_steps", "1000", *extra]  # fmt: skip
