@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 from collections import defaultdict
 
 import torch
@@ -401,16 +402,26 @@ def plot(results: dict[tuple[str, int], dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", default=["lare-1.5b"])
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=2, help="2 or more: L_sym needs in-batch negatives")
     parser.add_argument("--k", type=int, default=4, help="latent steps of the LaRe column (K=0 is always shown)")
     parser.add_argument("--plot", help="write the stacked-bar PNG here")
+    parser.add_argument("--save", help="also write the figures as JSON (to combine runs with --load)")
+    parser.add_argument("--load", nargs="+", help="print / plot the JSON files of earlier runs instead of measuring")
     args = parser.parse_args()
     if args.k < 1:
         raise ValueError(f"--k {args.k}: the LaRe column needs K >= 1 (K=0 is always measured beside it).")
     results = {}
-    for preset in args.preset:
-        for k in (args.k, 0):
-            results[(preset, k)] = cost(preset, k, args.batch)
+    if args.load:
+        for path in args.load:
+            with open(path) as handle:
+                results.update({(row["preset"], row["k"]): row["cost"] for row in json.load(handle)})
+    else:
+        for preset in args.preset:
+            for k in (args.k, 0):
+                results[(preset, k)] = cost(preset, k, args.batch)
+    if args.save:
+        with open(args.save, "w") as handle:
+            json.dump([{"preset": p, "k": k, "cost": row} for (p, k), row in results.items()], handle)
     print_table(results, args.batch)
     if args.plot:
         plot(results, args.plot)
