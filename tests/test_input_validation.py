@@ -958,3 +958,16 @@ def test_text_only_prompt_with_adaptive_halting_is_answered_as_with_k0(tiny_mode
                             latent_halting_threshold=0.9)  # fmt: skip
     plain = model.generate(**inputs, max_new_tokens=3, do_sample=False, num_latent_steps=0)
     assert torch.equal(halted, plain)
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, True])
+def test_generate_refuses_a_max_new_tokens_that_is_not_an_integer(tiny_model_and_processor, value):
+    """Found by the long fuzz run (issue 27, item 5): GenerationMixin only checks the sign, so max_new_tokens=0.5
+    generated one token; a non-integer length is refused, naming the argument."""
+    model, processor = tiny_model_and_processor
+    inputs = processor.apply_chat_template(
+        chat(make_image(0), "Which digit?"), add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        model.generate(**inputs, max_new_tokens=value)

@@ -371,6 +371,13 @@ def check_generation_inputs(
     """What a LaRe `generate()` refuses before GenerationMixin runs: assisted / prompt-lookup decoding, and
     `num_latent_steps` / `latent_halting` where the prompt's latent phase cannot run (no `input_ids` to rewrite, a
     cache that already holds the prompt, a static cache)."""
+    for name in ("max_new_tokens", "min_new_tokens", "max_length", "min_length"):
+        value = generate_kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            # GenerationMixin only checks the sign: max_new_tokens=0.5 would generate one token.
+            raise ValueError(
+                f"{name} must be an integer, got {value!r} ({type(value).__name__}); pass e.g. {name}=32."
+            )
     past_key_values = given_cache(generate_kwargs)
     if latent_halting is not None:
         if past_key_values is not None:
