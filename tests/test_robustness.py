@@ -315,3 +315,16 @@ def test_sigkill_then_resume_is_bit_identical(straight_cli_run, tiny_checkpoint,
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), name
     assert not (output / STAGING_NAME).exists() and not (output / ".partial-checkpoint-4").exists()
+
+
+@pytest.mark.slow
+def test_full_disk_during_export_lm_keeps_the_previous_export(tiny_checkpoint, tmp_path):
+    exported = tmp_path / "lm"
+    assert run_lare(["export-lm", "--model", tiny_checkpoint, "--output", str(exported)]).returncode == 0
+    before = snapshot(exported)
+    limit = (exported / "model.safetensors").stat().st_size // 2
+    result = run_lare(["export-lm", "--model", tiny_checkpoint, "--output", str(exported), "--overwrite"], limit)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = error_line(result.stderr)
+    assert "The disk is full: writing the exported language model to" in error and str(exported) in error, error
+    assert snapshot(exported) == before

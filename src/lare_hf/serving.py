@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
-from .destinations import check_lare_checkpoint, refuse_non_empty
+from .destinations import check_lare_checkpoint, refuse_non_empty, staged_write
 from .modeling.latent_region import halting_latent_steps
 
 
@@ -158,9 +158,9 @@ def export_language_model(
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto", trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     language_model = language_model_of(model)
-    output.mkdir(parents=True, exist_ok=True)
-    language_model.save_pretrained(output)
-    processor.tokenizer.save_pretrained(output)
+    with staged_write(output, "the exported language model") as staging:  # a failed write keeps the old copy
+        language_model.save_pretrained(staging)
+        processor.tokenizer.save_pretrained(staging)
     return output
 
 
