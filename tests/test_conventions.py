@@ -253,6 +253,26 @@ def test_get_image_features_returns_pooled_projected_features(tiny_model_and_pro
     assert all(state is not None for state in every.hidden_states)
 
 
+@torch.no_grad()
+def test_forward_returns_the_vision_towers_output_as_image_outputs(eager_model, tiny_model_and_processor):
+    """As transformers' VLMs since 5.25 (`LlavaModelOutputWithPast.image_outputs`): the vision tower's output with
+    `pooler_output` = V_T, its attentions when asked for, a nested tuple in `to_tuple()`, None without images."""
+    _, processor = tiny_model_and_processor
+    inputs = prompts(processor)
+    out = eager_model(**inputs, output_attentions=True)
+    assert isinstance(out.image_outputs, BaseModelOutputWithPooling)
+    assert out.image_outputs.pooler_output.shape[0] == inputs["pixel_values"].shape[0]
+    torch.testing.assert_close(out.image_outputs.pooler_output, out.image_hidden_states)
+    vision_layers = eager_model.config.vision_config.num_hidden_layers
+    assert out.image_outputs.attentions is not None and len(out.image_outputs.attentions) == vision_layers
+    assert eager_model(**inputs).image_outputs.attentions is None  # only when asked for
+    as_tuple = eager_model(**inputs, return_dict=False)
+    assert isinstance(as_tuple[-1], tuple)
+    torch.testing.assert_close(as_tuple[-1][1], out.image_outputs.pooler_output)
+    text_only = processor(text=["what digit?"], return_tensors="pt")
+    assert eager_model(**text_only).image_outputs is None
+
+
 def test_loss_function_receives_num_items_in_batch_and_shift_labels(tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     inputs = prompts(processor)

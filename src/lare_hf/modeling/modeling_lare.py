@@ -94,6 +94,9 @@ class LaRePreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values", "cache"]
+    # Attention-only LM (no recurrent state): transformers' newer generation tests read this flag to decide whether
+    # padding-free (packed) inputs apply; PreTrainedModel 5.23-5.25 does not define it.
+    _is_stateful = False
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -247,9 +250,11 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None = None,
+        image_outputs: BaseModelOutputWithPooling | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.LongTensor | None]:
         """Token embeddings (`inputs_embeds` when given, `input_ids` then only locating the placeholders) with the
-        visual tokens scattered into the `<|image|>` positions.
+        visual tokens scattered into the `<|image|>` positions (`image_outputs.pooler_output` when the caller has
+        already run `get_image_features` on `pixel_values`).
 
         Returns the embeddings, V_T on the patch grid per sample `[batch, grid * grid, D]` and the columns of those
         image tokens `[batch, grid * grid]`, when every sample has one image or none (a row without one gets zero
@@ -271,7 +276,9 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
                 f"{seq_len} tokens (image_seq_length). Put one <|image|> per image in the text and let "
                 "LaReProcessor expand it."
             )
-        image_features = self.get_image_features(pixel_values).pooler_output.to(inputs_embeds.dtype)
+        if image_outputs is None:
+            image_outputs = self.get_image_features(pixel_values)
+        image_features = image_outputs.pooler_output.to(inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(
             image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1])
         )
@@ -352,10 +359,14 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
             layout = self.latent_layout(placeholder_ids)
         if attention_mask is None and layout.num_steps:
             attention_mask = torch.ones(placeholder_ids.shape, dtype=torch.long, device=placeholder_ids.device)
+        image_outputs = None
+        if pixel_values is not None:  # the vision tower's output is returned as transformers' VLMs return it
+            vision_kwargs = {"output_attentions": True} if output_attentions else {}
+            image_outputs = self.get_image_features(pixel_values, **vision_kwargs)
         inputs_embeds, image_features, image_positions = self.embed_multimodal(
-            placeholder_ids, pixel_values, inputs_embeds
+            placeholder_ids, pixel_values, inputs_embeds, image_outputs
         )
-        return self.latent_refocus(
+        outputs = self.latent_refocus(
             inputs_embeds,
             attention_mask,
             layout,
@@ -369,6 +380,9 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
             latent_halting_threshold=latent_halting_threshold,
             **kwargs,
         )
+        if image_outputs is not None:
+            outputs["image_outputs"] = image_outputs  # item assignment keeps it in `keys()` / `to_tuple()`
+        return outputs
 
     def check_inputs(
         self,
@@ -584,6 +598,7 @@ class LaReForConditionalGeneration(
             latent_steps=outputs.latent_steps,
             halted_attention_mask=outputs.halted_attention_mask,
             halted_position_ids=outputs.halted_position_ids,
+            image_outputs=outputs.image_outputs,
         )
 
     def check_training_inputs(

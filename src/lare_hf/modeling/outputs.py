@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+
+
+def _to_tuple_nested(output: ModelOutput) -> tuple:
+    """`ModelOutput.to_tuple` with a nested output (`image_outputs`) turned into its own tuple, as transformers'
+    multimodal outputs do (`MultimodalModelOutput.to_tuple` in 5.25)."""
+    return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in output.values())
 
 
 @dataclass
@@ -41,6 +47,10 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
     halted_position_ids (`torch.LongTensor`, *optional*):
         With adaptive halting: the position ids the sequence was run with (a halted sample's positions after its
         last step count on as if its unused slots were not there).
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        The vision tower's output for the images of a fresh sequence (`last_hidden_state`, `hidden_states`,
+        `attentions`), with `pooler_output` = V_T, as transformers' VLMs return it (`LlavaModelOutputWithPast`).
+        None when no image was processed (text only, or a decoding step on a filled cache).
     """
 
     image_hidden_states: torch.Tensor | None = None
@@ -53,6 +63,10 @@ class LaReModelOutputWithPast(BaseModelOutputWithPast):
     latent_steps: torch.LongTensor | None = None
     halted_attention_mask: torch.LongTensor | None = None
     halted_position_ids: torch.LongTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return _to_tuple_nested(self)
 
 
 @dataclass
@@ -93,6 +107,10 @@ class LaReCausalLMOutputWithPast(ModelOutput):
     latent_steps: torch.LongTensor | None = None
     halted_attention_mask: torch.LongTensor | None = None
     halted_position_ids: torch.LongTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return _to_tuple_nested(self)
 
 
 __all__ = ["LaReCausalLMOutputWithPast", "LaReModelOutputWithPast"]
