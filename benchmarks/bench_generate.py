@@ -40,15 +40,22 @@ from lare_hf.modeling.refocus import SaliencyRecorder, record_saliency
 IMAGE, START, SLOT, END = 1000, 1001, 1002, 1003
 
 
-def bench_config() -> LaReConfig:
+# The language model of the benchmarks (Qwen2-style): layers x width, and the narrower one that
+# bench_train_step.py --gradient-checkpointing uses by default.
+LANGUAGE_MODELS = {
+    "8x512": dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2),
+    "8x256": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def bench_config(language_model: str = "8x512") -> LaReConfig:
     return LaReConfig(
         vision_config=dict(
             hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             patch_size=14, image_size=224,
         ),
         text_config=dict(
-            hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True,
+            **LANGUAGE_MODELS[language_model], num_hidden_layers=8, vocab_size=4096, tie_word_embeddings=True,
         ),
         image_seq_length=256, image_token_id=IMAGE, latent_start_token_id=START, latent_token_id=SLOT,
         latent_end_token_id=END, num_latent_steps=4, latent_tokens_per_step=4, extractor_num_heads=8,
@@ -204,8 +211,8 @@ def compare_compiled_decoding(args) -> None:
                            "--one-decode", str(steps), cache, str(batch)]  # fmt: skip
                 output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 results[(batch, steps, cache)] = json.loads(output.strip().splitlines()[-1])
-    print(f"device={args.device} dtype={args.dtype} new_tokens={args.new_tokens} repeats={args.repeats} "
-          f"torch {torch.__version__}; config: 256 image tokens, m=4, LM 8x512; decode = the {args.new_tokens - 1} "
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} new_tokens={args.new_tokens} "
+          f"repeats={args.repeats} torch {torch.__version__}; config: 256 image tokens, m=4, LM 8x512; decode = the {args.new_tokens - 1} "
           "steps after the prefill (which runs the latent loop)")  # fmt: skip
     print(f"{'batch':>5} {'K':>2} {'cache':>9} {'decode tok/s':>13} {'prefill ms':>11} {'first call s':>13}")
     for batch in args.batches:
