@@ -46,7 +46,7 @@ def given_cache(kwargs: dict[str, Any]) -> Cache | None:
 
 def cached_length(cache: Cache | None) -> int | None:
     """The number of positions `cache` holds, as a Python int (0 without a cache). None while `torch.compile` traces
-    the call and the cache counts its positions in a tensor (a `StaticCache`, in the transformers releases that count them on the device): reading that
+    the call and the cache counts its positions in a tensor (a `StaticCache` in transformers 5.23-5.25): reading that
     tensor would be a data-dependent branch, which splits the compiled graph."""
     if cache is None:
         return 0

@@ -312,7 +312,9 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         **kwargs,
     ) -> LaReModelOutputWithPast:
         """A fresh sequence (no cache, or an empty one) runs the refocusing loop and the teacher-forced tail; with a
-        filled cache (decoding) the new positions go through the language model on top of it.
+        filled cache (decoding) the new positions go through the language model on top of it. While `torch.compile`
+        traces a call on a static cache (generate()'s compiled decode step) the cache's length is a tensor, so there a
+        call without `pixel_values` continues the cache and the checks that read tensor values are skipped.
 
         `latent_halting` / `latent_halting_threshold`: adaptive halting of the latent phase (see `latent_refocus`);
         they concern a fresh sequence only.
