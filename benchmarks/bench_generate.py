@@ -9,6 +9,16 @@ It also checks that the reference produces the same tokens as LaRe (the cached l
     python benchmarks/bench_generate.py [--device cuda] [--dtype bfloat16] [--new-tokens 32] [--repeats 5]
 
 Peak memory: CUDA max allocated on GPU; on CPU the peak resident set size of a fresh subprocess per variant.
+
+With `--compile` it instead measures decoding (the steps after the prefill, which runs the latent loop) for K=4 and
+K=0 (batch 1 unless `--batches` says otherwise), each setting in a fresh subprocess: the default dynamic cache, a
+static cache (`cache_implementation="static"`), and the static cache with the decode step compiled by
+`generate()` (`compile_config`: fullgraph, `mode="default"` on CPU, transformers' default "reduce-overhead" on GPU).
+It prints decode tokens/s (new tokens after the first, over the time from the prefill's logits to the last step's),
+the prefill time, the first call's time (which includes compiling), the compiled / eager ratios, and whether the
+three produce the same tokens.
+
+    python benchmarks/bench_generate.py --compile [--new-tokens 32] [--repeats 5] [--batches 1]
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import sys
 import time
 
 import torch
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from lare_hf import LaReConfig, LaReForConditionalGeneration
 from lare_hf.modeling.refocus import SaliencyRecorder, record_saliency
@@ -29,15 +40,22 @@ from lare_hf.modeling.refocus import SaliencyRecorder, record_saliency
 IMAGE, START, SLOT, END = 1000, 1001, 1002, 1003
 
 
-def bench_config() -> LaReConfig:
+# The language model of the benchmarks (Qwen2-style): layers x width, and the narrower one that
+# bench_train_step.py --gradient-checkpointing uses by default.
+LANGUAGE_MODELS = {
+    "8x512": dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=2),
+    "8x256": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def bench_config(language_model: str = "8x512") -> LaReConfig:
     return LaReConfig(
         vision_config=dict(
             hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             patch_size=14, image_size=224,
         ),
         text_config=dict(
-            hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True,
+            **LANGUAGE_MODELS[language_model], num_hidden_layers=8, vocab_size=4096, tie_word_embeddings=True,
         ),
         image_seq_length=256, image_token_id=IMAGE, latent_start_token_id=START, latent_token_id=SLOT,
         latent_end_token_id=END, num_latent_steps=4, latent_tokens_per_step=4, extractor_num_heads=8,
@@ -128,17 +146,111 @@ def time_variant(variant: str, batch: int, args) -> dict:
             "tokens": tokens.tolist()}  # fmt: skip
 
 
+class StepClock(LogitsProcessor):
+    """Records when each step's logits reach the logits processors: once after the prefill, then once per decode
+    step (a no-op on the scores)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+DECODE_CACHES = ("dynamic", "static", "compiled")
+
+
+def decode_variant(num_latent_steps: int, cache: str, batch: int, args) -> dict:
+    """One (K, cache) setting in this process: decode tokens/s and prefill time (median of the repeats after a
+    first call, which for "compiled" includes compiling the decode step)."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = LaReForConditionalGeneration(bench_config()).to(device, dtype).eval()
+    model.generation_config.eos_token_id = None
+    inputs = make_inputs(batch, model.config, device, dtype)
+    options = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+    if cache != "dynamic":
+        options["cache_implementation"] = "static"
+    if cache == "compiled":
+        compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device == "cuda" else "default")
+        compile_config._compile_all_devices = True  # transformers compiles on CPU only when asked to
+        options["compile_config"] = compile_config
+
+    def run() -> tuple[torch.Tensor, StepClock, float]:
+        clock = StepClock()
+        start = time.perf_counter()
+        output = model.generate(
+            **inputs, num_latent_steps=num_latent_steps, logits_processor=LogitsProcessorList([clock]), **options
+        )
+        return output[:, -args.new_tokens :], clock, start
+
+    first_start = time.perf_counter()
+    tokens, _, _ = run()
+    first_call = time.perf_counter() - first_start
+    if cache == "compiled" and not hasattr(model, "_compiled_call"):
+        raise RuntimeError("generate() did not compile the decode step; the tokens/s would be the eager ones.")
+    decode_rates, prefills = [], []
+    for _ in range(args.repeats):
+        _, clock, start = run()
+        decode_rates.append(batch * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
+        prefills.append(clock.times[0] - start)
+    return {"decode_tokens_per_s": statistics.median(decode_rates), "prefill_s": statistics.median(prefills),
+            "first_call_s": first_call, "tokens": tokens.tolist()}  # fmt: skip
+
+
+def compare_compiled_decoding(args) -> None:
+    results = {}
+    for batch in args.batches:
+        for steps in (4, 0):
+            for cache in DECODE_CACHES:
+                command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype,
+                           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+                           "--one-decode", str(steps), cache, str(batch)]  # fmt: skip
+                output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                results[(batch, steps, cache)] = json.loads(output.strip().splitlines()[-1])
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} new_tokens={args.new_tokens} "
+          f"repeats={args.repeats} torch {torch.__version__}; config: 256 image tokens, m=4, LM 8x512; decode = the {args.new_tokens - 1} "
+          "steps after the prefill (which runs the latent loop)")  # fmt: skip
+    print(f"{'batch':>5} {'K':>2} {'cache':>9} {'decode tok/s':>13} {'prefill ms':>11} {'first call s':>13}")
+    for batch in args.batches:
+        for steps in (4, 0):
+            for cache in DECODE_CACHES:
+                row = results[(batch, steps, cache)]
+                print(f"{batch:>5} {steps:>2} {cache:>9} {row['decode_tokens_per_s']:>13.1f} "
+                      f"{row['prefill_s'] * 1000:>11.1f} {row['first_call_s']:>13.1f}")  # fmt: skip
+            rate = {cache: results[(batch, steps, cache)]["decode_tokens_per_s"] for cache in DECODE_CACHES}
+            same = all(results[(batch, steps, cache)]["tokens"] == results[(batch, steps, "dynamic")]["tokens"]
+                       for cache in DECODE_CACHES)  # fmt: skip
+            print(f"      batch {batch}, K={steps}: compiled / static eager = {rate['compiled'] / rate['static']:.2f}x, "
+                  f"compiled / dynamic eager = {rate['compiled'] / rate['dynamic']:.2f}x decode tokens/s; "
+                  f"tokens identical: {same}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--batches", type=int, nargs="*", help="default: 1 8 (1 with --compile)")
+    parser.add_argument("--compile", action="store_true", help="decode tokens/s with / without a compiled decode step")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-decode", nargs=3, metavar=("K", "CACHE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batches is None:
+        args.batches = [1] if args.compile else [1, 8]
     if args.one:
         print(json.dumps(time_variant(args.one[0], int(args.one[1]), args)))
+        return
+    if args.one_decode:
+        steps, cache, batch = args.one_decode
+        print(json.dumps(decode_variant(int(steps), cache, int(batch), args)))
+        return
+    if args.compile:
+        compare_compiled_decoding(args)
         return
 
     results = {}

@@ -10,9 +10,14 @@ Same small random-init config as bench_generate.py (256 image tokens, K=4, m=4, 
 With `--gradient-checkpointing` it instead compares the all-losses K=4 step and the K=0 step with and without
 gradient checkpointing (transformers' layer-wise checkpointing, through the latent loop's KV cache), each in a fresh
 subprocess, and prints time and peak memory with / without. Peak memory: CUDA max allocated during the step on GPU;
-on CPU the peak resident set size of the process and its rise above the resident size once the model is built.
+on CPU the peak resident set size of the process and its rise above the resident size once the model is built
+(activations and gradients: the figure checkpointing acts on). Its defaults are chosen so that the four settings
+finish within 10 minutes on a shared 2-core CPU while activations dominate the rise: the LM narrowed to 8 layers x
+256 (`--lm 8x256`; 256 image tokens, K=4, m=4 as above), the tiny U-Net on 64 px crops (`--unet tiny`), batch 4,
+one timed step after a warm-up (`--repeats 1`).
 
-    python benchmarks/bench_train_step.py --gradient-checkpointing [--unet tiny] [--batch 8] [--dtype bfloat16]
+    python benchmarks/bench_train_step.py --gradient-checkpointing [--lm 8x512] [--unet table7] [--batch 8]
+        [--repeats 3] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ import sys
 import time
 
 import torch
-from bench_generate import END, IMAGE, SLOT, START, bench_config, make_inputs
+from bench_generate import END, IMAGE, LANGUAGE_MODELS, SLOT, START, bench_config, make_inputs
 
 from lare_hf import LaReConfig, LaReForConditionalGeneration
 from lare_hf.modeling.reconstruction import TINY_IMAGE_TOKENIZER_CONFIG, TINY_RECONSTRUCTOR_CONFIG
 
 
-def training_config(unet: str) -> LaReConfig:
-    config = bench_config()
+def training_config(unet: str, language_model: str = "8x512") -> LaReConfig:
+    config = bench_config(language_model)
     config.use_reconstructor = True
     if unet == "tiny":
         config.reconstructor_config = dict(TINY_RECONSTRUCTOR_CONFIG)
@@ -93,7 +98,7 @@ def checkpointing_variant(variant: str, checkpointing: bool, args) -> dict:
     """One (variant, checkpointing) setting in this process: median step time and peak memory of the steps."""
     device, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model = LaReForConditionalGeneration(training_config(args.unet)).to(device, dtype).train()
+    model = LaReForConditionalGeneration(training_config(args.unet, args.lm)).to(device, dtype).train()
     model.reconstructor.image_tokenizer.requires_grad_(False)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,23 +115,25 @@ def checkpointing_variant(variant: str, checkpointing: bool, args) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_mb": peak_mb, "base_mb": base_mb}
+    gradients_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    return {"seconds": seconds, "peak_mb": peak_mb, "base_mb": base_mb, "gradients_mb": gradients_mb}
 
 
 def compare_checkpointing(args) -> None:
+    start = time.perf_counter()
     results = {}
     for variant in ("all losses (K=4)", "K=0"):
         for checkpointing in (False, True):
             command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--unet", args.unet,
-                       "--batch", str(args.batch), "--repeats", str(args.repeats),
+                       "--lm", args.lm, "--batch", str(args.batch), "--repeats", str(args.repeats),
                        "--one", variant, str(int(checkpointing))]  # fmt: skip
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[(variant, checkpointing)] = json.loads(output.strip().splitlines()[-1])
-    config = training_config(args.unet)
     memory = "CUDA max allocated" if args.device == "cuda" else "peak RSS"
-    print(f"device={args.device} dtype={args.dtype} batch={args.batch} repeats={args.repeats} U-Net={args.unet} "
-          f"config: 256 image tokens, K=4, m=4, LM {config.text_config.num_hidden_layers}x"
-          f"{config.text_config.hidden_size}; memory = {memory}, 'rise' = peak minus memory once the model is built")  # fmt: skip
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
+          f"repeats={args.repeats} U-Net={args.unet} config: 256 image tokens, K=4, m=4, LM {args.lm}; memory = {memory}, 'rise' = peak minus memory once "
+          f"the model is built (it holds the gradients, {results[('K=0', False)]['gradients_mb']:.0f} MB, and the "
+          "activations)")  # fmt: skip
     print(f"{'variant':>18} {'checkpointing':>13} {'step ms':>9} {'peak MB':>9} {'rise MB':>9}")
     for variant in ("all losses (K=4)", "K=0"):
         for checkpointing in (False, True):
@@ -139,18 +146,25 @@ def compare_checkpointing(args) -> None:
         time_ratio = checkpointed["seconds"] / plain["seconds"]
         print(f"{variant:>18}: with / without checkpointing: peak memory {peak_ratio:.2f}x, rise {rise_ratio:.2f}x, "
               f"step time {time_ratio:.2f}x")  # fmt: skip
+    print(f"wall time of the four settings: {(time.perf_counter() - start) / 60:.1f} min")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="timed steps after a warm-up (default 5; 1 with checkpointing)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--unet", choices=("table7", "tiny"), default="table7")
+    parser.add_argument("--unet", choices=("table7", "tiny"), help="default table7 (tiny with checkpointing)")
+    parser.add_argument("--lm", choices=sorted(LANGUAGE_MODELS), help="layers x width (default 8x512; 8x256 with "
+                        "checkpointing)")  # fmt: skip
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    checkpointing = args.gradient_checkpointing or args.one
+    for name, plain, with_checkpointing in (("repeats", 5, 1), ("unet", "table7", "tiny"), ("lm", "8x512", "8x256")):
+        if getattr(args, name) is None:
+            setattr(args, name, with_checkpointing if checkpointing else plain)
     if args.one:
         print(json.dumps(checkpointing_variant(args.one[0], bool(int(args.one[1])), args)))
         return
@@ -158,7 +172,7 @@ def main() -> None:
         compare_checkpointing(args)
         return
     torch.manual_seed(0)
-    model = LaReForConditionalGeneration(training_config(args.unet)).to(args.device).train()
+    model = LaReForConditionalGeneration(training_config(args.unet, args.lm)).to(args.device).train()
     model.reconstructor.image_tokenizer.requires_grad_(False)
     with_latents = training_batch(model.config, args.batch, args.device, num_latent_steps=4)
     without_latents = training_batch(model.config, args.batch, args.device, num_latent_steps=0)
@@ -169,7 +183,7 @@ def main() -> None:
     }
     unet_params = sum(p.numel() for p in model.reconstructor.unet.parameters()) / 1e6
     print(f"device={args.device} batch={args.batch} repeats={args.repeats} U-Net={args.unet} ({unet_params:.1f}M) "
-          f"config: 256 image tokens, K=4, m=4, LM 8x512, {model.config.reconstruction_image_size}px crops")  # fmt: skip
+          f"config: 256 image tokens, K=4, m=4, LM {args.lm}, {model.config.reconstruction_image_size}px crops")  # fmt: skip
     base = results["K=0"]
     for name, seconds in results.items():
         print(f"{name:>26}: {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x of K=0")

@@ -193,6 +193,34 @@ def test_generate_without_cache_and_with_a_static_cache_gives_the_same_tokens(ti
     assert torch.equal(model.generate(**inputs, cache_implementation="static", **GREEDY), cached)
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_generate_compiles_the_static_cache_decode_step_with_the_eager_tokens(tiny_checkpoint):
+    """generate() with a static cache runs the decode step through torch.compile (fullgraph: a graph break is an
+    error), as for any transformers LM; the prefill runs the latent loop eagerly. On CPU transformers compiles only
+    when the compile config says so (`_compile_all_devices`, as its own tests set it); on GPU it does by default."""
+    from transformers import AutoProcessor, CompileConfig
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    inputs = prompts(AutoProcessor.from_pretrained(tiny_checkpoint))
+    assert model._can_compile_fullgraph
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    for num_latent_steps in (4, 0):
+        eager = model.generate(**inputs, num_latent_steps=num_latent_steps, max_new_tokens=6, min_new_tokens=6)
+        compiled = model.generate(
+            **inputs,
+            num_latent_steps=num_latent_steps,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            cache_implementation="static",
+            compile_config=compile_config,
+        )
+        assert hasattr(model, "_compiled_call"), "generate() did not compile the decode step"
+        assert torch.equal(compiled, eager), num_latent_steps
+
+
 @torch.no_grad()
 def test_generate_continues_from_its_own_cache(tiny_model_and_processor):
     model, processor = tiny_model_and_processor

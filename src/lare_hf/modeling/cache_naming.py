@@ -9,6 +9,9 @@ decoder-only language model returns.
 LaRe's own forwards take the cache as `past_key_values` and also accept the new name (`accepts_cache_argument`),
 which is what `generate` passes from 5.24 on. `LaReModelOutputWithPast` inherits the cache field of
 `BaseModelOutputWithPast` (so it has the installed name); `LaReCausalLMOutputWithPast` declares `past_key_values`.
+
+`cached_length` reads how many positions a cache holds in a way `torch.compile` can trace (a static cache counts
+them in a tensor).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+import torch
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -40,6 +44,18 @@ def given_cache(kwargs: dict[str, Any]) -> Cache | None:
     return cache if cache is not None else kwargs.get("cache")
 
 
+def cached_length(cache: Cache | None) -> int | None:
+    """The number of positions `cache` holds, as a Python int (0 without a cache). None while `torch.compile` traces
+    the call and the cache counts its positions in a tensor (a `StaticCache` in transformers 5.23-5.25): reading that
+    tensor would be a data-dependent branch, which splits the compiled graph."""
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor):
+        return None if torch.compiler.is_compiling() else int(length)
+    return length
+
+
 def accepts_cache_argument(forward: Callable) -> Callable:
     """Let a forward that takes `past_key_values` also take the cache as `cache` (transformers >= 5.24 passes it so
     from `generate`). Both at once is refused."""
@@ -57,4 +73,11 @@ def accepts_cache_argument(forward: Callable) -> Callable:
     return forward_with_cache_argument
 
 
-__all__ = ["CACHE_ARGUMENT", "accepts_cache_argument", "cache_argument", "given_cache", "output_cache"]
+__all__ = [
+    "CACHE_ARGUMENT",
+    "accepts_cache_argument",
+    "cache_argument",
+    "cached_length",
+    "given_cache",
+    "output_cache",
+]

@@ -27,7 +27,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import select_hidden_states
 
 from .builders import from_components, from_llava
-from .cache_naming import accepts_cache_argument, output_cache
+from .cache_naming import accepts_cache_argument, cached_length, output_cache
 from .checkpointing import checkpoint_through_cache
 from .configuration_lare import LaReConfig
 from .extractor import LaReExtractor
@@ -101,7 +101,9 @@ class LaRePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    # The decode step (a forward on a filled cache) compiles without graph breaks, so generate() with a static cache
+    # runs it compiled as for any transformers LM; the prefill, which runs the latent loop, stays eager.
+    _can_compile_fullgraph = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -317,7 +319,9 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         **kwargs,
     ) -> LaReModelOutputWithPast:
         """A fresh sequence (no cache, or an empty one) runs the refocusing loop and the teacher-forced tail; with a
-        filled cache (decoding) the new positions go through the language model on top of it.
+        filled cache (decoding) the new positions go through the language model on top of it. While `torch.compile`
+        traces a call on a static cache (generate()'s compiled decode step) the cache's length is a tensor, so there a
+        call without `pixel_values` continues the cache and the checks that read tensor values are skipped.
 
         `latent_halting` / `latent_halting_threshold`: adaptive halting of the latent phase (see `latent_refocus`);
         they concern a fresh sequence only.
@@ -332,7 +336,10 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         check_forward_kwargs(f"{type(self).__name__}.forward", kwargs, inspect.signature(self.forward).parameters)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cached_length(past_key_values)
+        # While torch.compile traces a static cache's decode step its length is not readable (see `cached_length`);
+        # the calls generate() compiles are its decode steps, which get no pixel_values.
+        continues_cache = past_length > 0 if past_length is not None else pixel_values is None
         self.check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, pixel_values, past_length)
         text_config = self.config.get_text_config()
         use_cache = use_cache if use_cache is not None else getattr(text_config, "use_cache", True)
@@ -343,7 +350,7 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         placeholder_ids = input_ids if input_ids is not None else self.get_placeholder_ids(inputs_embeds)
 
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if continues_cache:
             check_continuation(self.config, placeholder_ids)
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -391,7 +398,7 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         pixel_values: torch.Tensor | None,
-        past_length: int = 0,
+        past_length: int | None = 0,
     ) -> None:
         """The checks `forward()` runs on its inputs before anything is computed (see
         `validation.check_model_inputs`)."""

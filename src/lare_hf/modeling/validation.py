@@ -4,7 +4,9 @@ Every helper raises `ValueError` with a message that names the argument, the val
 module imports only the standard library, torch, transformers' logging and `cache_naming`: it travels with the
 model's custom code.
 The checks of a model call (`check_model_inputs`, `check_training_inputs`, `check_continuation`,
-`check_generation_inputs`) run before anything is computed.
+`check_generation_inputs`) run before anything is computed. Those that read tensor values (`check_token_ids`,
+`check_continuation`) are skipped while `torch.compile` traces a call (`values_checkable`): a value read there would
+split the graph, and the compiled call is `generate()`'s decode step, whose tokens `generate()` itself chose.
 """
 
 from __future__ import annotations
@@ -194,9 +196,18 @@ def check_forward_kwargs(owner: str, kwargs: dict, named: Iterable[str]) -> None
     )
 
 
+def values_checkable() -> bool:
+    """Whether checks that read tensor values run: always in eager mode; not while `torch.compile` traces the call
+    (a value read there is a data-dependent branch that breaks the graph). The compiled call is the decode step of
+    `generate()` with a static cache, which feeds the tokens `generate()` itself chose."""
+    return not torch.compiler.is_compiling()
+
+
 def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int, ignore_index: int | None = None) -> None:
     """Ids within [0, vocab_size) (or equal to `ignore_index`), so that embedding / loss lookups do not fail deep
-    inside torch."""
+    inside torch. Skipped inside a compiled call (`values_checkable`)."""
+    if not values_checkable():
+        return
     values = ids if ignore_index is None else ids[ids != ignore_index]
     if values.numel() == 0:
         return
@@ -218,11 +229,13 @@ def check_model_inputs(
     attention_mask: torch.Tensor | None,
     position_ids: torch.LongTensor | None,
     pixel_values: torch.Tensor | None,
-    past_length: int = 0,
+    past_length: int | None = 0,
 ) -> None:
     """Types, shapes and ranges of the tensors given to a LaRe `forward()` (`config`: its `LaReConfig`,
     `vocab_size`: the rows of its input embeddings), checked against `input_ids` (or `inputs_embeds`) before
-    anything runs, each error naming the argument, its value and the fix."""
+    anything runs, each error naming the argument, its value and the fix. `past_length`: the positions the cache
+    holds, None when a compiled call cannot read them (`cache_naming.cached_length`; the checks that need them are
+    then skipped)."""
     if input_ids is not None:
         check_tensor("input_ids", input_ids, dims=2, integer=True)
         check_token_ids("input_ids", input_ids, vocab_size)
@@ -232,8 +245,8 @@ def check_model_inputs(
         batch, length = inputs_embeds.shape[:2]
     if isinstance(attention_mask, torch.Tensor):  # generate() with a static cache passes prebuilt mask dicts
         check_tensor("attention_mask", attention_mask, dims=(2, 4))
-        expected = (batch, past_length + length)
-        if attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
+        expected = (batch, (past_length or 0) + length)
+        if past_length is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
             cached = f" on top of {past_length} cached positions" if past_length else ""
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but the input has {batch} row(s) of "
@@ -248,7 +261,7 @@ def check_model_inputs(
                 f"tokens: it must have shape ({batch}, {length}) (or leave it None to count positions from the "
                 "attention_mask)."
             )
-    if past_length:
+    if past_length != 0:
         return
     if pixel_values is not None:
         check_pixel_values(pixel_values, config.vision_config.image_size)
@@ -341,7 +354,10 @@ def placeholder_token_ids(config) -> tuple[int, int, int]:
 
 def check_continuation(config, placeholder_ids: torch.LongTensor) -> None:
     """Positions fed on top of a filled cache are plain text: images and latent slots are encoded with the
-    sequence's first pass (their pixel_values are then already in the cache and are not needed)."""
+    sequence's first pass (their pixel_values are then already in the cache and are not needed). Skipped inside a
+    compiled call (`values_checkable`)."""
+    if not values_checkable():
+        return
     found = [token_id for token_id in placeholder_token_ids(config) if (placeholder_ids == token_id).any()]
     if found:
         raise ValueError(
@@ -434,6 +450,7 @@ __all__ = [
     "check_training_inputs",
     "closest_name",
     "placeholder_token_ids",
+    "values_checkable",
     "warn_past_max_positions",
     "warn_placeholders_without_pixels",
 ]
