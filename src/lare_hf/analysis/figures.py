@@ -68,11 +68,12 @@ def reconstruction_figure(
     seed: int = 0,
     reconstructor=None,
 ) -> str:
-    """Fig. 4: per sample two rows, what each step's latents are decoded towards and the image the decoder draws from
-    that step's latents alone (`LaReImageReconstructor.sample`, seeded). The decoder is the checkpoint's reconstructor
-    (trained by L_img, Eq. 7, on window crops: the top row is the crop under each step's window) or `reconstructor`,
-    one fine-tuned by `lare_hf.analysis.reconstructor` (the paper's decoder; the top row is its target, the whole
-    image or the window crop). The title names the decoder."""
+    """Fig. 4: per sample three rows: what each step's latents are decoded towards, that image through the image
+    tokenizer and back (the sharpest any decoder of these tokenizer latents can draw: a random KL-16 draws noise
+    here too), and the image the decoder draws from that step's latents alone (`LaReImageReconstructor.sample`,
+    seeded). The decoder is the checkpoint's reconstructor (trained by L_img, Eq. 7, on window crops: the top row is
+    the crop under each step's window) or `reconstructor`, one fine-tuned by `lare_hf.analysis.reconstructor` (the
+    paper's decoder; the top row is its target, the whole image or the window crop). The title names the decoder."""
     plt = pyplot()
 
     if model.reconstructor is None:
@@ -83,18 +84,24 @@ def reconstruction_figure(
     metadata = getattr(reconstructor, "metadata", {})
     target = metadata.get("target", "window")
     count = len(samples)
-    references = reconstruction_targets(model, decoder, record, target)
-    references = ((references.float() + 1) / 2).clamp(0, 1).view(count, steps, *references.shape[1:]).cpu()
+    targets = reconstruction_targets(model, decoder, record, target)
+    round_trips = decoder.decode_latents(decoder.encode_images(targets)).view(count, steps, *targets.shape[1:]).cpu()
+    references = ((targets.float() + 1) / 2).clamp(0, 1).view(count, steps, *targets.shape[1:]).cpu()
     generator = torch.Generator(device=model.device).manual_seed(seed)
     latents = record["latent_embeds"]
     images = decoder.sample(latents.reshape(-1, *latents.shape[2:]), num_inference_steps, generator)
     images = images.float().view(count, steps, *images.shape[1:]).cpu()
     label = "window crop" if target == "window" else "input image"
-    fig, axes = plt.subplots(2 * count, steps, figsize=(1.7 * steps + 0.6, 1.8 * 2 * count + 0.4), squeeze=False)
+    fig, axes = plt.subplots(3 * count, steps, figsize=(1.7 * steps + 0.6, 1.8 * 3 * count + 0.4), squeeze=False)
     for i in range(count):
         for k in range(steps):
-            for row, (picture, name) in enumerate(((references[i, k], label), (images[i, k], "from latents"))):
-                axis = axes[2 * i + row][k]
+            rows = (
+                (references[i, k], label),
+                (round_trips[i, k], "tokenizer round trip"),
+                (images[i, k], "from latents"),
+            )
+            for row, (picture, name) in enumerate(rows):
+                axis = axes[3 * i + row][k]
                 axis.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
                 axis.set_xticks([])
                 axis.set_yticks([])

@@ -30,11 +30,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
+from transformers.utils import logging
 
 from ..data.files import is_save_to_disk_folder, read_table
 from ..destinations import refuse_non_empty, staged_write
 from ..evaluation.base import BenchmarkSample
 from ..evaluation.runner import refocus_record
+from ..modeling.image_tokenizer_check import image_tokenizer_is_pretrained
 from ..output_lock import OutputLock
 from .common import check_steps, load_model
 
@@ -43,6 +45,8 @@ TARGETS = ("image", "window")
 DEFAULT_PROMPT = "Describe the image."
 METADATA_FILE = "reconstructor.json"
 CONDITION_FILE = "condition_proj.safetensors"
+
+logger = logging.get_logger(__name__)
 
 
 def image_samples(
@@ -103,24 +107,37 @@ def reconstruction_targets(model, reconstructor, record: dict[str, torch.Tensor]
     return reconstructor.crop_windows(pixels, whole, model.config.patch_grid_size)
 
 
-def _batch_loss(model, processor, samples, steps: int, target: str, generator: torch.Generator) -> torch.Tensor:
-    """Eq. 7 of the reconstructor on a batch of images, from the frozen model's latents (one row per step)."""
+def _batch_loss(
+    model, processor, samples, steps: int, target: str, generator: torch.Generator, other_latents: bool = False
+) -> torch.Tensor:
+    """Eq. 7 of the reconstructor on a batch of images, from the frozen model's latents (one row per step); with
+    `other_latents`, each image's target is paired with the latents of the next image of the batch."""
     with torch.no_grad():
         record = refocus_record(model, processor, samples, steps, batch_size=len(samples))
         targets = reconstruction_targets(model, model.reconstructor, record, target)
-    latents = record["latent_embeds"]
-    return model.reconstructor(latents.reshape(-1, *latents.shape[2:]), targets, generator=generator)
+    latents = record["latent_embeds"].reshape(-1, *record["latent_embeds"].shape[2:])
+    if other_latents:
+        latents = latents.roll(steps, dims=0)
+    return model.reconstructor(latents, targets, generator=generator)
 
 
 @torch.no_grad()
-def evaluation_loss(model, processor, samples, steps: int, target: str, batch_size: int, seed: int) -> float:
+def evaluation_loss(
+    model, processor, samples, steps: int, target: str, batch_size: int, seed: int, other_latents: bool = False
+) -> float | None:
     """The mean Eq. 7 loss over `samples` with the same timesteps and noise on every call (seeded): comparable
-    before and after fine-tuning."""
+    before and after fine-tuning, and, with `other_latents` (None for a single image), with every image decoded
+    from another image's latents: as low as with its own, the decoder does not read the latents."""
+    if other_latents and len(samples) < 2:
+        return None
+    starts = list(range(0, len(samples), max(batch_size, 2)))
+    if len(samples) - starts[-1] == 1 and len(starts) > 1:  # no batch of one image: it has no other image
+        starts.pop()
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        total += _batch_loss(model, processor, batch, steps, target, generator).item() * len(batch)
+    for start, end in zip(starts, [*starts[1:], len(samples)]):
+        loss = _batch_loss(model, processor, samples[start:end], steps, target, generator, other_latents)
+        total += loss.item() * (end - start)
     return total / len(samples)
 
 
@@ -155,6 +172,12 @@ def finetune_reconstructor(
     check_steps(model, steps, "--num-latent-steps")
     if steps == 0:
         raise ValueError("--num-latent-steps must be >= 1: the reconstructor decodes latent steps.")
+    if not image_tokenizer_is_pretrained(model.config):
+        logger.warning(
+            "--model's KL-16 image tokenizer is randomly initialised (no pretrained one was given to `lare build "
+            "--image-tokenizer`): the reconstructor learns to denoise a random autoencoder's latents, and Fig. 4 can "
+            "draw no clearer image than its 'tokenizer round trip' row (docs/image_tokenizer.md)."
+        )
     set_seed(seed)
     model.eval().requires_grad_(False)
     reconstructor = model.reconstructor.float()
@@ -190,6 +213,7 @@ def finetune_reconstructor(
     for parameter in trainable:
         parameter.requires_grad_(False)
     loss_after = evaluation_loss(model, processor, evaluated, steps, target, batch_size, seed + 1)
+    loss_other = evaluation_loss(model, processor, evaluated, steps, target, batch_size, seed + 1, other_latents=True)
     return {
         "target": target,
         "num_latent_steps": steps,
@@ -205,6 +229,8 @@ def finetune_reconstructor(
         "eval_images": len(evaluated),
         "eval_loss_before": loss_before,
         "eval_loss_after": loss_after,
+        "eval_loss_after_other_latents": loss_other,
+        "image_tokenizer_pretrained": image_tokenizer_is_pretrained(model.config),
     }
 
 
