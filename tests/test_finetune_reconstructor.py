@@ -119,6 +119,8 @@ def test_cli_finetunes_then_figures_draws_fig4_with_it(tiny_checkpoint, tmp_path
     bad_model = [*command[:3], str(output / "unet"), *command[4:], "--output", str(tmp_path / "o2")]
     assert main(bad_model) == 2
     assert "--model" in capsys.readouterr().err
+    assert main([*command, "--output", str(tmp_path / "o3"), "--epochs", "0"]) == 2
+    assert "--epochs must be a positive integer" in capsys.readouterr().err
 
     data = write_refocus_chains(tmp_path / "chains", num_train=0, num_test=1, seed=3)["test"]
     figures = ["analyze", "figures", "--model", tiny_checkpoint, "--data", data, "--num-samples", "1",

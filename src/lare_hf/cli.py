@@ -498,7 +498,7 @@ def _add_analyze_commands(sub) -> None:
 
 
 def cmd_finetune_reconstructor(args: argparse.Namespace) -> int:
-    from .analysis.reconstructor import run
+    from .analysis.reconstructor import run, summary
 
     report = run(
         args.model, args.images, args.output, epochs=args.epochs, overwrite=args.overwrite, prompt=args.prompt,
@@ -506,11 +506,7 @@ def cmd_finetune_reconstructor(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, target=args.target, num_latent_steps=args.num_latent_steps, seed=args.seed,
         eval_images=args.eval_images,
     )  # fmt: skip
-    print(
-        f"Fine-tuned the reconstructor on {report['num_images']} images for {report['epochs']} epochs: loss "
-        f"{report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f} (Eq. 7 on {report['eval_images']} "
-        f"images, seeded). Wrote {args.output}; draw Fig. 4 with `lare analyze figures --reconstructor {args.output}`"
-    )
+    print(summary(report, args.output))
     return 0
 
 

@@ -141,6 +141,55 @@ def evaluation_loss(
     return total / len(samples)
 
 
+def _checked_steps(model, processor, samples, target, num_latent_steps, **counts: int) -> int:
+    """K, after checking the fine-tuning's arguments (each error names its command-line flag)."""
+    if model.reconstructor is None:
+        raise ValueError("--model has no reconstructor (use_reconstructor=False); there is nothing to fine-tune.")
+    if target not in TARGETS:
+        raise ValueError(f"--target must be one of {TARGETS}, got {target!r}.")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+    if not samples:
+        raise ValueError("--images holds no image; pass a set with at least one image.")
+    steps = processor.num_latent_steps if num_latent_steps is None else num_latent_steps
+    check_steps(model, steps, "--num-latent-steps")
+    if steps == 0:
+        raise ValueError("--num-latent-steps must be >= 1: the reconstructor decodes latent steps.")
+    if not image_tokenizer_is_pretrained(model.config):
+        logger.warning(
+            "--model's KL-16 image tokenizer is randomly initialised (no pretrained one was given to `lare build "
+            "--image-tokenizer`): the reconstructor learns to denoise a random autoencoder's latents, and Fig. 4 can "
+            "draw no clearer image than its 'tokenizer round trip' row (docs/image_tokenizer.md)."
+        )
+    return steps
+
+
+def _train(model, processor, samples, steps: int, target: str, optimizer, scheduler, epochs: int, batch_size: int,
+           seed: int, progress: bool) -> list[float]:  # fmt: skip
+    """The epochs (images shuffled by `seed`): Eq. 7 on each batch, AdamW step; the mean loss of each epoch."""
+    order = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 2)
+    total = epochs * math.ceil(len(samples) / batch_size)
+    epoch_losses = []
+    with tqdm(total=total, desc="fine-tuning the reconstructor", unit="batch", disable=not progress) as bar:
+        for epoch in range(epochs):
+            permutation = torch.randperm(len(samples), generator=order).tolist()
+            losses = []
+            for start in range(0, len(samples), batch_size):
+                batch = [samples[i] for i in permutation[start : start + batch_size]]
+                loss = _batch_loss(model, processor, batch, steps, target, generator)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            epoch_losses.append(sum(losses) / len(losses))
+    return epoch_losses
+
+
 def finetune_reconstructor(
     model,
     processor,
@@ -158,26 +207,11 @@ def finetune_reconstructor(
     """Train `model.reconstructor` in place (float32) on `samples` for `epochs`; every other weight stays frozen.
 
     Returns the report: settings, the mean training loss per epoch and the seeded evaluation loss (Eq. 7 on the
-    first `eval_images` images) before and after."""
-    if model.reconstructor is None:
-        raise ValueError("--model has no reconstructor (use_reconstructor=False); there is nothing to fine-tune.")
-    if target not in TARGETS:
-        raise ValueError(f"--target must be one of {TARGETS}, got {target!r}.")
-    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--eval-images", eval_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    if not samples:
-        raise ValueError("--images holds no image; pass a set with at least one image.")
-    steps = processor.num_latent_steps if num_latent_steps is None else num_latent_steps
-    check_steps(model, steps, "--num-latent-steps")
-    if steps == 0:
-        raise ValueError("--num-latent-steps must be >= 1: the reconstructor decodes latent steps.")
-    if not image_tokenizer_is_pretrained(model.config):
-        logger.warning(
-            "--model's KL-16 image tokenizer is randomly initialised (no pretrained one was given to `lare build "
-            "--image-tokenizer`): the reconstructor learns to denoise a random autoencoder's latents, and Fig. 4 can "
-            "draw no clearer image than its 'tokenizer round trip' row (docs/image_tokenizer.md)."
-        )
+    first `eval_images` images) before and after, and after with other images' latents."""
+    steps = _checked_steps(
+        model, processor, samples, target, num_latent_steps, epochs=epochs, batch_size=batch_size,
+        eval_images=eval_images,
+    )  # fmt: skip
     set_seed(seed)
     model.eval().requires_grad_(False)
     reconstructor = model.reconstructor.float()
@@ -187,28 +221,12 @@ def finetune_reconstructor(
     evaluated = samples[:eval_images]
     loss_before = evaluation_loss(model, processor, evaluated, steps, target, batch_size, seed + 1)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
-    batches_per_epoch = math.ceil(len(samples) / batch_size)
-    total = epochs * batches_per_epoch
+    total = epochs * math.ceil(len(samples) / batch_size)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=math.ceil(0.03 * total), num_training_steps=total)
-    order = torch.Generator().manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed + 2)
-    epoch_losses = []
     reconstructor.train()
-    with tqdm(total=total, desc="fine-tuning the reconstructor", unit="batch", disable=not progress) as bar:
-        for epoch in range(epochs):
-            permutation = torch.randperm(len(samples), generator=order).tolist()
-            losses = []
-            for start in range(0, len(samples), batch_size):
-                batch = [samples[i] for i in permutation[start : start + batch_size]]
-                loss = _batch_loss(model, processor, batch, steps, target, generator)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
-            epoch_losses.append(sum(losses) / len(losses))
+    epoch_losses = _train(
+        model, processor, samples, steps, target, optimizer, scheduler, epochs, batch_size, seed, progress
+    )
     reconstructor.eval()
     for parameter in trainable:
         parameter.requires_grad_(False)
@@ -312,10 +330,22 @@ def run(
     return report
 
 
+def summary(report: dict[str, Any], output: str | Path) -> str:
+    """The line `lare analyze finetune-reconstructor` prints: the seeded losses and where the decoder went."""
+    other = report["eval_loss_after_other_latents"]
+    return (
+        f"Fine-tuned the reconstructor on {report['num_images']} images for {report['epochs']} epochs: loss "
+        f"{report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f} (Eq. 7 on {report['eval_images']} "
+        f"images, seeded; {'n/a' if other is None else f'{other:.4f}'} from other images' latents). Wrote {output}; "
+        f"draw Fig. 4 with `lare analyze figures --reconstructor {output}`"
+    )
+
+
 __all__ = [
     "finetune_reconstructor",
     "image_samples",
     "load_reconstructor",
     "reconstruction_targets",
     "save_reconstructor",
+    "summary",
 ]
