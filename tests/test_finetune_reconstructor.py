@@ -135,3 +135,24 @@ def test_cli_finetunes_then_figures_draws_fig4_with_it(tiny_checkpoint, tmp_path
     assert pictures["default"].shape == pictures["tuned"].shape
     lower = 2 * pictures["default"].shape[0] // 3  # the row drawn from the latents (the title differs too)
     assert not np.array_equal(pictures["default"][lower:], pictures["tuned"][lower:])
+
+
+def test_targets_are_the_whole_image_or_the_window_crop_of_l_img(finetuned):
+    from lare_hf.analysis.reconstructor import reconstruction_targets
+    from lare_hf.evaluation.runner import refocus_record
+
+    model, processor, samples, _, _, _ = finetuned
+    record = refocus_record(model, processor, samples[:2], 2)
+    reconstructor = model.reconstructor
+    whole = reconstruction_targets(model, reconstructor, record, "image")
+    mean = torch.tensor(reconstructor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(reconstructor.image_std).view(1, 3, 1, 1)
+    pixels = ((record["pixel_values"] * std + mean).clamp(0, 1) * 2 - 1).repeat_interleave(2, dim=0)
+    torch.testing.assert_close(whole, pixels)  # 64-px images, 64-px reconstructions: no resize
+    windows = reconstruction_targets(model, reconstructor, record, "window")
+    side = model.config.effective_window_size * model.config.vision_config.patch_size  # 32 px, resized to 64
+    row, col = (record["window_positions"][1, 1] * model.config.vision_config.patch_size).tolist()
+    crop = pixels[3:4, :, row : row + side, col : col + side]
+    expected = torch.nn.functional.interpolate(crop, size=(64, 64), mode="bilinear", antialias=True)
+    torch.testing.assert_close(windows[3:4], expected.clamp(-1, 1))
+    assert not torch.equal(whole, windows)
