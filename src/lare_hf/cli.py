@@ -271,7 +271,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         else:
             report = figures.run(
                 source, output, args.num_samples, args.num_latent_steps, args.num_inference_steps, args.seed,
-                args.batch_size, args.sweep,
+                args.batch_size, args.sweep, args.reconstructor,
             )  # fmt: skip
     path = write_report(report, output / f"{kind}.json")
     print(f"Wrote {path}")
@@ -490,7 +490,53 @@ def _add_analyze_commands(sub) -> None:
                 "--num-inference-steps", type=int, default=50, help="reverse diffusion steps (Fig. 4)"
             )
             command.add_argument("--sweep", default=None, help="a steps.json of `lare analyze steps` to plot again")
+            command.add_argument("--reconstructor", default=None,
+                                 help="Fig. 4's decoder: a `lare analyze finetune-reconstructor` --output (default: "
+                                 "the checkpoint's reconstructor)")  # fmt: skip
         command.set_defaults(func=cmd_analyze)
+    _add_finetune_reconstructor_command(analyze_sub)
+
+
+def cmd_finetune_reconstructor(args: argparse.Namespace) -> int:
+    from .analysis.reconstructor import run, summary
+
+    report = run(
+        args.model, args.images, args.output, epochs=args.epochs, overwrite=args.overwrite, prompt=args.prompt,
+        split=args.split, limit=args.limit, device=args.device, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, target=args.target, num_latent_steps=args.num_latent_steps, seed=args.seed,
+        eval_images=args.eval_images,
+    )  # fmt: skip
+    print(summary(report, args.output))
+    return 0
+
+
+def _add_finetune_reconstructor_command(analyze_sub) -> None:
+    """`lare analyze finetune-reconstructor` (§4.4: the U-Net behind Fig. 4, fine-tuned on ImageNet-1K)."""
+    from .analysis.reconstructor import DEFAULT_PROMPT, TARGETS
+
+    command = analyze_sub.add_parser(
+        "finetune-reconstructor",
+        help="fine-tune the reconstructor on an image set from the frozen model's latents (Fig. 4's decoder, §4.4)",
+    )
+    command.add_argument("--model", required=True, help="the LaRe checkpoint folder (frozen)")
+    command.add_argument("--images", required=True,
+                         help="folder of image files, or a datasets image set (save_to_disk folder, parquet ...)")  # fmt: skip
+    command.add_argument("--output", required=True, help="folder for the fine-tuned reconstructor")
+    command.add_argument("--overwrite", action="store_true", help="write into a non-empty --output folder")
+    command.add_argument("--epochs", type=int, default=5, help="passes over --images (the paper: 5 on ImageNet-1K)")
+    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--learning-rate", type=float, default=1e-4)
+    command.add_argument("--target", choices=TARGETS, default="image",
+                         help="what each step's latents reconstruct: the whole image (the paper's 'clear scenes') "
+                         "or the crop under the step's window (L_img's target)")  # fmt: skip
+    command.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked with each image")
+    command.add_argument("--num-latent-steps", type=int, default=None, help="K (default: the processor's)")
+    command.add_argument("--eval-images", type=int, default=32, help="images of the seeded before/after loss")
+    command.add_argument("--split", default=None, help="the split of a datasets image set")
+    command.add_argument("--limit", type=int, default=None, help="use the first N images")
+    command.add_argument("--device", default=None)
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(func=cmd_finetune_reconstructor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from ..evaluation.benchmarks import BenchmarkSample
 from ..evaluation.runner import generate_batched, refocus_record
 from ..visualization import plot_refocus_grid
 from .common import AnalysisSource, check_steps, model_view, pyplot, save_figure
+from .reconstructor import load_reconstructor, reconstruction_targets
 from .steps import plot_steps_sweep
 
 
@@ -65,37 +66,62 @@ def reconstruction_figure(
     num_latent_steps: int | None = None,
     num_inference_steps: int = 50,
     seed: int = 0,
+    reconstructor=None,
 ) -> str:
-    """Fig. 4: per sample two rows, the crop under each step's window (what L_img, Eq. 7, reconstructs) and the image
-    the reconstructor draws from that step's latents alone (`reconstruct_images`, seeded)."""
+    """Fig. 4: per sample three rows: what each step's latents are decoded towards, that image through the image
+    tokenizer and back (the sharpest any decoder of these tokenizer latents can draw: a random KL-16 draws noise
+    here too), and the image the decoder draws from that step's latents alone (`LaReImageReconstructor.sample`,
+    seeded). The decoder is the checkpoint's reconstructor (trained by L_img, Eq. 7, on window crops: the top row is
+    the crop under each step's window) or `reconstructor`, one fine-tuned by `lare_hf.analysis.reconstructor` (the
+    paper's decoder; the top row is its target, the whole image or the window crop). The title names the decoder."""
     plt = pyplot()
 
     if model.reconstructor is None:
         raise ValueError("This checkpoint has no reconstructor (use_reconstructor=False); Fig. 4 needs one.")
     steps = _check_latent_steps(model, processor, num_latent_steps)
     record = refocus_record(model, processor, samples, steps)
+    decoder = model.reconstructor if reconstructor is None else reconstructor
+    metadata = getattr(reconstructor, "metadata", {})
+    target = metadata.get("target", "window")
     count = len(samples)
-    positions = record["window_positions"].to(model.device).reshape(count * steps, 2)
-    crops = model.reconstructor.crop_windows(
-        record["pixel_values"].repeat_interleave(steps, dim=0), positions, model.config.effective_window_size
-    )
-    crops = ((crops.float() + 1) / 2).clamp(0, 1).view(count, steps, *crops.shape[1:]).cpu()
+    targets = reconstruction_targets(model, decoder, record, target)
+    round_trips = decoder.decode_latents(decoder.encode_images(targets)).view(count, steps, *targets.shape[1:]).cpu()
+    references = ((targets.float() + 1) / 2).clamp(0, 1).view(count, steps, *targets.shape[1:]).cpu()
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    images = model.reconstruct_images(record["latent_embeds"], num_inference_steps, generator).float().cpu()
-    fig, axes = plt.subplots(2 * count, steps, figsize=(1.7 * steps + 0.6, 1.8 * 2 * count), squeeze=False)
+    latents = record["latent_embeds"]
+    images = decoder.sample(latents.reshape(-1, *latents.shape[2:]), num_inference_steps, generator)
+    images = images.float().view(count, steps, *images.shape[1:]).cpu()
+    label = "window crop" if target == "window" else "input image"
+    fig, axes = plt.subplots(3 * count, steps, figsize=(1.7 * steps + 0.6, 1.8 * 3 * count + 0.4), squeeze=False)
     for i in range(count):
         for k in range(steps):
-            for row, (picture, label) in enumerate(((crops[i, k], "window crop"), (images[i, k], "from latents"))):
-                axis = axes[2 * i + row][k]
+            rows = (
+                (references[i, k], label),
+                (round_trips[i, k], "tokenizer round trip"),
+                (images[i, k], "from latents"),
+            )
+            for row, (picture, name) in enumerate(rows):
+                axis = axes[3 * i + row][k]
                 axis.imshow(picture.permute(1, 2, 0).numpy(), interpolation="nearest")
                 axis.set_xticks([])
                 axis.set_yticks([])
                 if i == 0 and row == 0:
                     axis.set_title(f"latent step {k + 1}", fontsize=8)
                 if k == 0:
-                    axis.set_ylabel(f"#{i + 1} {label}", fontsize=7)
-    fig.suptitle("Latent-to-image reconstructions next to the crops they came from", fontsize=9)
+                    axis.set_ylabel(f"#{i + 1} {name}", fontsize=7)
+    fig.suptitle(f"Images decoded from each step's latents\ndecoder: {decoder_description(reconstructor)}", fontsize=8)
     return save_figure(fig, path, dpi=110)
+
+
+def decoder_description(reconstructor=None) -> str:
+    """Which decoder Fig. 4 used, for its title and the report."""
+    if reconstructor is None:
+        return "the checkpoint's reconstructor (trained by L_img on window crops)"
+    metadata = getattr(reconstructor, "metadata", {})
+    return (
+        f"reconstructor fine-tuned on {metadata.get('num_images')} images of {Path(str(metadata.get('images'))).name} "
+        f"for {metadata.get('epochs')} epochs (target: {metadata.get('target')})"
+    )
 
 
 def window_hit_rates(
@@ -144,10 +170,13 @@ def run(
     seed: int = 0,
     batch_size: int = 16,
     sweep: str | None = None,
+    reconstructor: str | None = None,
 ) -> dict[str, Any]:
     """`lare analyze figures`: Fig. 3 and Fig. 4 for the first `num_samples` samples of `source`, the window-hit rates
-    on RefocusChains, and the steps figure of a `lare analyze steps` report `sweep` again, all into `output`."""
+    on RefocusChains, and the steps figure of a `lare analyze steps` report `sweep` again, all into `output`. Fig. 4
+    decodes with the checkpoint's reconstructor, or with the fine-tuned one in the folder `reconstructor`."""
     _, samples, model, processor = source.load()
+    decoder = None if reconstructor is None else load_reconstructor(reconstructor, model)
     shown = samples[:num_samples]
     report: dict[str, Any] = {"analysis": "figures", "figures": {}}
     report["figures"]["refocus"] = refocus_figure(
@@ -155,8 +184,12 @@ def run(
     )
     if model.reconstructor is not None:
         report["figures"]["reconstruction"] = reconstruction_figure(
-            model, processor, shown, output / "fig4_reconstruction.png", num_latent_steps, num_inference_steps, seed
-        )
+            model, processor, shown, output / "fig4_reconstruction.png", num_latent_steps, num_inference_steps, seed,
+            decoder,
+        )  # fmt: skip
+        report["reconstruction_decoder"] = decoder_description(decoder)
+        if reconstructor is not None:
+            report["reconstructor"] = str(reconstructor)
     else:
         report["reconstruction_skipped"] = "the checkpoint has no reconstructor (use_reconstructor=False)"
     if source.benchmark.replace("-", "_").lower() == "refocus_chains":
@@ -172,4 +205,11 @@ def run(
     return {**source.header(), **report}
 
 
-__all__ = ["plot_window_hits", "reconstruction_figure", "refocus_figure", "refocus_record", "window_hit_rates"]
+__all__ = [
+    "decoder_description",
+    "plot_window_hits",
+    "reconstruction_figure",
+    "refocus_figure",
+    "refocus_record",
+    "window_hit_rates",
+]
