@@ -862,7 +862,7 @@ def _to_8bit_rgb(image):
 def to_rgb(image):
     """A PIL image as 8-bit RGB: 16-bit and float images scaled (not clipped), palette and transparent images
     composited over white (as the image processor's `convert_rgb` does)."""
-    return convert_to_rgb(_to_8bit_rgb(image))
+    return to_pil_image(convert_to_rgb(_to_8bit_rgb(image), return_numpy=True))  # PIL output is deprecated in 5.25
 
 
 def _array_to_pil(array):
