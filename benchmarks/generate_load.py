@@ -36,7 +36,7 @@ def generate_once(model, processor, call: int) -> torch.Tensor:
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        padding=True,
+        processor_kwargs={"padding": True},
         num_latent_steps=call % 5,
     )
     arguments = dict(max_new_tokens=1 + call % 4, do_sample=call % 2 == 1)

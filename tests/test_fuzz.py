@@ -211,7 +211,7 @@ def test_generate_on_generated_inputs(tiny_model_and_processor, questions, pictu
         try:
             inputs = processor.apply_chat_template(
                 batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                padding=True, num_latent_steps=prompt_steps,
+                processor_kwargs={"padding": True}, num_latent_steps=prompt_steps,
             )  # fmt: skip
         except Exception as error:
             check_error(error, outcome)

@@ -588,7 +588,7 @@ def test_multi_image_prompts_without_latent_steps_run(tiny_model_and_processor):
     """Several images in a prompt are fine without latent steps (K=0): the model reads them as LLaVA does."""
     model, processor = tiny_model_and_processor
     inputs = processor.apply_chat_template(_ONE_AND_TWO, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", padding=True, num_latent_steps=0)  # fmt: skip
+                                           return_tensors="pt", processor_kwargs={"padding": True}, num_latent_steps=0)  # fmt: skip
     assert inputs["pixel_values"].shape[0] == 3
     output = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2)
     assert output.shape == (2, inputs["input_ids"].shape[1] + 2)
