@@ -35,7 +35,7 @@ def training_batch(processor, num_latent_steps: int, size: int = 3):
 
 def loss_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)  # the same diffusion noise / timesteps for L_img in both runs
+    model.image_loss_draws = 0  # the same diffusion noise / timesteps for L_img in both runs (`noise_seeds`)
     outputs = model(**batch, compute_latent_losses=True)
     outputs.loss.backward()
     gradients = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}

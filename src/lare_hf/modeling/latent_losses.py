@@ -58,6 +58,11 @@ class LaReLatentLossesMixin:
     """The losses of Sec. 3.2 for `LaReForConditionalGeneration` (which holds `model`, `lm_head`, `alignment_head`
     and `reconstructor`)."""
 
+    # Training forwards this model has run (each adds 1 after its losses): the `draw` of L_img's per-sample noise
+    # seeds (`reconstruction.noise_seeds`; not in the paper). Every rank runs the same number, so ranks and one
+    # process draw alike; `LaReTrainer` sets it from the optimizer step on resume; set it to repeat a draw.
+    image_loss_draws: int = 0
+
     def latent_losses(
         self,
         outputs: LaReModelOutputWithPast,
@@ -315,7 +320,7 @@ class LaReLatentLossesMixin:
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Eq. 7 over the crops of every latent step's window in `rows` (None without a reconstructor), each
-        (sample, step) with its own noise seed (`noise_seeds`; the count of training draws advances by one)."""
+        (sample, step) with its own noise seed (`noise_seeds` of `image_loss_draws`)."""
         if self.reconstructor is None:
             if compute:
                 raise ValueError(
@@ -323,9 +328,6 @@ class LaReLatentLossesMixin:
                     "set image_loss_weight=0 or build the model with use_reconstructor=True."
                 )
             return None
-        draw = getattr(self, "image_loss_draws", 0)
-        if self.training:  # every rank counts every step, with rows or not, so the counts stay equal
-            self.image_loss_draws = draw + 1
         if not rows.any():
             zero = self._zero_loss(outputs, self.reconstructor)
             if self.training and outputs.latent_embeds is not None and pixel_values is not None:
@@ -343,7 +345,7 @@ class LaReLatentLossesMixin:
         )
         row_ids = input_ids[rows.to(input_ids.device)] if input_ids is not None else None
         row_mask = attention_mask[rows.to(attention_mask.device)] if attention_mask is not None else None
-        seeds = noise_seeds(row_ids, row_mask, pixel_values, num_steps, draw)
+        seeds = noise_seeds(row_ids, row_mask, pixel_values, num_steps, self.image_loss_draws)
         return self.reconstructor(outputs.latent_embeds[rows].reshape(-1, m, hidden), crops, seeds=seeds)
 
     def window_grounding_loss(

@@ -596,6 +596,8 @@ class LaReForConditionalGeneration(
             compute_latent_losses, input_ids, attention_mask,
         )  # fmt: skip
         loss = self.weighted_loss(lm_loss, latent_losses)
+        if self.training and past_key_values is None:
+            self.image_loss_draws += 1  # the next training forward draws new L_img noise
         result = LaReCausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
