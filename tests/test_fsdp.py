@@ -1,13 +1,13 @@
 """LaRe under FSDP2 (issue 24): `fully_shard` with `apply_fsdp2`'s wrap policy on 2 gloo CPU processes.
 
-(a) Stage II- and stage IV-like steps on a global batch of 4 split 2 + 2 give, per step, the losses of one process
-    holding the 4 rows (mean over the ranks) and, after the steps, the same full parameters. L_img is off in this part
-    (image_loss_weight=0): its diffusion noise is drawn from each process's generator, so 2 + 2 rows cannot draw what
-    4 rows draw in one process; the uneven part runs it.
-(b) Uneven data: rank 0 holds image rows with rationales, rank 1 an image row without one and a text-only row, every
-    latent loss on (L_img included): both ranks finish the step (a hang fails on the timeout instead of blocking).
-    A rank whose whole batch is text-only would make one language-model pass where the others make K+1: the forward
-    refuses it, naming the fix.
+(a) Stage II- and stage IV-like steps on a global batch of 4 split 2 + 2, every loss on (L_img included: its noise
+    and timesteps are seeded per sample, `reconstruction.noise_seeds`), give, per step, the losses of one process
+    holding the 4 rows (mean over the ranks) and, after the steps, the same full parameters.
+(b) Uneven data, every latent loss on; a hang fails on the timeout instead of blocking:
+    - rank 0 holds image rows with rationales, rank 1 text-only rows (it gets a phantom image row so that it makes
+      the same module calls, `synchronised_calls`): the losses are those of one process holding the 4 rows;
+    - rank 0 holds image rows with rationales, rank 1 an image row without one and a text-only row;
+    - both ranks text-only: both finish.
 (c) The full state dict gathered on rank 0 (`get_model_state_dict(full_state_dict=True)`) loads into a plain
     single-process `LaReForConditionalGeneration`, which generates the tokens of the single-process reference.
 
@@ -35,7 +35,8 @@ ANSWERS = ["seven", "nine"]
 RATIONALES = ["The square holds a seven.", "The square holds a nine."]
 STEPS = 2
 LEARNING_RATE = 0.05
-LOSS_NAMES = ("loss", "lm_loss", "alignment_loss", "text_reconstruction_loss")
+LOSS_NAMES = ("loss", "lm_loss", "alignment_loss", "text_reconstruction_loss", "image_reconstruction_loss")
+UNEVEN_LOSSES = ("loss", "lm_loss", "image_reconstruction_loss", "text_reconstruction_loss", "alignment_loss")
 
 pytestmark = pytest.mark.slow
 
@@ -50,27 +51,38 @@ def global_batch(processor, step: int, rows: slice) -> dict[str, torch.Tensor]:
     )
 
 
-def uneven_batch(processor, rank: int) -> dict[str, torch.Tensor]:
-    """Rank 0: two image rows with rationales; rank 1: an image row without a rationale and a text-only row."""
+def uneven_batch(processor, rank: int, text_only: bool = False) -> dict[str, torch.Tensor]:
+    """Rank 0: two image rows with rationales; rank 1: an image row without a rationale and a text-only row, or
+    (`text_only`) two text-only rows. Rank -1: the 4 rows of rank 0 and of rank 1 (`text_only`) in one batch."""
+    image_prompts = [chat(make_image(20), PROMPTS[0]), chat(make_image(21), PROMPTS[1])]
+    text_prompts = [chat(None, PROMPTS[0]), chat(None, PROMPTS[1])]
+    if rank == -1:
+        return processor.build_training_inputs(
+            image_prompts + text_prompts, ANSWERS + ANSWERS, rationales=RATIONALES + [None, None]
+        )
     if rank == 0:
-        prompts = [chat(make_image(20), PROMPTS[0]), chat(make_image(21), PROMPTS[1])]
-        rationales = RATIONALES
+        prompts, rationales = image_prompts, RATIONALES
+    elif text_only:
+        prompts, rationales = text_prompts, [None, None]
     else:
-        prompts = [chat(make_image(22), PROMPTS[0]), chat(None, PROMPTS[1])]
-        rationales = [None, None]
+        prompts, rationales = [chat(make_image(22), PROMPTS[0]), chat(None, PROMPTS[1])], [None, None]
     return processor.build_training_inputs(prompts, ANSWERS, rationales=rationales)
 
 
 def load_for_stage(checkpoint: str, stage: int):
-    """The checkpoint in training mode with the stage's trainable modules, L_img off (see the module docstring)."""
+    """The checkpoint in training mode with the stage's trainable modules, every loss on."""
     from transformers import AutoModelForImageTextToText
 
     from lare_hf.training.trainer import StageIILatentAlignmentTrainer, StageIVReasoningTrainer
 
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, image_loss_weight=0.0)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
     trainer_class = {2: StageIILatentAlignmentTrainer, 4: StageIVReasoningTrainer}[stage]
     trainer_class.configure_model(model)
     return model.train()
+
+
+def loss_terms(outputs, names=LOSS_NAMES) -> dict[str, float]:
+    return {name: float(value.detach()) for name in names if (value := getattr(outputs, name)) is not None}
 
 
 def train_steps(model, processor, rows: slice) -> list[dict[str, float]]:
@@ -82,7 +94,7 @@ def train_steps(model, processor, rows: slice) -> list[dict[str, float]]:
         outputs.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        history.append({name: float(getattr(outputs, name).detach()) for name in LOSS_NAMES})
+        history.append(loss_terms(outputs))
     return history
 
 
@@ -118,27 +130,18 @@ def worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(state, os.path.join(out_dir, f"stage{stage}_state.pt"))
-        from transformers import AutoModelForImageTextToText
-
-        from lare_hf.training.trainer import StageIVReasoningTrainer
-
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint)  # every latent loss on, L_img included
-        StageIVReasoningTrainer.configure_model(model)
-        model = apply_fsdp2(model.train(), mesh)
-        optimizer = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=LEARNING_RATE)
-        outputs = model(**uneven_batch(processor, rank), compute_latent_losses=True)
+        for case, text_only in (("uneven_text_only", True), ("uneven_mixed", False)):
+            model = apply_fsdp2(load_for_stage(checkpoint, 4), mesh)
+            optimizer = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.05)
+            outputs = model(**uneven_batch(processor, rank, text_only), compute_latent_losses=True)
+            outputs.loss.backward()
+            optimizer.step()
+            results[case] = loss_terms(outputs, UNEVEN_LOSSES)
+            results[f"{case}_logits_shape"] = tuple(outputs.logits.shape)
+        # both ranks text-only: the same calls on both (no phantom row: no rank has images)
+        outputs = model(**processor.build_training_inputs([chat(None, PROMPTS[rank])], ANSWERS[:1]))
         outputs.loss.backward()
-        optimizer.step()
-        results["uneven"] = {
-            name: float(value.detach())
-            for name in ("loss", "image_reconstruction_loss", "text_reconstruction_loss", "alignment_loss")
-            if (value := getattr(outputs, name)) is not None
-        }
-        # both ranks text-only: refused with the fix named (one text-only rank would hang the others)
-        try:
-            model(**processor.build_training_inputs([chat(None, PROMPTS[0])], ANSWERS[:1]), compute_latent_losses=True)
-        except ValueError as error:
-            results["text_only_error"] = str(error)
+        results["text_only"] = loss_terms(outputs, UNEVEN_LOSSES)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -178,6 +181,8 @@ def reference(tiny_checkpoint) -> dict:
         results[f"stage{stage}"] = train_steps(model, processor, slice(0, 4))
         results[f"stage{stage}_state"] = {name: value.detach().clone() for name, value in model.state_dict().items()}
         results[f"stage{stage}_tokens"] = generate_tokens(model, processor)
+    model = load_for_stage(tiny_checkpoint, 4)
+    results["uneven_text_only"] = loss_terms(model(**uneven_batch(processor, -1), compute_latent_losses=True))
     return results
 
 
@@ -198,24 +203,30 @@ def test_fsdp2_steps_give_the_single_process_losses_and_parameters(ranks, refere
     assert changed > 0  # the steps trained something
 
 
+def test_a_text_only_rank_gives_the_losses_of_one_process_with_the_combined_batch(ranks, reference):
+    """Rank 1 holds only text rows: it runs a phantom image row (no hang), its outputs are its own 2 rows, and the
+    losses are those of one process with the 4 rows: L_ntp and L_sym averaged over the ranks (equal answer tokens
+    per rank; L_sym gathers its negatives), L_img and L_text (all their rows on rank 0) on rank 0, 0 on rank 1."""
+    per_rank, _ = ranks
+    expected = reference["uneven_text_only"]
+    assert set(per_rank[0]["uneven_text_only"]) == set(UNEVEN_LOSSES) == set(expected)
+    for name in ("lm_loss", "alignment_loss"):
+        mean = sum(rank["uneven_text_only"][name] for rank in per_rank) / WORLD_SIZE
+        assert mean == pytest.approx(expected[name], abs=1e-5), name
+    for name in ("image_reconstruction_loss", "text_reconstruction_loss"):
+        assert per_rank[0]["uneven_text_only"][name] == pytest.approx(expected[name], abs=1e-5), name
+        assert per_rank[1]["uneven_text_only"][name] == 0.0, name
+    assert per_rank[1]["uneven_text_only_logits_shape"][0] == 2  # the phantom row is not in the outputs
+
+
 def test_uneven_ranks_finish_the_step_with_finite_losses(ranks):
     per_rank, _ = ranks
     for rank in per_rank:
-        assert set(rank["uneven"]) == {
-            "loss",
-            "image_reconstruction_loss",
-            "text_reconstruction_loss",
-            "alignment_loss",
-        }
-        assert all(torch.isfinite(torch.tensor(value)) for value in rank["uneven"].values())
-    assert per_rank[1]["uneven"]["text_reconstruction_loss"] == 0.0  # no rationale on rank 1: masked, weight 0
-    assert per_rank[0]["uneven"]["text_reconstruction_loss"] > 0
-
-
-def test_a_text_only_batch_under_fsdp_is_refused_with_the_fix_named(ranks):
-    per_rank, _ = ranks
-    for rank in per_rank:
-        assert "at least one image row" in rank.get("text_only_error", "")
+        assert set(rank["uneven_mixed"]) == set(UNEVEN_LOSSES)
+        assert all(torch.isfinite(torch.tensor(value)) for value in rank["uneven_mixed"].values())
+        assert torch.isfinite(torch.tensor(rank["text_only"]["loss"]))  # both ranks text-only
+    assert per_rank[1]["uneven_mixed"]["text_reconstruction_loss"] == 0.0  # no rationale on rank 1: masked, weight 0
+    assert per_rank[0]["uneven_mixed"]["text_reconstruction_loss"] > 0
 
 
 def test_gathered_state_dict_loads_into_a_plain_model_that_generates_the_same_tokens(
@@ -225,7 +236,7 @@ def test_gathered_state_dict_loads_into_a_plain_model_that_generates_the_same_to
 
     _, out_dir = ranks
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint, image_loss_weight=0.0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
     model.load_state_dict(torch.load(os.path.join(out_dir, "stage4_state.pt")), strict=True)
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # still tied
     assert torch.equal(generate_tokens(model, processor), reference["stage4_tokens"])

@@ -14,6 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from conftest import chat, make_image
 from lare_hf.build import build_tiny
 from lare_hf.configs import packaged_configs_dir
+from lare_hf.modeling.latent_losses import LaReLatentLossesMixin
 from lare_hf.training.arguments import parse_train_arguments
 from lare_hf.training.run import run_stage
 
@@ -35,7 +36,9 @@ def training_batch(processor, num_latent_steps: int, size: int = 3):
 
 def loss_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)  # the same diffusion noise / timesteps for L_img in both runs
+    for module in model.modules():  # the LaRe model, also inside PEFT's wrapper
+        if isinstance(module, LaReLatentLossesMixin):
+            module.image_loss_draws = 0  # the same diffusion noise / timesteps for L_img in both runs (`noise_seeds`)
     outputs = model(**batch, compute_latent_losses=True)
     outputs.loss.backward()
     gradients = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}

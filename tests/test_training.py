@@ -241,10 +241,12 @@ def test_gradient_accumulation_scales_every_term_alike(start_checkpoint, reasoni
     trainer.current_gradient_accumulation_steps = 4  # what train() sets for a full accumulation window
     model.train()
     torch.manual_seed(0)
+    model.image_loss_draws = 0  # the same L_img noise in both (`noise_seeds`)
     trainer.training_step(model, dict(batch))
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     torch.manual_seed(0)
+    model.image_loss_draws = 0
     model(**batch, compute_latent_losses=True).loss.backward()
     for name, grad in accumulated.items():
         torch.testing.assert_close(grad * 4, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .losses import text_prefix_loss
+from .reconstruction import noise_seeds
 from .validation import check_tensor
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ class LaReLatentLossesMixin:
     """The losses of Sec. 3.2 for `LaReForConditionalGeneration` (which holds `model`, `lm_head`, `alignment_head`
     and `reconstructor`)."""
 
+    # Training forwards this model has run (each adds 1 after its losses): the `draw` of L_img's per-sample noise
+    # seeds (`reconstruction.noise_seeds`; not in the paper). Every rank runs the same number, so ranks and one
+    # process draw alike; `LaReTrainer` sets it from the optimizer step on resume; set it to repeat a draw.
+    image_loss_draws: int = 0
+
     def latent_losses(
         self,
         outputs: LaReModelOutputWithPast,
@@ -65,10 +71,13 @@ class LaReLatentLossesMixin:
         rationale_attention_mask: torch.Tensor | None,
         window_targets: torch.LongTensor | None,
         compute: bool | None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every latent term of this forward that has a non-zero weight (see `forward`'s `compute_latent_losses`)."""
+        """Every latent term of this forward that has a non-zero weight (see `forward`'s `compute_latent_losses`).
+        `input_ids` / `attention_mask` identify the samples for L_img's noise (`reconstruction.noise_seeds`)."""
         losses = self.semantic_augmentation_losses(
-            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute
+            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, compute, input_ids, attention_mask
         )
         if window_targets is not None and self.config.window_loss_weight > 0 and compute is not False:
             losses["window_loss"] = self.window_grounding_loss(outputs, window_targets)
@@ -93,9 +102,12 @@ class LaReLatentLossesMixin:
         rationale_input_ids: torch.LongTensor | None,
         rationale_attention_mask: torch.Tensor | None,
         compute: bool | None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """L_sym (Eq. 6), L_img (Eq. 7) and L_text (Eq. 8) for the latents of this forward; a term whose weight is
-        0 is not computed.
+        0 is not computed. L_img draws its noise and timesteps per sample (`reconstruction.noise_seeds` of the
+        sample's `input_ids` / `attention_mask` and pixels; not in the paper).
 
         Each term is taken over the samples that have what it needs, and averaged over them (as if they were
         batched alone): L_img and the visual part of L_sym over the rows that ran the latent phase (an image),
@@ -140,7 +152,9 @@ class LaReLatentLossesMixin:
                 if masked_call is not None:
                     losses["text_reconstruction_loss"] = losses["text_reconstruction_loss"] + masked_call
         if config.image_loss_weight > 0:
-            image_loss = self._image_reconstruction_loss(outputs, rows, pixel_values, compute)
+            image_loss = self._image_reconstruction_loss(
+                outputs, rows, pixel_values, compute, input_ids, attention_mask
+            )
             if image_loss is not None:
                 losses["image_reconstruction_loss"] = image_loss
         return losses
@@ -169,13 +183,8 @@ class LaReLatentLossesMixin:
             rationale_attention_mask = torch.zeros_like(rationale_input_ids)
         rows = outputs.latent_rows.bool() if outputs.latent_rows is not None else None
         if rows is None and pixel_values is None:  # a text-only batch: no sample has what the latent losses need
-            if self.training and self._parameters_sharded():
-                raise ValueError(
-                    "A text-only batch (no pixel_values) with the latent losses on, under FSDP or DeepSpeed ZeRO-3: it "
-                    "makes one language-model pass where an image batch makes K+1 and skips the Extractor, so the "
-                    "ranks' parameter gathers would fall out of step (a hang). Give every per-device batch at least "
-                    "one image row (mix text-only records into image batches), or train this stage with DDP."
-                )
+            # (in sharded training, a text-only rank among image ranks got a phantom image row instead: see
+            # `synchronise_module_calls`; here every rank is text-only and all make the same calls)
             hidden = outputs.last_hidden_state
             rows = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         if rows is None:
@@ -307,8 +316,11 @@ class LaReLatentLossesMixin:
         rows: torch.BoolTensor,
         pixel_values: torch.Tensor | None,
         compute: bool | None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Eq. 7 over the crops of every latent step's window in `rows` (None without a reconstructor)."""
+        """Eq. 7 over the crops of every latent step's window in `rows` (None without a reconstructor), each
+        (sample, step) with its own noise seed (`noise_seeds` of `image_loss_draws`)."""
         if self.reconstructor is None:
             if compute:
                 raise ValueError(
@@ -317,13 +329,24 @@ class LaReLatentLossesMixin:
                 )
             return None
         if not rows.any():
-            return self._zero_loss(outputs, self.reconstructor)
+            zero = self._zero_loss(outputs, self.reconstructor)
+            if self.training and outputs.latent_embeds is not None and pixel_values is not None:
+                # no row here: the reconstructor still runs (on the first row, weight 0) as on ranks with rows
+                crops = self.reconstructor.crop_windows(
+                    pixel_values[:1], outputs.window_positions[:1, 0], self.config.effective_window_size
+                )
+                seeds = torch.zeros(1, dtype=torch.long)
+                zero = zero + self.reconstructor(outputs.latent_embeds[:1, 0], crops, seeds=seeds) * 0
+            return zero
         _, num_steps, m, hidden = outputs.latent_embeds.shape
         positions = outputs.window_positions[rows].reshape(-1, 2)
         crops = self.reconstructor.crop_windows(
             pixel_values.repeat_interleave(num_steps, dim=0), positions, self.config.effective_window_size
         )
-        return self.reconstructor(outputs.latent_embeds[rows].reshape(-1, m, hidden), crops)
+        row_ids = input_ids[rows.to(input_ids.device)] if input_ids is not None else None
+        row_mask = attention_mask[rows.to(attention_mask.device)] if attention_mask is not None else None
+        seeds = noise_seeds(row_ids, row_mask, pixel_values, num_steps, self.image_loss_draws)
+        return self.reconstructor(outputs.latent_embeds[rows].reshape(-1, m, hidden), crops, seeds=seeds)
 
     def window_grounding_loss(
         self, outputs: LaReModelOutputWithPast, window_targets: torch.LongTensor

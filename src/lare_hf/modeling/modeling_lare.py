@@ -39,6 +39,13 @@ from .losses import LaReAlignmentHead
 from .model_card import write_model_card
 from .outputs import LaReCausalLMOutputWithPast, LaReModelOutputWithPast
 from .reconstruction import LaReImageReconstructor
+from .synchronised_calls import (
+    NO_IMAGE_ROWS,
+    PhantomRow,
+    add_phantom_image_row,
+    agreed_latent_steps,
+    remove_phantom_row,
+)
 from .validation import (
     check_continuation,
     check_forward_kwargs,
@@ -555,6 +562,25 @@ class LaReForConditionalGeneration(
         check_forward_kwargs(f"{type(self).__name__}.forward", kwargs, inspect.signature(self.forward).parameters)
         self.check_training_inputs(input_ids, inputs_embeds, labels, rationale_input_ids, rationale_attention_mask)
         check_halting_not_in_training(latent_halting, labels, rationale_input_ids, compute_latent_losses)
+        phantom = None
+        if self.training and past_key_values is None:
+            batch = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "pixel_values": pixel_values,
+                "labels": labels,
+                "rationale_input_ids": rationale_input_ids,
+                "rationale_attention_mask": rationale_attention_mask,
+                "window_targets": window_targets,
+            }
+            phantom = self.synchronise_module_calls(batch, inputs_embeds, position_ids)
+            if phantom is not None:
+                input_ids, attention_mask, pixel_values, labels = (
+                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
+                )  # fmt: skip
+                rationale_input_ids, rationale_attention_mask, window_targets = (
+                    batch["rationale_input_ids"], batch["rationale_attention_mask"], batch["window_targets"]
+                )  # fmt: skip
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -583,11 +609,17 @@ class LaReForConditionalGeneration(
             lm_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
+        if phantom is not None and outputs.latent_rows is not None:
+            outputs.latent_rows = outputs.latent_rows.clone()
+            outputs.latent_rows[phantom.batch :] = 0  # left out of every loss, as a text-only row
         latent_losses = self.latent_losses(
-            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, window_targets, compute_latent_losses
-        )
+            outputs, pixel_values, rationale_input_ids, rationale_attention_mask, window_targets,
+            compute_latent_losses, input_ids, attention_mask,
+        )  # fmt: skip
         loss = self.weighted_loss(lm_loss, latent_losses)
-        return LaReCausalLMOutputWithPast(
+        if self.training and past_key_values is None:
+            self.image_loss_draws += 1  # the next training forward draws new L_img noise
+        result = LaReCausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
             **latent_losses,
@@ -607,6 +639,37 @@ class LaReForConditionalGeneration(
             halted_position_ids=outputs.halted_position_ids,
             image_outputs=outputs.image_outputs,
         )
+        return remove_phantom_row(result, phantom) if phantom is not None else result
+
+    def synchronise_module_calls(
+        self,
+        batch: dict[str, torch.Tensor | None],
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+    ) -> PhantomRow | None:
+        """In sharded training (FSDP2 / DeepSpeed ZeRO-3): agree with the other ranks on K (one `all_reduce`) and,
+        when this rank's batch has no image row while another rank's has, append a phantom image row to `batch` in
+        place so that this rank makes the same module calls (see `synchronised_calls`; not in the paper). Returns
+        what was appended, or None (always outside sharded training: nothing changes there)."""
+        if not self._parameters_sharded():
+            return None
+        input_ids = batch["input_ids"]
+        local_steps = NO_IMAGE_ROWS
+        if batch["pixel_values"] is not None:
+            placeholder_ids = input_ids if input_ids is not None else self.model.get_placeholder_ids(inputs_embeds)
+            local_steps = self.model.latent_layout(placeholder_ids).num_steps
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        steps = agreed_latent_steps(local_steps, device)
+        if local_steps != NO_IMAGE_ROWS or steps == NO_IMAGE_ROWS:
+            return None
+        if input_ids is None or position_ids is not None:
+            raise ValueError(
+                "A text-only batch under FSDP / DeepSpeed ZeRO-3 while other ranks hold images gets a phantom image "
+                "row so that every rank makes the same module calls; that needs input_ids and no position_ids "
+                "(got inputs_embeds or position_ids). Pass input_ids, as LaReDataCollator does."
+            )
+        pad = self.generation_config.pad_token_id if self.generation_config is not None else None
+        return add_phantom_image_row(batch, self.config, steps, pad if isinstance(pad, int) else 0)
 
     def check_training_inputs(
         self,

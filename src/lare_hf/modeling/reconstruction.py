@@ -19,6 +19,7 @@ Decisions of ours (the paper leaves them open):
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -70,6 +71,37 @@ def load_image_tokenizer(path: str) -> nn.Module:
     """A pretrained KL-16 image tokenizer (`diffusers.AutoencoderKL`) from a folder or Hub id."""
     require_diffusers(f"Loading the image tokenizer {path!r}")
     return AutoencoderKL.from_pretrained(path)
+
+
+def noise_seeds(
+    input_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    pixel_values: torch.Tensor,
+    num_steps: int,
+    draw: int,
+) -> torch.LongTensor:
+    """One seed per (image row, latent step) for the noise and timestep of Eq. 7, `[images * num_steps]` in the
+    order of `pixel_values.repeat_interleave(num_steps)` (not in the paper).
+
+    A seed hashes what identifies the sample (its attended tokens in `input_ids`, where given, and its pixels
+    rounded to 1/255), the latent step and `draw`, the number of L_img draws the model has made in training. So a
+    sample draws the same noise in one process with the whole batch as on the rank that holds it under DDP / FSDP /
+    ZeRO-3 (each rank draws the same number of times), and new noise on every training step. `input_ids` rows are
+    those of the images (a text-only row left out)."""
+    pixel_keys = (pixel_values.detach().float().flatten(1) * 255).round().long()
+    weights = torch.arange(1, pixel_keys.shape[1] + 1, device=pixel_keys.device) % 65521
+    pixel_sums = (pixel_keys * weights).sum(1).tolist()
+    seeds = []
+    for row, pixel_sum in enumerate(pixel_sums):
+        digest = hashlib.blake2b(f"{draw}:{pixel_sum}".encode(), digest_size=8)
+        if input_ids is not None:
+            tokens = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
+            digest.update(tokens.detach().cpu().to(torch.int64).numpy().tobytes())
+        for step in range(num_steps):
+            step_digest = digest.copy()
+            step_digest.update(step.to_bytes(4, "little"))
+            seeds.append(int.from_bytes(step_digest.digest(), "little") >> 1)  # a non-negative int64
+    return torch.tensor(seeds, dtype=torch.long)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -214,7 +246,11 @@ class LaReImageReconstructor(nn.Module):
         return self.condition_proj(latent_tokens.to(self.condition_proj.weight.dtype)).to(self.unet.dtype)
 
     def forward(
-        self, latent_tokens: torch.Tensor, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        latent_tokens: torch.Tensor,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        seeds: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Eq. 7: `E_{t, eps} || eps - U(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, Z) ||^2` (one t and eps per sample).
 
@@ -222,6 +258,9 @@ class LaReImageReconstructor(nn.Module):
             latent_tokens: Z^(k) `[B, m, condition_dim]` (one row per (sample, step) pair).
             images: the window crops `[B, 3, S, S]` in [-1, 1] (`crop_windows`).
             generator: optional, for reproducible t and eps (may live on CPU while the model is elsewhere).
+            seeds: optional `[B]`, one seed per row: row i's t and eps are drawn from a CPU generator seeded with
+                `seeds[i]`, so a row draws the same noise whatever batch (or rank) it is in (`noise_seeds`; not in
+                the paper). Overrides `generator`.
 
         Returns:
             The float32 MSE between the predicted and the injected noise. Gradients reach `condition_proj`, `unet`
@@ -231,15 +270,20 @@ class LaReImageReconstructor(nn.Module):
             raise ValueError(f"{latent_tokens.shape[0]} latent rows for {images.shape[0]} images.")
         clean = self.encode_images(images).float()
         device = clean.device
-        sample_device = generator.device if generator is not None else device
-        timesteps = torch.randint(
-            0,
-            self.noise_scheduler.config.num_train_timesteps,
-            (clean.shape[0],),
-            generator=generator,
-            device=sample_device,
-        ).to(device)
-        noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=clean.dtype)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if seeds is not None:
+            if seeds.shape != (clean.shape[0],):
+                raise ValueError(f"seeds must have one entry per row ({clean.shape[0]}), got {tuple(seeds.shape)}.")
+            generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds.tolist()]
+            timesteps = torch.cat([torch.randint(0, num_timesteps, (1,), generator=gen) for gen in generators])
+            noise = torch.stack([torch.randn(clean.shape[1:], generator=gen) for gen in generators])
+            timesteps, noise = timesteps.to(device), noise.to(device=device, dtype=clean.dtype)
+        else:
+            sample_device = generator.device if generator is not None else device
+            timesteps = torch.randint(
+                0, num_timesteps, (clean.shape[0],), generator=generator, device=sample_device
+            ).to(device)
+            noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=clean.dtype)
         noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = self.unet(
             noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=self.condition(latent_tokens)
@@ -284,5 +328,6 @@ __all__ = [
     "TINY_RECONSTRUCTOR_CONFIG",
     "count_parameters",
     "load_image_tokenizer",
+    "noise_seeds",
     "require_diffusers",
 ]

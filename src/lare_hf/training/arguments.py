@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from ..configs import resolve_recipe
+from ..configs import packaged_configs_dir, resolve_recipe
 from ..modeling.validation import check_known_keys
 
 
@@ -110,16 +113,63 @@ def parse_train_arguments(
     check_known_keys(recipe, known, f"key in recipe {config_file}:", "Fix the key or remove it from the recipe.")
     flags = [item[2:].split("=", 1)[0] for item in overrides or [] if item.startswith("--")]
     check_known_keys(flags, known, "lare train argument", "Fix the --key (recipe keys and TrainingArguments fields).")
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=yaml_to_argv(recipe) + list(overrides or [])
-    )
-    return model_args, data_args, training_args
+    argv = resolve_deepspeed_config(yaml_to_argv(recipe) + list(overrides or []))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, with_lare_fsdp_policy(training_args, model_args.model_name_or_path)
+
+
+# DeepSpeed configs shipped with the package (Trainer-style, "auto" values filled from TrainingArguments): `lare
+# train --deepspeed zero3`. Not in the paper, which does not say how its 8-GPU training is sharded.
+PACKAGED_DEEPSPEED_CONFIGS = ("zero2", "zero3")
+
+
+def resolve_deepspeed_config(argv: list[str]) -> list[str]:
+    """`--deepspeed zero2|zero3` -> the packaged config file (a path the user gave is kept); refuses DeepSpeed
+    options when DeepSpeed is not installed, naming the fix."""
+    argv = list(argv)
+    for index, item in enumerate(argv):
+        if item.split("=", 1)[0] != "--deepspeed":
+            continue
+        value_index = index if "=" in item else index + 1
+        value = item.split("=", 1)[1] if "=" in item else (argv[index + 1] if index + 1 < len(argv) else None)
+        if value is None:
+            raise ValueError("--deepspeed needs a value: zero2, zero3 or the path of a DeepSpeed JSON config.")
+        if value in PACKAGED_DEEPSPEED_CONFIGS and not Path(value).exists():
+            value = str(packaged_configs_dir() / "deepspeed" / f"{value}.json")
+            argv[value_index] = f"--deepspeed={value}" if "=" in item else value
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError(
+                f"--deepspeed {value} needs DeepSpeed, which is not installed: `pip install deepspeed` (it builds "
+                "its ops on first use; see docs/training.md, 'Sharded training'), or train with --fsdp."
+            )
+    return argv
+
+
+def with_lare_fsdp_policy(training_args: LaReTrainingArguments, model_name_or_path: str) -> LaReTrainingArguments:
+    """With `--fsdp` (Trainer's FSDP through accelerate's `FullyShardedDataParallelPlugin`): FSDP2 with the wrap
+    policy of `training.fsdp.apply_fsdp2` (`transformer_layer_cls_to_wrap` = `fsdp_layer_class_names` of the
+    checkpoint), full resharding after forward and a full state dict on save, unless `--fsdp_config` sets them.
+    Not in the paper. accelerate falls back to DDP on CPU (`use_cpu`): FSDP needs GPUs."""
+    if not training_args.fsdp:
+        return training_args
+    fsdp_config = dict(training_args.fsdp_config or {})
+    if not fsdp_config.get("transformer_layer_cls_to_wrap"):
+        from .fsdp import fsdp_layer_class_names
+
+        fsdp_config["transformer_layer_cls_to_wrap"] = fsdp_layer_class_names(model_name_or_path)
+    fsdp_config.setdefault("version", 2)
+    fsdp_config.setdefault("reshard_after_forward", True)
+    fsdp_config.setdefault("state_dict_type", "FULL_STATE_DICT")
+    return dataclasses.replace(training_args, fsdp=True, fsdp_config=fsdp_config)
 
 
 __all__ = [
+    "PACKAGED_DEEPSPEED_CONFIGS",
     "LaReDataArguments",
     "LaReModelArguments",
     "LaReTrainingArguments",
     "parse_train_arguments",
+    "resolve_deepspeed_config",
+    "with_lare_fsdp_policy",
     "yaml_to_argv",
 ]

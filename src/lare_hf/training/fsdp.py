@@ -47,6 +47,23 @@ def fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
+def fsdp_layer_class_names(model_or_checkpoint: nn.Module | str) -> list[str]:
+    """The class names of `fsdp_units` (e.g. `["CLIPEncoderLayer", "LaReExtractor", "LaReImageReconstructor",
+    "Qwen2DecoderLayer"]`): the `transformer_layer_cls_to_wrap` that gives Trainer's / accelerate's FSDP2 the wrap
+    policy of `apply_fsdp2`. A checkpoint path is read from its config alone (the model is built on the meta
+    device, no weights are loaded)."""
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = model_or_checkpoint
+    else:
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        config = AutoConfig.from_pretrained(model_or_checkpoint)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    return sorted({type(module).__name__ for _, module in fsdp_units(model)})
+
+
 def apply_fsdp2(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -67,4 +84,4 @@ def apply_fsdp2(
     return model
 
 
-__all__ = ["apply_fsdp2", "fsdp_units"]
+__all__ = ["apply_fsdp2", "fsdp_layer_class_names", "fsdp_units"]

@@ -9,12 +9,12 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from ..data.collator import DATA_COLUMNS
 from ..destinations import disk_full_error, is_disk_full, last_complete_checkpoint, write_manifest
-from ..modeling.latent_losses import LOSS_TERM_NAMES
+from ..modeling.latent_losses import LOSS_TERM_NAMES, LaReLatentLossesMixin
 from .window_selection import WindowTemperatureCallback, latent_refocus_module
 
 # Loss components a LaRe forward returns (the model's LOSS_TERMS); each is logged as the mean over the logging window.
@@ -38,6 +38,17 @@ def module_group(name: str) -> str | None:
         if name.startswith(prefixes):
             return group
     return None
+
+
+class ImageNoiseDrawCallback(TrainerCallback):
+    """At the start of training (also a resumed one), sets the model's `image_loss_draws` to the number of training
+    forwards before `state.global_step` (optimizer steps x gradient accumulation), so that a resumed run draws the
+    L_img noise of the uninterrupted one (`reconstruction.noise_seeds`; not in the paper)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules() if model is not None else ():
+            if isinstance(module, LaReLatentLossesMixin):
+                module.image_loss_draws = state.global_step * args.gradient_accumulation_steps
 
 
 class LaReTrainer(Trainer):
@@ -67,6 +78,7 @@ class LaReTrainer(Trainer):
             self.add_callback(self.window_selection_callback)
         self._component_sums: dict[str, float] = defaultdict(float)
         self._component_counts: dict[str, int] = defaultdict(int)
+        self.add_callback(ImageNoiseDrawCallback())
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the collator's data columns under Trainer's default `remove_unused_columns=True`: LaReDataCollator
