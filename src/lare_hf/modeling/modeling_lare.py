@@ -39,13 +39,7 @@ from .losses import LaReAlignmentHead
 from .model_card import write_model_card
 from .outputs import LaReCausalLMOutputWithPast, LaReModelOutputWithPast
 from .reconstruction import LaReImageReconstructor
-from .synchronised_calls import (
-    NO_IMAGE_ROWS,
-    PhantomRow,
-    add_phantom_image_row,
-    agreed_latent_steps,
-    remove_phantom_row,
-)
+from .synchronised_calls import PHANTOM_BATCH_KEYS, LaReSynchronisedCallsMixin, remove_phantom_row
 from .validation import (
     check_continuation,
     check_forward_kwargs,
@@ -416,7 +410,7 @@ class LaReModel(LaReLatentRefocusMixin, LaRePreTrainedModel):
 
 
 class LaReForConditionalGeneration(
-    LaReLatentLossesMixin, LaReGenerationHooksMixin, LaRePreTrainedModel, GenerationMixin
+    LaReLatentLossesMixin, LaReSynchronisedCallsMixin, LaReGenerationHooksMixin, LaRePreTrainedModel, GenerationMixin
 ):
     """LaRe with a language-modeling head; `generate()` runs the latent loop, then decodes with GenerationMixin."""
 
@@ -564,23 +558,15 @@ class LaReForConditionalGeneration(
         check_halting_not_in_training(latent_halting, labels, rationale_input_ids, compute_latent_losses)
         phantom = None
         if self.training and past_key_values is None:
-            batch = {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "pixel_values": pixel_values,
-                "labels": labels,
-                "rationale_input_ids": rationale_input_ids,
-                "rationale_attention_mask": rationale_attention_mask,
-                "window_targets": window_targets,
-            }
+            batch = dict(zip(PHANTOM_BATCH_KEYS, (input_ids, attention_mask, pixel_values, labels)))
+            batch.update(rationale_input_ids=rationale_input_ids, rationale_attention_mask=rationale_attention_mask)
+            batch["window_targets"] = window_targets
             phantom = self.synchronise_module_calls(batch, inputs_embeds, position_ids)
-            if phantom is not None:
-                input_ids, attention_mask, pixel_values, labels = (
-                    batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]
-                )  # fmt: skip
+            if phantom is not None:  # this rank's batch with a phantom image row appended
+                input_ids, attention_mask, pixel_values, labels = (batch[key] for key in PHANTOM_BATCH_KEYS[:4])
                 rationale_input_ids, rationale_attention_mask, window_targets = (
-                    batch["rationale_input_ids"], batch["rationale_attention_mask"], batch["window_targets"]
-                )  # fmt: skip
+                    batch[key] for key in PHANTOM_BATCH_KEYS[4:]
+                )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -640,36 +626,6 @@ class LaReForConditionalGeneration(
             image_outputs=outputs.image_outputs,
         )
         return remove_phantom_row(result, phantom) if phantom is not None else result
-
-    def synchronise_module_calls(
-        self,
-        batch: dict[str, torch.Tensor | None],
-        inputs_embeds: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-    ) -> PhantomRow | None:
-        """In sharded training (FSDP2 / DeepSpeed ZeRO-3): agree with the other ranks on K (one `all_reduce`) and,
-        when this rank's batch has no image row while another rank's has, append a phantom image row to `batch` in
-        place so that this rank makes the same module calls (see `synchronised_calls`; not in the paper). Returns
-        what was appended, or None (always outside sharded training: nothing changes there)."""
-        if not self._parameters_sharded():
-            return None
-        input_ids = batch["input_ids"]
-        local_steps = NO_IMAGE_ROWS
-        if batch["pixel_values"] is not None:
-            placeholder_ids = input_ids if input_ids is not None else self.model.get_placeholder_ids(inputs_embeds)
-            local_steps = self.model.latent_layout(placeholder_ids).num_steps
-        device = (input_ids if input_ids is not None else inputs_embeds).device
-        steps = agreed_latent_steps(local_steps, device)
-        if local_steps != NO_IMAGE_ROWS or steps == NO_IMAGE_ROWS:
-            return None
-        if input_ids is None or position_ids is not None:
-            raise ValueError(
-                "A text-only batch under FSDP / DeepSpeed ZeRO-3 while other ranks hold images gets a phantom image "
-                "row so that every rank makes the same module calls; that needs input_ids and no position_ids "
-                "(got inputs_embeds or position_ids). Pass input_ids, as LaReDataCollator does."
-            )
-        pad = self.generation_config.pad_token_id if self.generation_config is not None else None
-        return add_phantom_image_row(batch, self.config, steps, pad if isinstance(pad, int) else 0)
 
     def check_training_inputs(
         self,

@@ -19,6 +19,16 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
+# The batch entries a phantom row extends, in the order `LaReForConditionalGeneration.forward` unpacks them
+PHANTOM_BATCH_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "labels",
+    "rationale_input_ids",
+    "rationale_attention_mask",
+    "window_targets",
+)
 # K reported by a rank without an image row, and the bound the minimum is taken against
 NO_IMAGE_ROWS = -1
 _NO_MINIMUM = 1 << 30
@@ -121,4 +131,47 @@ def cut(value, phantom: PhantomRow, columns: bool):
     return value
 
 
-__all__ = ["NO_IMAGE_ROWS", "PhantomRow", "add_phantom_image_row", "agreed_latent_steps", "remove_phantom_row"]
+class LaReSynchronisedCallsMixin:
+    """`synchronise_module_calls` for `LaReForConditionalGeneration` (which holds `model`, `config`,
+    `generation_config` and `_parameters_sharded`)."""
+
+    def synchronise_module_calls(
+        self,
+        batch: dict[str, torch.Tensor | None],
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+    ) -> PhantomRow | None:
+        """In sharded training (FSDP2 / DeepSpeed ZeRO-3): agree with the other ranks on K (one `all_reduce`) and,
+        when this rank's batch has no image row while another rank's has, append a phantom image row to `batch` in
+        place so that this rank makes the same module calls (see `synchronised_calls`; not in the paper). Returns
+        what was appended, or None (always outside sharded training: nothing changes there)."""
+        if not self._parameters_sharded():
+            return None
+        input_ids = batch["input_ids"]
+        local_steps = NO_IMAGE_ROWS
+        if batch["pixel_values"] is not None:
+            placeholder_ids = input_ids if input_ids is not None else self.model.get_placeholder_ids(inputs_embeds)
+            local_steps = self.model.latent_layout(placeholder_ids).num_steps
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        steps = agreed_latent_steps(local_steps, device)
+        if local_steps != NO_IMAGE_ROWS or steps == NO_IMAGE_ROWS:
+            return None
+        if input_ids is None or position_ids is not None:
+            raise ValueError(
+                "A text-only batch under FSDP / DeepSpeed ZeRO-3 while other ranks hold images gets a phantom image "
+                "row so that every rank makes the same module calls; that needs input_ids and no position_ids "
+                "(got inputs_embeds or position_ids). Pass input_ids, as LaReDataCollator does."
+            )
+        pad = self.generation_config.pad_token_id if self.generation_config is not None else None
+        return add_phantom_image_row(batch, self.config, steps, pad if isinstance(pad, int) else 0)
+
+
+__all__ = [
+    "NO_IMAGE_ROWS",
+    "PHANTOM_BATCH_KEYS",
+    "LaReSynchronisedCallsMixin",
+    "PhantomRow",
+    "add_phantom_image_row",
+    "agreed_latent_steps",
+    "remove_phantom_row",
+]
