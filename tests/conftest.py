@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -93,3 +94,10 @@ def tiny_parts(tmp_path_factory):
     lm.save_pretrained(root / "qwen")
     tokenizer.save_pretrained(root / "qwen")
     return root, CLIPModel.from_pretrained(root / "clip"), Qwen2ForCausalLM.from_pretrained(root / "qwen")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a test's torch.distributed rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

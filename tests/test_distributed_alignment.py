@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import chat, make_image
+from conftest import chat, free_port, make_image
 from lare_hf.modeling.configuration_lare import LaReConfig
 from lare_hf.modeling.losses import LaReAlignmentHead, gather_rows
 
@@ -152,12 +151,6 @@ def worker(rank: int, world_size: int, port: int, checkpoint: str, out_dir: str)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

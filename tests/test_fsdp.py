@@ -17,7 +17,6 @@ The spawned processes run once per module and save what the tests check.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import chat, make_image
+from conftest import chat, free_port, make_image
 
 WORLD_SIZE = 2
 TIMEOUT_S = 600
@@ -147,10 +146,15 @@ def worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def assert_text_only_rank_matches(per_rank: list[dict], expected: dict[str, float]) -> None:
+    """Rank 1 text-only beside rank 0's image rows: L_ntp and L_sym averaged over the ranks, L_img and L_text on
+    rank 0 (which holds all their rows) equal one process with the combined batch; rank 1's are 0."""
+    for name in ("lm_loss", "alignment_loss"):
+        mean = sum(rank["uneven_text_only"][name] for rank in per_rank) / WORLD_SIZE
+        assert mean == pytest.approx(expected[name], abs=1e-5), name
+    for name in ("image_reconstruction_loss", "text_reconstruction_loss"):
+        assert per_rank[0]["uneven_text_only"][name] == pytest.approx(expected[name], abs=1e-5), name
+        assert per_rank[1]["uneven_text_only"][name] == 0.0, name
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +214,7 @@ def test_a_text_only_rank_gives_the_losses_of_one_process_with_the_combined_batc
     per_rank, _ = ranks
     expected = reference["uneven_text_only"]
     assert set(per_rank[0]["uneven_text_only"]) == set(UNEVEN_LOSSES) == set(expected)
-    for name in ("lm_loss", "alignment_loss"):
-        mean = sum(rank["uneven_text_only"][name] for rank in per_rank) / WORLD_SIZE
-        assert mean == pytest.approx(expected[name], abs=1e-5), name
-    for name in ("image_reconstruction_loss", "text_reconstruction_loss"):
-        assert per_rank[0]["uneven_text_only"][name] == pytest.approx(expected[name], abs=1e-5), name
-        assert per_rank[1]["uneven_text_only"][name] == 0.0, name
+    assert_text_only_rank_matches(per_rank, expected)
     assert per_rank[1]["uneven_text_only_logits_shape"][0] == 2  # the phantom row is not in the outputs
 
 
