@@ -14,11 +14,9 @@ of `test_fsdp.py`, every loss on (L_img included, its noise seeded per sample):
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from test_fsdp import (
     LEARNING_RATE,
@@ -26,16 +24,15 @@ from test_fsdp import (
     UNEVEN_LOSSES,
     WORLD_SIZE,
     assert_text_only_rank_matches,
-    free_port,
     global_batch,
     load_for_stage,
     loss_terms,
+    run_ranks,
     uneven_batch,
 )
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
-TIMEOUT_S = 600
 ZERO_STAGES = (2, 3)
 
 
@@ -98,15 +95,7 @@ def worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list[dict], str]:
     out_dir = tmp_path_factory.mktemp("zero")
-    context = mp.spawn(worker, args=(free_port(), tiny_checkpoint, str(out_dir)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"The ZeRO processes did not finish within {TIMEOUT_S}s (a collective mismatch hangs).")
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)], str(out_dir)
+    return run_ranks(worker, tiny_checkpoint, out_dir, "ZeRO"), str(out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -157,10 +157,9 @@ def assert_text_only_rank_matches(per_rank: list[dict], expected: dict[str, floa
         assert per_rank[1]["uneven_text_only"][name] == 0.0, name
 
 
-@pytest.fixture(scope="module")
-def ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list[dict], str]:
-    """Run the 2 FSDP2 processes; a process still running after TIMEOUT_S (a hang) is killed and fails the test."""
-    out_dir = tmp_path_factory.mktemp("fsdp")
+def run_ranks(worker, tiny_checkpoint: str, out_dir, engine: str) -> list[dict]:
+    """Run `worker` on WORLD_SIZE processes and load what each rank saved (`rank{r}.pt` in `out_dir`); a process still
+    running after TIMEOUT_S (a hang) is killed and fails the test."""
     context = mp.spawn(worker, args=(free_port(), tiny_checkpoint, str(out_dir)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
@@ -168,8 +167,15 @@ def ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list[dict], str]:
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
-            pytest.fail(f"The FSDP2 processes did not finish within {TIMEOUT_S}s (a collective mismatch hangs).")
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)], str(out_dir)
+            pytest.fail(f"The {engine} processes did not finish within {TIMEOUT_S}s (a collective mismatch hangs).")
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tiny_checkpoint, tmp_path_factory) -> tuple[list[dict], str]:
+    """The 2 FSDP2 processes' results (`run_ranks`)."""
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    return run_ranks(worker, tiny_checkpoint, out_dir, "FSDP2"), str(out_dir)
 
 
 @pytest.fixture(scope="module")
