@@ -54,7 +54,8 @@ def latent_phase_embeds(
         use_cache=False,
         logits_to_keep=1,
     )
-    embeds, _, _ = model.model.embed_multimodal(input_ids, pixel_values)
+    # the vision tower's output of the call above (`image_outputs`), not a second pass through it
+    embeds, _, _ = model.model.embed_multimodal(input_ids, pixel_values, image_outputs=outputs.image_outputs)
     # Halting masks the unused slots of a halted sample out of its attention mask: the kept positions are its tokens.
     keep = outputs.halted_attention_mask if outputs.halted_attention_mask is not None else attention_mask
     config = model.config

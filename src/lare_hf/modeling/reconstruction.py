@@ -91,12 +91,15 @@ def noise_seeds(
     pixel_keys = (pixel_values.detach().float().flatten(1) * 255).round().long()
     weights = torch.arange(1, pixel_keys.shape[1] + 1, device=pixel_keys.device) % 65521
     pixel_sums = (pixel_keys * weights).sum(1).tolist()
+    if input_ids is not None:  # one device-to-host copy for the batch, not one per row
+        input_ids = input_ids.detach().cpu().to(torch.int64)
+        attention_mask = attention_mask.detach().cpu().bool() if attention_mask is not None else None
     seeds = []
     for row, pixel_sum in enumerate(pixel_sums):
         digest = hashlib.blake2b(f"{draw}:{pixel_sum}".encode(), digest_size=8)
         if input_ids is not None:
-            tokens = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row].bool()]
-            digest.update(tokens.detach().cpu().to(torch.int64).numpy().tobytes())
+            tokens = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row]]
+            digest.update(tokens.numpy().tobytes())
         for step in range(num_steps):
             step_digest = digest.copy()
             step_digest.update(step.to_bytes(4, "little"))
